@@ -1,0 +1,1 @@
+"""Hydra recipes of karl-verl (config group ``recipe``), installed as ``karl_verl.recipes``."""

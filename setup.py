@@ -1,0 +1,54 @@
+"""karl-verl: KARL (arXiv 2503.12797) as a plugin for stock verl 0.9."""
+
+from setuptools import find_packages, setup
+
+# torch must already be installed (2.13.0 CPU wheel on CPU machines) before this package:
+# a bare "torch" requirement on a machine without it pulls several GB of CUDA wheels.
+INSTALL_REQUIRES = [
+    "verl>=0.9.1,<0.10",
+    "transformers>=5.5.3,<5.11,!=5.6.0",
+    "hydra-core>=1.3",
+    "omegaconf>=2.3",
+    "numpy>=2",
+    "pandas",
+    "pyarrow",
+    "pillow",
+    "tqdm",
+    "matplotlib",
+    # Imported by verl's v1 trainer and agent loop but not declared by verl itself.
+    "TransferQueue",
+    "cachetools",
+    "uvicorn",
+    "fastapi",
+    "pyzmq",
+    "msgspec",
+    "qwen_vl_utils",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff"],
+    # Real training on GPU nodes: vLLM rollouts (verl pins its own torch there) and flash-attn.
+    "gpu": ["verl[vllm]>=0.9.1,<0.10", "flash-attn"],
+}
+
+setup(
+    name="karl-verl",
+    version="0.1.0",
+    description="Knowledge-aware RL (KARL) for visual grounding as a plugin for verl 0.9",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["karl_verl", "karl_verl.*"])
+    + ["hydra_plugins.karl_verl_recipes", "karl_verl.recipes"],
+    # The repository's top-level recipes/ folder installs as karl_verl/recipes, so Hydra finds
+    # the YAMLs through pkg://karl_verl.recipes after a non-editable install.
+    package_dir={"karl_verl.recipes": "recipes"},
+    package_data={"karl_verl.recipes": ["recipe/*.yaml", "scripts/*.sh"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "verl.plugins": ["karl = karl_verl.integration:register_all"],
+        "console_scripts": ["karl-verl = karl_verl.cli:main"],
+    },
+)
