@@ -22,6 +22,7 @@ uniform     1.0 x5                                0.0 x5        (vanilla GRPO: I
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,7 +194,7 @@ class MasteryConfig:
 
     def __post_init__(self) -> None:
         bounds = tuple(float(t) for t in self.thresholds)
-        if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in zip(bounds, bounds[1:])):
+        if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in itertools.pairwise(bounds)):
             raise ConfigError(f"karl.mastery.thresholds: expected 4 strictly decreasing numbers, got {bounds}")
         object.__setattr__(self, "thresholds", bounds)
         if self.probe_mode not in ("logprob", "generate"):

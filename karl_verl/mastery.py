@@ -10,6 +10,7 @@ weights) is indexed in that order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -81,7 +82,7 @@ def level_from_accuracy(accuracy: float, thresholds: Iterable[float] = DEFAULT_T
     [1, 2, 2, 3, 4, 5]
     """
     bounds = tuple(float(t) for t in thresholds)
-    if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in zip(bounds, bounds[1:])):
+    if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in itertools.pairwise(bounds)):
         raise MasteryError(f"thresholds: expected {NUM_LEVELS - 1} strictly decreasing bounds, got {bounds}")
     if not (isinstance(accuracy, (int, float)) and math.isfinite(accuracy)):
         raise MasteryError(f"accuracy: expected a finite number in [0, 1], got {accuracy!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from karl_verl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of ``karl-verl`` (see :mod:`karl_verl.cli`)."""

@@ -1,0 +1,41 @@
+"""Hydra callback that stops a run at once when a key the recipe requires is unset.
+
+Runs in the driver, inside Hydra, before verl's ``main`` (and so before Ray starts): without it
+a missing model path surfaces minutes later inside a Ray actor. The recipe lists its required
+keys (``hydra.callbacks.karl_required_keys.keys``) and sets them to null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+
+def unset_keys(config: DictConfig, keys: Iterable[str]) -> list[str]:
+    """The dotted ``keys`` whose value in ``config`` is absent, null, ``???`` or an empty string."""
+    unset = []
+    for key in keys:
+        value = OmegaConf.select(config, key, default=None, throw_on_missing=False)
+        if value is None or (isinstance(value, str) and value.strip() in ("", "???")):
+            unset.append(key)
+    return unset
+
+
+class RequiredKeysCallback(Callback):
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        self.keys = list(keys)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        unset = unset_keys(config, self.keys)
+        if unset:
+            listing = "\n".join(f"  {key}=..." for key in unset)
+            # SystemExit, not an exception: Hydra logs and swallows exceptions raised by callbacks.
+            raise SystemExit(
+                f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
+                "e.g. python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
+                "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
+                "trainer.default_local_dir=/ckpt/karl_kvg"
+            )
