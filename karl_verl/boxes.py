@@ -41,7 +41,7 @@ _FORM1_HEAD = re.compile(rf"\(({NUM}),")
 _FORM1_TAIL = re.compile(rf"\),\(({NUM}),({NUM})\)")
 
 ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-ENTITY_PATTERN = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.DOTALL)
+ENTITY_PATTERN = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>")
 
 ZERO_BOX: Box = (0.0, 0.0, 0.0, 0.0)
 

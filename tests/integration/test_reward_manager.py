@@ -1,0 +1,113 @@
+"""The ``karl`` reward manager on real DataProto rows (karl_verl/integration/reward_manager.py).
+
+Built the way verl's reward loop builds it (``load_reward_manager`` with
+``reward.reward_manager.name=karl`` and no custom score function), with a locally built tokenizer.
+"""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from verl import DataProto
+from verl.trainer.ppo.reward import load_reward_manager
+
+from karl_verl.mastery import MasteryEntry, MasteryTable
+from karl_verl.reward import compute_score
+from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
+
+GT = "<|object_ref_start|>Sukhoi Su-30<|object_ref_end|><|box_start|>(100,100),(300,300)<|box_end|>"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def verl_config(karl: dict | None = None, custom_path: str | None = None):
+    return OmegaConf.create({
+        "reward": {
+            "reward_manager": {"source": "register", "name": "karl"},
+            "custom_reward_function": {"path": custom_path, "name": "compute_score"},
+            "sandbox_fusion": None,
+        },
+        "karl": karl or {},
+    })
+
+
+def make_rows(tokenizer, responses, ground_truths, extra_infos, levels=None, prompt_len=6, response_len=64):
+    prompts, resps, masks = [], [], []
+    for text in responses:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:response_len]
+        pad = tokenizer.pad_token_id
+        prompts.append([pad] * prompt_len)
+        resps.append(ids + [pad] * (response_len - len(ids)))
+        masks.append([1] * prompt_len + [1] * len(ids) + [0] * (response_len - len(ids)))
+    non_tensors = {
+        "data_source": np.array(["kvg/aircraft"] * len(responses), dtype=object),
+        "reward_model": np.array([{"style": "rule", "ground_truth": gt} for gt in ground_truths], dtype=object),
+        "extra_info": np.array(extra_infos, dtype=object),
+    }
+    if levels is not None:
+        non_tensors["knowledge_level"] = np.array(levels, dtype=object)
+    return DataProto.from_dict(
+        tensors={
+            "prompts": torch.tensor(prompts),
+            "responses": torch.tensor(resps),
+            "attention_mask": torch.tensor(masks),
+        },
+        non_tensors=non_tensors,
+    )
+
+
+def run(manager, data):
+    return [manager.loop.run_until_complete(manager.run_single(data[i : i + 1])) for i in range(len(data))]
+
+
+def test_registered_manager_scores_rows_like_compute_score(tokenizer):
+    manager = load_reward_manager(verl_config(), tokenizer)
+    assert type(manager).__name__ == "KarlRewardManager"
+    responses = [
+        "<think>x</think><answer>(100,100),(300,280)</answer>",
+        "<think>x</think><answer>(500,500),(600,600)</answer>",
+        "no tags at all",
+    ]
+    extra = [{"entity": "Sukhoi Su-30", "knowledge_level": 1}, {"knowledge_level": "mostly correct"}, {}]
+    data = make_rows(tokenizer, responses, [GT] * 3, extra)
+    results = run(manager, data)
+    for result, response, info in zip(results, responses, extra, strict=True):
+        expected = compute_score("kvg/aircraft", response, GT, dict(info))
+        assert result["reward_score"] == pytest.approx(expected["score"])
+        assert result["reward_extra_info"]["iou"] == pytest.approx(expected["iou"])
+        assert set(result["reward_extra_info"]) >= {"score", "iou", "acc", "format", "knowledge_level"}
+    assert results[0]["reward_extra_info"]["knowledge_level"] == 1
+    assert results[1]["reward_score"] == pytest.approx(-0.5 + 1.0)
+
+
+def test_sample_level_field_wins_and_table_is_read(tokenizer, tmp_path):
+    table_path = tmp_path / "mastery.json"
+    MasteryTable({"Sukhoi Su-30": MasteryEntry(level=2)}).save(table_path)
+    manager = load_reward_manager(verl_config({"mastery": {"table_path": str(table_path)}}), tokenizer)
+    miss = "<think>x</think><answer>(500,500),(600,600)</answer>"
+    data = make_rows(tokenizer, [miss, miss], [GT, GT], [{}, {}], levels=[None, 4])
+    from_table, from_sample = run(manager, data)
+    assert from_table["reward_extra_info"]["knowledge_level"] == 2
+    assert from_table["reward_score"] == pytest.approx(-0.5 + 1.0)
+    assert from_sample["reward_extra_info"]["knowledge_level"] == 4
+    assert from_sample["reward_score"] == pytest.approx(-0.2 + 1.0)
+
+
+def test_reward_config_comes_from_verl_config(tokenizer):
+    manager = load_reward_manager(verl_config({"reward": {"preset": "uniform"}}), tokenizer)
+    hit = "<think>x</think><answer>(100,100),(300,280)</answer>"
+    data = make_rows(tokenizer, [hit], [GT], [{"knowledge_level": 1}])
+    (result,) = run(manager, data)
+    assert result["reward_score"] == pytest.approx(0.9 + 1.0)  # uniform: IoU, no s+ scaling
+
+
+def test_custom_score_function_is_honoured(tokenizer, tmp_path):
+    module = tmp_path / "my_reward.py"
+    module.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw):\n"
+                      "    return {'score': 0.25, 'len': len(solution_str)}\n")
+    manager = load_reward_manager(verl_config(custom_path=str(module)), tokenizer)
+    (result,) = run(manager, make_rows(tokenizer, ["abc"], [GT], [{}]))
+    assert result["reward_score"] == 0.25 and result["reward_extra_info"]["len"] == 3
