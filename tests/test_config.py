@@ -79,7 +79,11 @@ class TestYamlMirror:
 
     @pytest.mark.parametrize(
         ("path", "cls"),
-        [(("karl", "reward"), RewardConfig), (("karl", "mastery"), MasteryConfig), (("algorithm", "karl"), AdvantageConfig)],
+        [
+            (("karl", "reward"), RewardConfig),
+            (("karl", "mastery"), MasteryConfig),
+            (("algorithm", "karl"), AdvantageConfig),
+        ],
     )
     def test_keys_match_fields(self, path, cls):
         node = self.load()

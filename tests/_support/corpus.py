@@ -31,7 +31,8 @@ def random_response(rng: random.Random) -> str:
     parts = []
     style = rng.random()
     if style < 0.45:
-        parts = ["<think>", "because", "</think>", rng.choice(["", " ", "\n"]), "<answer>", random_box(rng), "</answer>"]
+        gap = rng.choice(["", " ", "\n"])
+        parts = ["<think>", "because", "</think>", gap, "<answer>", random_box(rng), "</answer>"]
         if rng.random() < 0.3:
             parts.insert(rng.randrange(len(parts) + 1), random_box(rng))
         if rng.random() < 0.3:
@@ -47,7 +48,9 @@ def random_ground_truth(rng: random.Random) -> str:
         "(100,200),(300,400)", "(0,0),(1000,1000)", "(0.1,0.2),(0.3,0.4)", "(5,5),(5,5)", "(10,10),(0,0)",
         f"({rng.randint(0, 900)},{rng.randint(0, 900)}),({rng.randint(100, 1000)},{rng.randint(100, 1000)})",
     ])
-    entity = rng.choice(["<|object_ref_start|>Sukhoi Su-30<|object_ref_end|>", "<|object_ref_start|><|object_ref_end|>", ""])
+    entity = rng.choice(
+        ["<|object_ref_start|>Sukhoi Su-30<|object_ref_end|>", "<|object_ref_start|><|object_ref_end|>", ""]
+    )
     return f"{entity}<|box_start|>{box}<|box_end|>"
 
 
