@@ -105,6 +105,8 @@ def levels_tensor(levels: Sequence[Any] | np.ndarray | torch.Tensor, default_lev
     """Per-sample levels 1..5 as a long tensor; None entries take ``default_level``."""
     if isinstance(levels, torch.Tensor):
         out = levels.to(torch.long).flatten()
+    elif isinstance(levels, np.ndarray) and levels.dtype.kind in "iu":
+        out = torch.from_numpy(levels.astype(np.int64, copy=False)).flatten()
     else:
         out = torch.tensor(
             [default_level if level is None else parse_level(level, where=f"mastery_levels[{i}]")

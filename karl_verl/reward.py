@@ -41,17 +41,42 @@ from karl_verl.boxes import (
 from karl_verl.config import RewardConfig
 from karl_verl.mastery import MasteryError, MasteryTable, parse_level
 
-# Anchored at the response's first character; trailing text after </answer> is allowed.
+# The released format check, anchored at the response's first character (re.match); trailing
+# text after </answer> is allowed. Evaluated by has_tag_structure, which gives the same answer.
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 #: Level source values reported in ``level_source``.
 LEVEL_FROM_EXTRA_INFO, LEVEL_FROM_TABLE, LEVEL_DEFAULT = "extra_info", "table", "default"
 
 
+def has_tag_structure(response: str) -> bool:
+    """Whether ``FORMAT_PATTERN.match(response)`` succeeds, decided in linear time.
+
+    The regex backtracks over every ``</think>`` and rescans to the end for ``</answer>`` from
+    each; it matches exactly when the text starts with ``<think>`` and some ``</think>`` (not
+    overlapping the opening tag) is followed, after optional whitespace, by ``<answer>`` with a
+    ``</answer>`` somewhere after it.
+    """
+    if not response.startswith("<think>"):
+        return False
+    last_close = response.rfind("</answer>")
+    if last_close < 0:
+        return False
+    position = response.find("</think>", 7)
+    while 0 <= position < last_close:
+        after = position + 8
+        while after < len(response) and response[after].isspace():
+            after += 1
+        if response.startswith("<answer>", after) and after + 8 <= last_close:
+            return True
+        position = response.find("</think>", position + 1)
+    return False
+
+
 def format_reward(response: str, config: RewardConfig) -> float:
     """Tag-structure and box-form reward of the released code (0, 0.5 or 1.0 by default)."""
     score = 0.0
-    if FORMAT_PATTERN.match(response):
+    if has_tag_structure(response):
         score += config.format_tags_weight
     answer = answer_span(response)
     if answer is not None and has_reference_pair_box(answer):

@@ -167,3 +167,16 @@ class TestContract:
 def test_format_reward_weights_are_configurable():
     config = RewardConfig(format_tags_weight=0.2, format_box_weight=0.0)
     assert format_reward(answer("(1,1),(2,2)"), config) == 0.2
+
+
+def test_linear_format_check_equals_the_released_regex():
+    from karl_verl.boxes import ANSWER_PATTERN, answer_span
+    from karl_verl.reward import FORMAT_PATTERN, has_tag_structure
+
+    rng = random.Random(3)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "x", "\u2003", "<", "think>", "answer>"]
+    for _ in range(30000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert has_tag_structure(text) == bool(FORMAT_PATTERN.match(text)), repr(text)
+        match = ANSWER_PATTERN.search(text)
+        assert answer_span(text) == (match.group(1) if match else None), repr(text)
