@@ -36,33 +36,38 @@ def make_batch(kind: str, samples: int = 16384, tokens: int = 256, group: int = 
     return rewards, mask, index, levels
 
 
-def main(repeats: int = 3) -> dict[str, float]:
+WEIGHTS = {"karl": {"alpha_plus": [0.65, 0.85, 1.0, 1.2, 1.4], "alpha_minus": [1.4, 1.2, 1.0, 0.85, 0.65]}}
+
+
+def time_layout(kind: str, repeats: int) -> tuple[dict[str, float], float]:
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
     from karl_verl.advantage import compute_karl_grpo_advantage
 
-    weights = {"karl": {"alpha_plus": [0.65, 0.85, 1.0, 1.2, 1.4], "alpha_minus": [1.4, 1.2, 1.0, 0.85, 0.65]}}
+    rewards, mask, index, levels = make_batch(kind)
+    reference, _ = compute_grpo_outcome_advantage(rewards, mask, index)
+    ours, _ = compute_karl_grpo_advantage(rewards, mask, index)
+    times = time_side_by_side({
+        "verl": lambda: compute_grpo_outcome_advantage(rewards, mask, index),
+        "karl": lambda: compute_karl_grpo_advantage(rewards, mask, index),
+        "karl_weighted": lambda: compute_karl_grpo_advantage(rewards, mask, index, config=WEIGHTS,
+                                                             mastery_levels=levels),
+    }, repeats=repeats)
+    return times, float((reference - ours).abs().max())
+
+
+def main(repeats: int = 5) -> dict[str, float]:
     figures: dict[str, float] = {}
-    print(f"{'rewards':<28}{'verl grpo (s)':>14}{'karl_grpo (s)':>15}{'speed-up':>10}{'max |diff|':>12}")
-    for kind in ("random", "karl outcome values"):
-        rewards, mask, index, levels = make_batch("random" if kind == "random" else "karl")
-        reference, _ = compute_grpo_outcome_advantage(rewards, mask, index)
-        ours, _ = compute_karl_grpo_advantage(rewards, mask, index)
-        diff = float((reference - ours).abs().max())
-        times = time_side_by_side({
-            "verl": lambda: compute_grpo_outcome_advantage(rewards, mask, index),
-            "karl": lambda: compute_karl_grpo_advantage(rewards, mask, index),
-            "karl_weighted": lambda: compute_karl_grpo_advantage(rewards, mask, index, config=weights,
-                                                                 mastery_levels=levels),
-        }, repeats=repeats)
+    print(f"{'rewards':<36}{'verl grpo (s)':>14}{'karl_grpo (s)':>15}{'speed-up':>10}{'max |diff|':>12}")
+    for kind, label in (("random", "random normal"), ("karl", "KARL outcome values")):
+        times, diff = time_layout(kind, repeats)
         speedup = times["verl"] / times["karl"]
-        print(f"{kind:<28}{times['verl']:>14.3f}{times['karl']:>15.3f}{speedup:>9.1f}x{diff:>12.1e}")
-        print(f"{kind + ' + level weights':<28}{times['verl']:>14.3f}{times['karl_weighted']:>15.3f}"
-              f"{times['verl'] / times['karl_weighted']:>9.1f}x{'':>12}")
-        key = "random" if kind == "random" else "karl"
-        figures[f"advantage_speedup_{key}"] = speedup
-        figures[f"advantage_speedup_{key}_weighted"] = times["verl"] / times["karl_weighted"]
-        figures[f"advantage_max_diff_{key}"] = diff
+        weighted = times["verl"] / times["karl_weighted"]
+        print(f"{label:<36}{times['verl']:>14.3f}{times['karl']:>15.3f}{speedup:>9.1f}x{diff:>12.1e}")
+        print(f"{label + ' + level weights':<36}{times['verl']:>14.3f}{times['karl_weighted']:>15.3f}{weighted:>9.1f}x")
+        figures[f"advantage_speedup_{kind}"] = speedup
+        figures[f"advantage_speedup_{kind}_weighted"] = weighted
+        figures[f"advantage_max_diff_{kind}"] = diff
     return figures
 
 
