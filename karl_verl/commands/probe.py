@@ -1,0 +1,172 @@
+"""``karl-verl probe``: measure a model's knowledge mastery offline and write the mastery table.
+
+    karl-verl probe --model PATH --data PROBE_SET --out mastery.json [--mode logprob|generate]
+                    [--per-entity 50] [--batch-size 8] [--device cpu|cuda] [--seed 0] [--epoch N]
+
+Builds the 4-choice questions of KARL_METHOD.md section 2 from the probe set (parquet or JSONL,
+see :mod:`karl_verl.probe.questions`), asks them (``logprob``: one forward pass per question;
+``generate``: the paper's protocol, a reply parsed for its letter), writes the table atomically
+and a PNG histogram of per-entity accuracies beside it (``mastery.png`` for ``mastery.json``), and
+prints the level distribution. Runs on CPU (slowly, or with the tiny test checkpoint written by
+``karl_verl.testing.tiny_qwen3vl.save_tiny_checkpoint``) or GPU (``--backend vllm`` needs vLLM).
+
+Bad input exits with status 2 and one line naming the file, row or field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from karl_verl.mastery import MasteryTable
+    from karl_verl.probe.runner import ProbeResult
+
+HELP = "probe a model's knowledge of each entity (4-choice questions) and write the mastery table"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from karl_verl.config import MasteryConfig
+    from karl_verl.probe.questions import SMALL_CATEGORY_POLICIES
+    from karl_verl.probe.runner import DEFAULT_PROBE_SAMPLING, PROBE_MODES
+
+    defaults = MasteryConfig()
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory or hub name (also a tiny test checkpoint directory)")
+    parser.add_argument("--data", required=True, type=Path, help="probe set: .parquet or .jsonl")
+    parser.add_argument("--out", required=True, type=Path, help="mastery table to write (JSON)")
+    parser.add_argument("--mode", choices=PROBE_MODES, default=defaults.probe_mode,
+                        help=f"logprob: one forward pass per question; generate: parse a reply (default: "
+                             f"{defaults.probe_mode})")
+    parser.add_argument("--per-entity", type=int, default=defaults.probe_images_per_entity,
+                        help=f"images (questions) per entity at most (default: {defaults.probe_images_per_entity})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="question sampling seed (default: 0)")
+    parser.add_argument("--epoch", type=int, help="training epoch to record in the table")
+    parser.add_argument("--on-small-category", choices=SMALL_CATEGORY_POLICIES, default="error",
+                        help="a category with fewer than 4 entities: error (default) or take distractors from "
+                             "other categories (global)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="transformers or vLLM (default: hf)")
+    group.add_argument("--device", help="hf backend device, cpu or cuda (default: cuda when available)")
+    group.add_argument("--dtype", default="auto", help="hf backend dtype (default: bfloat16 on cuda, float32 on cpu)")
+    group.add_argument("--batch-size", type=int, default=8, help="hf backend batch size (default: 8)")
+    group.add_argument("--max-new-tokens", type=int, default=DEFAULT_PROBE_SAMPLING.max_new_tokens,
+                       help=f"generate mode: reply length cap, greedy decoding (default: "
+                            f"{DEFAULT_PROBE_SAMPLING.max_new_tokens})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from karl_verl.backends.base import BackendError
+    from karl_verl.mastery import MasteryError
+
+    try:
+        result, out = _probe(args)
+    except (BackendError, MasteryError, ValueError) as err:  # ProbeError is a ValueError
+        print(f"karl-verl probe: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(result, out))
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
+    import dataclasses
+
+    from karl_verl.config import MasteryConfig
+    from karl_verl.probe.questions import ProbeError, build_questions, load_probe_set
+    from karl_verl.probe.runner import DEFAULT_PROBE_SAMPLING, run_probe
+
+    if args.batch_size < 1 or args.per_entity < 1:
+        raise ProbeError("--batch-size and --per-entity must be >= 1")
+    # Read and check the probe set before loading a model: bad data fails in a second.
+    questions = build_questions(
+        load_probe_set(args.data), per_entity=args.per_entity, seed=args.seed,
+        on_small_category=args.on_small_category,
+    )
+    progress = not args.no_progress
+    if args.backend == "vllm":
+        from karl_verl.backends.vllm_backend import VLLMBackend
+
+        backend = VLLMBackend.create(args.model)
+    else:
+        from karl_verl.backends.hf import HFBackend
+
+        # The runner shows one bar over all questions; the backend's own bar would nest inside it.
+        backend = HFBackend.from_pretrained(
+            args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size, progress=False
+        )
+    result = run_probe(
+        questions,
+        backend,
+        mode=args.mode,
+        thresholds=MasteryConfig().thresholds,
+        epoch=args.epoch,
+        progress=progress,
+        sampling=dataclasses.replace(DEFAULT_PROBE_SAMPLING, max_new_tokens=args.max_new_tokens),
+        chunk_size=args.batch_size * 4 if args.backend == "hf" else 4096,
+    )
+    result.table.meta.update({"model": str(args.model), "probe_set": str(args.data), "seed": args.seed,
+                              "per_entity": args.per_entity})
+    out = result.table.save(args.out)
+    write_histogram(result.per_entity_accuracy, out.with_suffix(".png"), thresholds=MasteryConfig().thresholds,
+                    title=f"{Path(str(args.model)).name}: probe accuracy per entity ({args.mode})")
+    return result, out
+
+
+def format_level_table(table: MasteryTable) -> str:
+    """The level distribution as an aligned text table (count and share per level)."""
+    counts = table.distribution()
+    total = sum(counts.values()) or 1
+    lines = [f"{'level':<6}{'name':<24}{'entities':>9}{'share':>9}"]
+    for number, (name, count) in enumerate(counts.items(), start=1):
+        lines.append(f"{number:<6}{name:<24}{count:>9}{100 * count / total:>8.1f}%")
+    lines.append(f"{'':<6}{'total':<24}{sum(counts.values()):>9}")
+    return "\n".join(lines)
+
+
+def format_summary(result: ProbeResult, out: Path) -> str:
+    lines = [
+        format_level_table(result.table),
+        "",
+        f"{result.num_questions} questions, {len(result.per_entity_accuracy)} entities, mode {result.mode}: "
+        f"accuracy {result.accuracy:.3f} (chance 0.25) in {result.wall_time_s:.1f} s",
+    ]
+    if result.mode == "generate":
+        lines.append(f"unparseable replies: {result.num_unparseable} (counted wrong)")
+    if result.per_entity_expected_accuracy:
+        mean = sum(result.per_entity_expected_accuracy.values()) / len(result.per_entity_expected_accuracy)
+        lines.append(f"mean probability of the right letter: {mean:.3f}")
+    lines.append(f"wrote {out} and {out.with_suffix('.png')}")
+    return "\n".join(lines)
+
+
+def write_histogram(
+    accuracy: Mapping[str, float], path: Path, *, thresholds: Sequence[float], title: str = ""
+) -> Path:
+    """PNG histogram of per-entity accuracies with the level thresholds marked (matplotlib, Agg; CPU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    from karl_verl.atomic import atomic_path
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    try:
+        axes.hist(list(accuracy.values()), bins=20, range=(0.0, 1.0), color="#4c72b0", edgecolor="white")
+        for bound in thresholds:
+            axes.axvline(bound, color="#c44e52", linestyle="--", linewidth=1)
+        axes.axvline(0.25, color="grey", linestyle=":", linewidth=1, label="chance (0.25)")
+        axes.set_xlabel("probe accuracy (ACC_avg); dashed: level thresholds")
+        axes.set_ylabel("entities")
+        axes.set_title(title, fontsize=10)
+        axes.legend(loc="upper right", fontsize=8)
+        figure.tight_layout()
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+    return path

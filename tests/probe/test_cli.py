@@ -1,0 +1,55 @@
+"""``karl-verl probe`` end to end on a tiny checkpoint and a Pillow-made probe set (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from karl_verl.cli import main
+from karl_verl.mastery import LEVEL_NAMES, MasteryTable
+from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.parametrize("mode", ["logprob", "generate"])
+def test_probe_command_end_to_end(tmp_path, probe_parquet, tiny_checkpoint, capsys, mode):
+    out = tmp_path / "tables" / "mastery.json"
+    argv = ["probe", "--model", str(tiny_checkpoint), "--data", str(probe_parquet), "--out", str(out),
+            "--mode", mode, "--per-entity", "2", "--batch-size", "4", "--device", "cpu", "--epoch", "1",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == 0
+    table = MasteryTable.load(out)
+    assert len(table) == 9 and all(entry.num_questions == 2 and entry.epoch == 1 for entry in table.entries.values())
+    raw = json.loads(out.read_text())
+    assert raw["meta"]["mode"] == mode and raw["meta"]["model"] == str(tiny_checkpoint)
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in LEVEL_NAMES) and "18 questions, 9 entities" in printed
+    assert ("unparseable replies" in printed) == (mode == "generate")
+    assert not list(out.parent.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_probe_command_reports_bad_data_without_loading_a_model(tmp_path, capsys):
+    data = tmp_path / "probe.jsonl"
+    data.write_text('{"entity": "a", "category": "c"}\n')
+    out = tmp_path / "mastery.json"
+    assert main(["probe", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("karl-verl probe: error:") and "row 0, field 'image'" in err
+    assert not out.exists()
+
+
+def test_probe_command_small_category(tmp_path, probe_kit, tiny_checkpoint, capsys):
+    rows = probe_kit.rows({"car": ["a", "b", "c"], "dog": ["d", "e"]}, images_per_entity=1)
+    data = probe_kit.write_parquet(tmp_path / "p.parquet", rows)
+    out = tmp_path / "m.json"
+    base = ["probe", "--model", str(tiny_checkpoint), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(base) == 2 and "'car' has 3" in capsys.readouterr().err
+    assert main(base + ["--on-small-category", "global", "--device", "cpu"]) == 0
+    assert len(MasteryTable.load(out)) == 5

@@ -1,0 +1,130 @@
+"""The tiny Qwen3-VL fixture builds, generates on an image, and survives a save/load round trip (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen3VLForConditionalGeneration
+
+from karl_verl.testing.tiny_qwen3vl import (
+    SPECIAL_TOKENS,
+    TINY_MARKER_FILE,
+    build_tiny_model,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    is_tiny_checkpoint,
+    load_tiny_processor,
+    save_tiny_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return build_tiny_processor(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_tiny_model(seed=0, tokenizer=tokenizer)
+
+
+def _image() -> Image.Image:
+    return Image.new("RGB", (48, 40), (200, 30, 30))
+
+
+def _messages(text: str = "What is this?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def test_tokenizer_has_qwen_special_tokens_and_single_token_letters(tokenizer):
+    for token in SPECIAL_TOKENS:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        assert len(ids) == 1, token
+        assert tokenizer.convert_ids_to_tokens(ids[0]) == token
+    for letter in "ABCD":
+        assert len(tokenizer.encode(letter, add_special_tokens=False)) == 1
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    text = "<think>x</think> <answer>(1,2),(3,4)</answer>"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_chat_template_image_part_and_generation_prompt(processor):
+    text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    plain = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert plain == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_model_config_matches_tokenizer(model, tokenizer):
+    config = model.config
+    assert config.text_config.vocab_size == len(tokenizer)
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert config.vision_config.deepstack_visual_indexes == [0]
+
+
+def test_generate_on_one_image(model, processor):
+    text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[_image()], return_tensors="pt")
+    # 48x40 is resized to 64x32: 4x2 patches of 16, merged 2x2 -> 2 image tokens.
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 2
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+def test_same_seed_same_weights():
+    a, b, c = build_tiny_model(seed=3), build_tiny_model(seed=3), build_tiny_model(seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
+
+
+def test_save_and_load_round_trip(tmp_path, model, processor):
+    directory = save_tiny_checkpoint(tmp_path / "tiny", seed=0)
+    assert is_tiny_checkpoint(directory) and (directory / TINY_MARKER_FILE).is_file()
+    assert not is_tiny_checkpoint(tmp_path)
+    saved = json.loads((directory / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen3VLProcessor"
+
+    loaded_model = Qwen3VLForConditionalGeneration.from_pretrained(directory).eval()
+    loaded_processor = load_tiny_processor(directory)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded_model.state_dict()[key]), key
+
+    text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
+    assert loaded_processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False) == text
+    original = processor(text=[text], images=[_image()], return_tensors="pt")
+    reloaded = loaded_processor(text=[text], images=[_image()], return_tensors="pt")
+    assert torch.equal(original["input_ids"], reloaded["input_ids"])
+    assert torch.allclose(original["pixel_values"], reloaded["pixel_values"])
+    with torch.no_grad():
+        assert torch.allclose(model(**original).logits, loaded_model(**reloaded).logits, atol=1e-6)
+
+
+def test_load_tiny_processor_refuses_other_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a tiny fixture"):
+        load_tiny_processor(tmp_path)
+
+
+def test_processor_pickles(processor):
+    import pickle
+
+    from karl_verl.testing.tiny_qwen3vl import TinyQwen3VLProcessor
+
+    clone = pickle.loads(pickle.dumps(processor))
+    assert isinstance(clone, TinyQwen3VLProcessor)
+    text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
+    assert torch.equal(clone(text=[text], images=[_image()], return_tensors="pt")["input_ids"],
+                       processor(text=[text], images=[_image()], return_tensors="pt")["input_ids"])
