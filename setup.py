@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "numpy>=2",
     "pandas",
     "pyarrow",
+    # karl-verl data reads datasets' save_to_disk folders (verl depends on it too).
+    "datasets",
     "pillow",
     "tqdm",
     "matplotlib",

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 #: subcommand -> module; the module's HELP is shown in ``karl-verl --help``.
 COMMANDS: dict[str, str] = {
     "info": "karl_verl.commands.info",
+    "data": "karl_verl.commands.data",
+    "eval": "karl_verl.commands.eval",
+    "probe": "karl_verl.commands.probe",
 }
 
 

@@ -1,0 +1,136 @@
+"""``karl-verl data``: build KVG training data for verl.
+
+* ``convert``: annotations (JSONL, CSV, parquet or a ``datasets`` folder) -> verl RL parquet;
+* ``compose``: single-entity images -> multi-entity composites (grounding set + probe set);
+* ``filter``: keep instances with 1..k-1 of k sampled responses correct.
+
+Bad input exits with status 2 and one line naming the file, row and field; no output is left
+behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "build KVG training data: convert annotations, compose multi-entity images, filter by difficulty"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from karl_verl.data.compose import IMAGE_FORMATS, LAYOUTS
+    from karl_verl.data.filter import FILTER_TEMPERATURE
+    from karl_verl.data.schema import COORDINATE_SYSTEMS
+    from karl_verl.evaluation.inference import add_inference_arguments
+    from karl_verl.evaluation.metrics import EVAL_BOX_FORMATS
+
+    sub = parser.add_subparsers(dest="data_command", metavar="STEP")
+    sub.required = True
+
+    def reading(p: argparse.ArgumentParser) -> None:
+        p.add_argument("inputs", nargs="+", type=Path, metavar="ANNOTATIONS",
+                       help="annotation files (.jsonl, .csv, .parquet) or folders written by datasets' save_to_disk")
+        p.add_argument("--coords", choices=COORDINATE_SYSTEMS,
+                       help="coordinate system of the boxes, for rows without a 'coords' field")
+        p.add_argument("--split", default="train", help="split of rows without a 'split' field (default: train)")
+        p.add_argument("--image-root", type=Path,
+                       help="folder relative image paths start from (default: the annotation file's folder)")
+        p.add_argument("--field", action="append", metavar="FIELD=COLUMN",
+                       help="read a field from a differently named column, e.g. entity=label (repeatable)")
+        p.add_argument("--hf-split", help="split of a saved datasets DatasetDict")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    convert = sub.add_parser("convert", help="annotations -> verl RL parquet",
+                             description="Annotations -> verl RL parquet (the schema verl's RLHFDataset reads).")
+    reading(convert)
+    convert.add_argument("--out", required=True, type=Path, help="output parquet file")
+
+    compose = sub.add_parser("compose", help="single-entity images -> multi-entity composites",
+                             description="Compose multi-entity images from single-entity ones; writes "
+                                         "grounding.parquet (verl RL rows) and probe.parquet (the probe set).")
+    reading(compose)
+    compose.add_argument("--out", required=True, type=Path, help="output folder")
+    compose.add_argument("--num-images", type=int, default=1000, help="composites to make (default: 1000)")
+    compose.add_argument("--k-dist", default="2:1,3:1,4:1,5:1,6:1", metavar="K:W,...",
+                         help="relative weights of the entity count k in [2, 6] (default: uniform)")
+    compose.add_argument("--layouts", default=",".join(LAYOUTS),
+                         help=f"comma list of {', '.join(LAYOUTS)} (default: all)")
+    compose.add_argument("--tile-size", type=int, default=336, help="tile scale in pixels (default: 336)")
+    compose.add_argument("--queries-per-image", type=int, default=1,
+                         help="target entities (rows) per composite; 0: all of them (default: 1)")
+    compose.add_argument("--probe-images-per-entity", type=int, default=50,
+                         help="single-entity images per entity in the probe set (default: 50)")
+    compose.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    compose.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg", help="composite encoding")
+
+    filt = sub.add_parser("filter", help="keep instances with 1..k-1 of k responses correct",
+                          description="Keep RL instances with between 1 and k-1 of k sampled responses correct "
+                                      "(IoU >= 0.5); report those dropped as trivial or too hard.")
+    filt.add_argument("data", type=Path, help="verl RL parquet (from convert or compose)")
+    source = filt.add_mutually_exclusive_group(required=True)
+    source.add_argument("--responses", type=Path, help="JSONL of sampled responses keyed by extra_info.index")
+    source.add_argument("--model", help="checkpoint to sample the responses with")
+    filt.add_argument("--out", required=True, type=Path, help="output parquet file (kept rows)")
+    filt.add_argument("-k", "--k", type=int, default=4, help="responses per instance (default: 4)")
+    filt.add_argument("--box-format", choices=EVAL_BOX_FORMATS, default="qwen3_vl", help="how boxes are read")
+    filt.add_argument("--report", type=Path, help="also write counts and per-instance scores to this JSON file")
+    filt.add_argument("--save-responses", type=Path,
+                      help="where sampled responses go with --model (default: OUT with suffix .responses.jsonl)")
+    add_inference_arguments(filt, temperature=FILTER_TEMPERATURE, max_new_tokens=4096, seed=20)
+    filt.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _read_options(args: argparse.Namespace):
+    from karl_verl.data.annotations import ReadOptions, parse_field_map
+
+    return ReadOptions(coords=args.coords, split=args.split, image_root=args.image_root,
+                       field_map=parse_field_map(args.field), hf_split=args.hf_split)
+
+
+def run(args: argparse.Namespace) -> int:
+    from karl_verl.backends.base import BackendError
+    from karl_verl.data.schema import DataError
+
+    try:
+        if args.data_command == "convert":
+            from karl_verl.data.convert import convert_annotations
+
+            summary = convert_annotations(args.inputs, args.out, _read_options(args), progress=not args.no_progress)
+        elif args.data_command == "compose":
+            from karl_verl.data.compose import ComposeConfig, compose_dataset, parse_k_distribution
+
+            config = ComposeConfig(
+                num_images=args.num_images,
+                k_weights=parse_k_distribution(args.k_dist),
+                layouts=tuple(name.strip() for name in args.layouts.split(",") if name.strip()),
+                tile_size=args.tile_size,
+                queries_per_image=args.queries_per_image,
+                probe_images_per_entity=args.probe_images_per_entity,
+                seed=args.seed,
+                split=args.split,
+                image_format=args.image_format,
+            )
+            summary = compose_dataset(args.inputs, args.out, config, _read_options(args),
+                                      progress=not args.no_progress)
+        else:
+            summary = _run_filter(args)
+    except (DataError, BackendError, ValueError) as err:
+        print(f"karl-verl data {args.data_command}: error: {err}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0
+
+
+def _run_filter(args: argparse.Namespace):
+    from karl_verl.data.filter import filter_dataset
+
+    generator = sampling = None
+    if args.model is not None:
+        from karl_verl.evaluation.inference import generator_from_args
+
+        generator, sampling = generator_from_args(args, n=args.k)
+    return filter_dataset(
+        args.data, args.out, k=args.k, responses=args.responses, generator=generator, sampling=sampling,
+        box_format=args.box_format, responses_out=args.save_responses, report=args.report,
+        progress=not args.no_progress,
+    )

@@ -1,0 +1,96 @@
+"""``karl-verl eval``: the KVG-Bench evaluator (the paper's Table 1 figures).
+
+    karl-verl eval --bench BENCH.parquet --predictions PRED.jsonl --out DIR
+    karl-verl eval --bench BENCH.parquet --model PATH --out DIR [--backend vllm] [--mastery TABLE]
+
+Prints Acc@0.5 per category, seen / unseen / overall beside the paper's rows, and writes
+``metrics.json``, ``cases.jsonl`` and a PNG chart to DIR (``predictions.jsonl`` too with
+``--model``). See :mod:`karl_verl.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "evaluate on KVG-Bench: Acc@0.5 and IoU per category, seen/unseen/overall, as in the paper's Table 1"
+
+
+def _categories(text: str) -> tuple[str, ...]:
+    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from karl_verl.data.prompts import PROMPT_STYLES
+    from karl_verl.evaluation.inference import add_inference_arguments
+    from karl_verl.evaluation.metrics import EVAL_BOX_FORMATS
+    from karl_verl.evaluation.paper import (
+        BENCH_MAX_NEW_TOKENS,
+        BENCH_SEED,
+        BENCH_TEMPERATURE,
+        DEFAULT_PAPER_ROWS,
+        PAPER_TABLE1,
+        SEEN_CATEGORIES,
+        UNSEEN_CATEGORIES,
+    )
+
+    parser.add_argument("--bench", required=True, type=Path, help="KVG-Bench parquet (released format)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", type=Path, help='JSONL of {"question_id": ..., "response": ...}')
+    source.add_argument("--model", help="checkpoint to run on the benchmark instead")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--mastery", type=Path, help="mastery table (JSON): adds the high (1-3) vs low (4-5) split")
+    parser.add_argument("--box-format", choices=EVAL_BOX_FORMATS, default="qwen3_vl",
+                        help="qwen3_vl: 0-1000 (default); qwen25_vl_abs: absolute pixels of Qwen2.5-VL's resized "
+                             "input; json: bbox_2d only; reference: the released reward's reader")
+    parser.add_argument("--seen", type=_categories, default=SEEN_CATEGORIES, metavar="CATS",
+                        help=f"seen categories, comma list (default: {','.join(SEEN_CATEGORIES)})")
+    parser.add_argument("--unseen", type=_categories, default=UNSEEN_CATEGORIES, metavar="CATS",
+                        help=f"unseen categories, comma list (default: {','.join(UNSEEN_CATEGORIES)})")
+    parser.add_argument("--name", default="this run", help="label of our row in the table")
+    parser.add_argument("--paper-rows", default=",".join(DEFAULT_PAPER_ROWS), metavar="ROWS",
+                        help=f"paper rows to show, comma list of {list(PAPER_TABLE1)} (default: "
+                             f"{','.join(DEFAULT_PAPER_ROWS)}; empty for none)")
+    # Defaults are the benchmark's released inference settings.
+    group = add_inference_arguments(parser, temperature=BENCH_TEMPERATURE, max_new_tokens=BENCH_MAX_NEW_TOKENS,
+                                    seed=BENCH_SEED)
+    group.add_argument("--prompt-style", choices=PROMPT_STYLES, default="karl",
+                       help="karl: query + think/answer suffix (default); json: Qwen3-VL's JSON request; plain")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from karl_verl.backends.base import BackendError
+    from karl_verl.data.schema import DataError
+    from karl_verl.evaluation.runner import run_eval
+    from karl_verl.mastery import MasteryError
+
+    try:
+        generator = sampling = None
+        if args.model is not None:
+            from karl_verl.evaluation.inference import generator_from_args
+
+            generator, sampling = generator_from_args(args, n=1)
+        outcome = run_eval(
+            args.bench,
+            args.out,
+            predictions=args.predictions,
+            generator=generator,
+            sampling=sampling,
+            prompt_style=args.prompt_style,
+            chunk_size=args.batch_size if args.backend == "hf" else None,
+            box_format=args.box_format,
+            mastery=args.mastery,
+            seen_categories=args.seen,
+            unseen_categories=args.unseen,
+            name=args.name,
+            paper_rows=[row.strip() for row in args.paper_rows.split(",") if row.strip()],
+            context={"model": args.model, "backend": args.backend if args.model else None},
+            progress=not args.no_progress,
+        )
+    except (DataError, MasteryError, BackendError, ValueError) as err:
+        print(f"karl-verl eval: error: {err}", file=sys.stderr)
+        return 2
+    print(outcome.format())
+    return 0

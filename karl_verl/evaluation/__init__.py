@@ -1,0 +1,10 @@
+"""KVG-Bench evaluation (``karl-verl eval``).
+
+* :mod:`karl_verl.evaluation.paper`: the seen/unseen split and the paper's Table 1 figures;
+* :mod:`karl_verl.evaluation.metrics`: box reading, IoU, Acc@0.5 and aggregation (pure);
+* :mod:`karl_verl.evaluation.bench`: reading the benchmark and predictions, running a model, scoring;
+* :mod:`karl_verl.evaluation.inference`: loading a backend and chunked generation (shared with
+  ``data filter``);
+* :mod:`karl_verl.evaluation.report`: the Table 1 text table, ``metrics.json`` and the chart;
+* :mod:`karl_verl.evaluation.runner`: the whole command, :func:`~karl_verl.evaluation.runner.run_eval`.
+"""

@@ -1,0 +1,229 @@
+"""Scoring grounding responses: Acc@0.5 and IoU per case, and their aggregation over groups.
+
+Rules (KARL_METHOD.md section 6):
+
+* the box is read from the first ``<answer>...</answer>`` span when there is one, else from the
+  whole response, with :func:`karl_verl.boxes.read_box` in the chosen format (default
+  ``qwen3_vl``: 0-1000 coordinates);
+* no box read = unparseable = IoU 0, a miss (counted apart);
+* several ground-truth boxes: the best IoU over them;
+* a case without a prediction = IoU 0, a miss (counted apart);
+* correct when IoU >= 0.5 (inclusive);
+* averages over several categories weight each case equally (i.e. categories by case count).
+
+Pure module: no torch, no verl.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from karl_verl.boxes import NUM, Box, answer_span, box_iou, read_box
+from karl_verl.mastery import HIGH_KNOWLEDGE_LEVELS, NUM_LEVELS
+
+#: Acc@0.5: a prediction is correct when its IoU is at least this (inclusive).
+ACC_THRESHOLD = 0.5
+#: Box formats the evaluator reads; ``qwen3_vl`` is the default.
+EVAL_BOX_FORMATS: tuple[str, ...] = ("qwen3_vl", "qwen25_vl_abs", "json", "reference")
+
+# A ground-truth box in ``(x1,y1),(x2,y2)`` form, spaces tolerated; every occurrence is a box.
+_GT_PAIR = re.compile(rf"\(\s*({NUM})\s*,\s*({NUM})\s*\)\s*,\s*\(\s*({NUM})\s*,\s*({NUM})\s*\)")
+
+
+def ground_truth_boxes(text: str) -> list[Box]:
+    """Every ``(x1,y1),(x2,y2)`` box in a ground-truth string, in order (0-1000 grid).
+
+    >>> ground_truth_boxes("<|object_ref_start|>A<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"
+    ...                    "<|box_start|>(5,6),(7,8)<|box_end|>")
+    [(1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0)]
+    """
+    return [tuple(float(v) for v in match) for match in _GT_PAIR.findall(text)]  # type: ignore[misc]
+
+
+def prediction_box(
+    response: str, box_format: str = "qwen3_vl", image_size: tuple[int, int] | None = None
+) -> Box | None:
+    """The predicted box on the 0-1000 grid, or None when the response holds none.
+
+    ``image_size`` (width, height) of the original image is needed by ``qwen25_vl_abs``.
+    """
+    if box_format not in EVAL_BOX_FORMATS:
+        raise ValueError(f"box format: expected one of {EVAL_BOX_FORMATS}, got {box_format!r}")
+    answer = answer_span(response)
+    text = response if answer is None else answer
+    box = read_box(text, box_format, image_size=image_size)  # type: ignore[arg-type]
+    if box is not None and not all(math.isfinite(v) for v in box):
+        return None
+    return box
+
+
+def best_iou(pred: Box | None, targets: Sequence[Box]) -> float:
+    """Best IoU of ``pred`` over ``targets``; 0 when there is no prediction or no valid overlap.
+
+    >>> best_iou((0, 0, 100, 100), [(500, 500, 600, 600), (0, 0, 100, 50)])
+    0.5
+    """
+    if pred is None:
+        return 0.0
+    return max((iou for iou in (box_iou(pred, target) for target in targets) if iou is not None), default=0.0)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One response against its ground truth."""
+
+    iou: float
+    correct: bool
+    parsed: bool
+    box: Box | None
+
+
+def score_response(
+    response: str | None,
+    targets: Sequence[Box],
+    box_format: str = "qwen3_vl",
+    image_size: tuple[int, int] | None = None,
+    threshold: float = ACC_THRESHOLD,
+) -> Score:
+    """IoU and correctness of one response; ``None`` (no prediction) scores as an unparsed miss."""
+    box = None if response is None else prediction_box(response, box_format, image_size)
+    iou = best_iou(box, targets)
+    return Score(iou=iou, correct=iou >= threshold, parsed=box is not None, box=box)
+
+
+@dataclass
+class GroupMetrics:
+    """Counts over a group of cases; accuracy and mean IoU weight every case equally."""
+
+    n: int = 0
+    correct: int = 0
+    iou_sum: float = 0.0
+    unparseable: int = 0
+    missing: int = 0
+
+    def add(self, iou: float, correct: bool, parsed: bool, missing: bool) -> None:
+        self.n += 1
+        self.correct += int(correct)
+        self.iou_sum += iou
+        # A missing prediction is counted as missing, not also as unparseable.
+        self.missing += int(missing)
+        self.unparseable += int(not parsed and not missing)
+
+    @property
+    def acc(self) -> float | None:
+        """Acc@0.5 as a fraction, None for an empty group."""
+        return self.correct / self.n if self.n else None
+
+    @property
+    def mean_iou(self) -> float | None:
+        return self.iou_sum / self.n if self.n else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "correct": self.correct,
+            "acc": self.acc,
+            "mean_iou": self.mean_iou,
+            "unparseable": self.unparseable,
+            "missing": self.missing,
+        }
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """A scored benchmark case."""
+
+    question_id: str
+    category: str
+    entity: str | None
+    iou: float
+    correct: bool
+    parsed: bool
+    missing: bool
+    box: Box | None
+    level: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "question_id": self.question_id,
+            "category": self.category,
+            "entity": self.entity,
+            "iou": self.iou,
+            "correct": self.correct,
+            "parsed": self.parsed,
+            "missing": self.missing,
+            "pred_box": None if self.box is None else list(self.box),
+            "knowledge_level": self.level,
+        }
+
+
+@dataclass
+class BenchMetrics:
+    """Per category, seen / unseen / overall, and (with a mastery table) per knowledge level."""
+
+    categories: dict[str, GroupMetrics] = field(default_factory=dict)
+    seen: GroupMetrics = field(default_factory=GroupMetrics)
+    unseen: GroupMetrics = field(default_factory=GroupMetrics)
+    overall: GroupMetrics = field(default_factory=GroupMetrics)
+    other_categories: list[str] = field(default_factory=list)
+    #: Only with a mastery table: "high" (levels 1-3), "low" (4-5), and per level "1".."5".
+    knowledge: dict[str, GroupMetrics] | None = None
+    #: Cases whose entity is not in the mastery table (left out of the knowledge split).
+    not_in_table: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "categories": {name: group.to_json() for name, group in self.categories.items()},
+            "seen": self.seen.to_json(),
+            "unseen": self.unseen.to_json(),
+            "overall": self.overall.to_json(),
+            "other_categories": self.other_categories,
+            "knowledge": None,
+        }
+        if self.knowledge is not None:
+            out["knowledge"] = {name: group.to_json() for name, group in self.knowledge.items()}
+            out["knowledge"]["not_in_table"] = self.not_in_table
+        return out
+
+
+def aggregate(
+    results: Iterable[CaseResult],
+    seen_categories: Sequence[str],
+    unseen_categories: Sequence[str],
+    *,
+    with_knowledge: bool = False,
+    high_levels: Iterable[int] = HIGH_KNOWLEDGE_LEVELS,
+) -> BenchMetrics:
+    """Group case results by category, seen / unseen, overall and (``with_knowledge``) level.
+
+    Categories are listed seen first, then unseen (each in the order given), then any other
+    category in the data (counted in ``overall`` only).
+    """
+    high = frozenset(high_levels)
+    metrics = BenchMetrics()
+    order = {name: i for i, name in enumerate([*seen_categories, *unseen_categories])}
+    by_category: dict[str, GroupMetrics] = {}
+    if with_knowledge:
+        levels = {str(level): GroupMetrics() for level in range(1, NUM_LEVELS + 1)}
+        metrics.knowledge = {"high": GroupMetrics(), "low": GroupMetrics(), **levels}
+    for result in results:
+        values = (result.iou, result.correct, result.parsed, result.missing)
+        by_category.setdefault(result.category, GroupMetrics()).add(*values)
+        metrics.overall.add(*values)
+        if result.category in seen_categories:
+            metrics.seen.add(*values)
+        elif result.category in unseen_categories:
+            metrics.unseen.add(*values)
+        if metrics.knowledge is not None:
+            if result.level is None:
+                metrics.not_in_table += 1
+            else:
+                metrics.knowledge["high" if result.level in high else "low"].add(*values)
+                metrics.knowledge[str(result.level)].add(*values)
+    metrics.categories = dict(sorted(by_category.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+    metrics.other_categories = [name for name in metrics.categories if name not in order]
+    return metrics

@@ -1,0 +1,12 @@
+"""The doctests in the data modules' docstrings run as tests."""
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["karl_verl.data.prompts", "karl_verl.data.schema", "karl_verl.data.compose"])
+def test_doctests(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
