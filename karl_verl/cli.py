@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "data": "karl_verl.commands.data",
     "eval": "karl_verl.commands.eval",
     "probe": "karl_verl.commands.probe",
+    "dryrun": "karl_verl.commands.dryrun",
 }
 
 

@@ -1,0 +1,107 @@
+"""Pre-flight checks (karl_verl/dryrun/preflight.py) on a valid built-in run and broken variants."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from karl_verl.dryrun.pipeline import DryRunOptions, run_dryrun
+from karl_verl.dryrun.preflight import run_preflight
+from karl_verl.mastery import MasteryTable
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("preflight")
+    report = run_dryrun(DryRunOptions(workdir=workdir, num_prompts=4, warmup_steps=0, progress=False),
+                        say=lambda _: None)
+    return workdir, report.outputs
+
+
+def overrides(outputs, workdir, **changes):
+    values = {
+        "data.train_files": outputs["grounding"],
+        "data.val_files": outputs["grounding"],
+        "actor_rollout_ref.model.path": outputs["model"],
+        "trainer.default_local_dir": str(workdir / "ckpt"),
+        "karl.mastery.table_path": outputs["mastery"],
+        "karl.mastery.probe_data": outputs["probe"],
+    }
+    values.update(changes)
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+
+def messages(report):
+    return [str(problem) for problem in report.problems]
+
+
+def test_valid_configuration_has_no_problem(built):
+    workdir, outputs = built
+    report = run_preflight("karl_kvg", overrides(outputs, workdir))
+    assert report.problems == [], report.format()
+    assert report.rows_checked == 32 and report.entities > 0
+
+
+def test_every_problem_is_reported_at_once(built, tmp_path):
+    workdir, outputs = built
+    frame = pd.read_parquet(outputs["grounding"])
+    # Row 1: two <image> placeholders for one image; row 2: no box; row 3: no entity marker.
+    prompt = [dict(m) for m in frame.at[0, "prompt"]]
+    prompt[0]["content"] = "<image><image>" + prompt[0]["content"].replace("<image>", "")
+    frame.at[0, "prompt"] = prompt
+    frame.at[1, "reward_model"] = {"style": "rule", "ground_truth": "<|object_ref_start|>X<|object_ref_end|>"}
+    info = dict(frame.at[2, "extra_info"])
+    info.pop("entity")
+    frame.at[2, "extra_info"] = info
+    frame.at[2, "reward_model"] = {"style": "rule", "ground_truth": "<|box_start|>(1,2),(3,4)<|box_end|>"}
+    broken = tmp_path / "broken.parquet"
+    frame.to_parquet(broken)
+    # A mastery table that misses entities, and a probe set whose category has 3 entities.
+    table = MasteryTable.load(outputs["mastery"])
+    MasteryTable({name: entry for name, entry in list(table.entries.items())[:1]}).save(tmp_path / "small.json")
+    probe = pd.read_parquet(outputs["probe"])
+    category = probe["category"].iloc[0]
+    keep = sorted(probe.loc[probe["category"] == category, "entity"].unique())[:3]
+    probe[(probe["category"] != category) | probe["entity"].isin(keep)].to_parquet(tmp_path / "probe.parquet")
+
+    report = run_preflight("karl_kvg", overrides(
+        outputs, workdir, **{"data.train_files": str(broken), "karl.mastery.table_path": str(tmp_path / "small.json"),
+                             "karl.mastery.probe_data": str(tmp_path / "probe.parquet"),
+                             "data.max_prompt_length": 40, "actor_rollout_ref.actor.optim.learning_rate": 1}))
+    found = "\n".join(messages(report))
+    assert "actor_rollout_ref.actor.optim.learning_rate: no such key" in found
+    assert "broken.parquet row 1: 2 <image> placeholder(s)" in found
+    assert "broken.parquet row 2: ground truth has no readable" in found
+    assert "broken.parquet row 3: ground truth has no <|object_ref_start|>" in found
+    assert "above data.max_prompt_length=40" in found
+    assert "absent from the mastery table" in found
+    assert f"category {category!r} has 3 entities" in found
+
+
+def test_unset_required_keys_and_missing_files(built, tmp_path):
+    workdir, outputs = built
+    report = run_preflight("karl_kvg", overrides(outputs, workdir, **{
+        "actor_rollout_ref.model.path": None, "data.val_files": str(tmp_path / "nope.parquet")}))
+    found = "\n".join(messages(report))
+    assert "actor_rollout_ref.model.path: required by the recipe but not set" in found
+    assert "file not found" in found and "nope.parquet" in found
+
+
+def test_no_mastery_source(built):
+    workdir, outputs = built
+    report = run_preflight("karl_kvg", overrides(outputs, workdir, **{
+        "karl.mastery.table_path": None, "karl.mastery.probe_data": None}))
+    assert any("neither karl.mastery.table_path nor karl.mastery.probe_data" in m for m in messages(report))
+
+
+def test_command_exits_non_zero_on_problems(built, tmp_path):
+    import subprocess
+    import sys
+
+    workdir, outputs = built
+    args = overrides(outputs, workdir, **{"data.max_prompt_length": 10})
+    result = subprocess.run([sys.executable, "-m", "karl_verl", "dryrun", *args], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "problem(s)" in result.stdout
+    json.dumps(result.stdout)  # printable text
