@@ -184,12 +184,18 @@ class MasteryConfig:
     probe_images_per_entity: int = 50
     #: Seconds a refresh may take before it is abandoned and the previous table kept.
     probe_timeout_s: float = 1800.0
+    #: Probe requests in flight at once on the rollout servers (in-training probe only).
+    probe_max_concurrency: int = 256
     #: "probe", "online" (Beta posterior from training rollouts) or "blend".
     source: str = "probe"
     #: Weight of the online estimate in "blend".
     online_weight: float = 0.5
     #: Per-refresh decay of the online posterior's counts.
     online_decay: float = 0.9
+    #: Beta prior (alpha, beta) of the online acc@0.5 estimate; (1, 1) is uniform.
+    online_prior: tuple[float, ...] = (1.0, 1.0)
+    #: Decayed rollouts an entity needs before its online estimate is used (else it keeps its probe level).
+    online_min_evidence: float = 8.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -201,6 +207,28 @@ class MasteryConfig:
             raise ConfigError(f"karl.mastery.probe_mode: expected 'logprob' or 'generate', got {self.probe_mode!r}")
         if self.source not in ("probe", "online", "blend"):
             raise ConfigError(f"karl.mastery.source: expected 'probe', 'online' or 'blend', got {self.source!r}")
+        for key in ("refresh_every_epochs", "refresh_every_steps"):
+            if int(getattr(self, key)) < 0:
+                raise ConfigError(f"karl.mastery.{key}: expected an integer >= 0 (0: off), got {getattr(self, key)!r}")
+        for key in ("probe_images_per_entity", "probe_max_concurrency"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"karl.mastery.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
+        if not self.probe_timeout_s > 0:
+            raise ConfigError(
+                f"karl.mastery.probe_timeout_s: expected a number of seconds > 0, got {self.probe_timeout_s!r}"
+            )
+        if not 0.0 <= self.online_weight <= 1.0:
+            raise ConfigError(f"karl.mastery.online_weight: expected a number in [0, 1], got {self.online_weight!r}")
+        if not 0.0 < self.online_decay <= 1.0:
+            raise ConfigError(f"karl.mastery.online_decay: expected a number in (0, 1], got {self.online_decay!r}")
+        prior = tuple(float(v) for v in self.online_prior)
+        if len(prior) != 2 or min(prior) <= 0:
+            raise ConfigError(f"karl.mastery.online_prior: expected two numbers > 0 (alpha, beta), got {prior}")
+        object.__setattr__(self, "online_prior", prior)
+        if self.online_min_evidence < 0:
+            raise ConfigError(
+                f"karl.mastery.online_min_evidence: expected a number >= 0, got {self.online_min_evidence!r}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> MasteryConfig:

@@ -56,8 +56,12 @@ def parse_level(value: Any, *, where: str = "knowledge level") -> int:
     """
     if isinstance(value, bool):
         raise MasteryError(f"{where}: expected a level name {list(LEVEL_NAMES)} or an integer 1..5, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if float(value).is_integer() and 1 <= int(value) <= NUM_LEVELS:
+    if isinstance(value, int):
+        # Compared as an int: float(value) overflows on integers beyond float range (10**400).
+        if 1 <= value <= NUM_LEVELS:
+            return value
+    elif isinstance(value, float):
+        if value.is_integer() and 1 <= value <= NUM_LEVELS:
             return int(value)
     elif isinstance(value, str):
         text = value.strip().lower()
@@ -84,7 +88,7 @@ def level_from_accuracy(accuracy: float, thresholds: Iterable[float] = DEFAULT_T
     bounds = tuple(float(t) for t in thresholds)
     if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in itertools.pairwise(bounds)):
         raise MasteryError(f"thresholds: expected {NUM_LEVELS - 1} strictly decreasing bounds, got {bounds}")
-    if not (isinstance(accuracy, (int, float)) and math.isfinite(accuracy)):
+    if not _is_finite_number(accuracy):
         raise MasteryError(f"accuracy: expected a finite number in [0, 1], got {accuracy!r}")
     for level, bound in enumerate(bounds, start=1):
         if accuracy >= bound:
@@ -125,6 +129,12 @@ class MasteryTable:
 
     entries: dict[str, MasteryEntry] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Lookups strip the entity name, and so does loading; keys kept unstripped here would be
+        # unreachable, and would not survive a save and load (" Su-30" comes back as "Su-30").
+        if any(entity != entity.strip() for entity in self.entries):
+            self.entries = {entity.strip(): entry for entity, entry in self.entries.items()}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -201,7 +211,7 @@ class MasteryTable:
             else:
                 raise MasteryError(f"{where}: missing 'knowledge_category' (one of {list(LEVEL_NAMES)}) or 'level'")
             score = raw.get("score")
-            if score is not None and not (isinstance(score, (int, float)) and math.isfinite(score)):
+            if score is not None and not _is_finite_number(score):
                 raise MasteryError(f"{where}, key 'score': expected a finite number, got {score!r}")
             entries[entity.strip()] = MasteryEntry(
                 level=level,
@@ -222,11 +232,24 @@ class MasteryTable:
             raise MasteryError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
         except UnicodeDecodeError as err:
             raise MasteryError(f"{path}: not UTF-8 text ({err})") from None
+        except RecursionError:
+            # json.loads recurses per nesting level: "[[[[..." of a damaged or crafted file.
+            raise MasteryError(f"{path}: invalid JSON: nested too deeply") from None
         return cls.from_json(data, source=str(path))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: readers see the old file or the new one, never a partial one."""
         return atomic_write_text(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A finite int or float; False (not OverflowError) for an integer beyond float range."""
+    if not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _optional_int(value: Any, where: str) -> int | None:

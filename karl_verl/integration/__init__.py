@@ -13,6 +13,7 @@ import importlib
 _PARTS: tuple[str, ...] = (
     "karl_verl.integration.reward_manager",
     "karl_verl.integration.estimator",
+    "karl_verl.integration.trainer",
 )
 
 

@@ -1,0 +1,358 @@
+"""The in-training probe backend: KARL's knowledge probe on verl's own rollout servers.
+
+Where things run. :class:`RolloutProbeBackend` lives in the trainer process (verl's TaskRunner, a Ray
+actor on CPU). It builds each question's prompt token ids with verl's own Continuous Token builder,
+processor and dataset class, exactly as the training agent loop does (an :class:`AgentLoopBase`
+helper; see :class:`_PromptBuilder`), and sends them through verl's
+:class:`~verl.workers.rollout.llm_server.LLMServerClient` to the rollout replicas (vLLM / SGLang
+servers on the training GPUs). The replicas hold the policy's current weights and are awake at the
+step boundary, when the ``karl`` trainer refreshes mastery; there is no second copy of the model in
+GPU memory.
+
+Implements both protocols of :mod:`karl_verl.backends.base`:
+
+* :meth:`RolloutProbeBackend.option_logprobs` (``probe_mode="logprob"``). verl's servers do not
+  return top-k log-probabilities of *generated* tokens (they only return the sampled token's), but
+  vLLM's ``prompt_logprobs`` pass through verl's server unchanged (verl's on-policy distillation
+  relies on the same path, ``verl/experimental/teacher_loop/teacher_manager.py``). So each question
+  is sent once with the first option's token appended to the prompt and ``prompt_logprobs=20``: the
+  entry of that last prompt position holds the top-20 next-token log-probabilities right after the
+  generation prompt, where every option letter is usually found. An option outside the top 20 gets
+  one exact request of its own (its token appended, ``prompt_logprobs=0``). Only vLLM returns
+  prompt log-probabilities: on other rollout engines :attr:`supports_logprobs` is False and the
+  trainer falls back to generate mode with a warning.
+* :meth:`RolloutProbeBackend.generate` (``probe_mode="generate"``): ordinary generation.
+
+All requests of one call run concurrently (at most ``max_concurrency`` in flight) on a private
+event loop in a background thread, so that :meth:`cancel` (called by the trainer when a refresh
+times out) can stop them from another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+
+from karl_verl.backends.base import (
+    BackendError,
+    GenerationRequest,
+    SamplingSettings,
+    load_image,
+    structured_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Top log-probabilities asked per prompt position: vLLM's default ``max_logprobs`` engine limit.
+PROMPT_TOP_K = 20
+
+
+class ProbeCancelled(RuntimeError):
+    """The probe was cancelled (refresh timeout) while requests were in flight."""
+
+
+class ShortAnswerError(BackendError):
+    """A rollout server answered without the expected output (aborted request, empty reply, missing
+    log-probabilities); the trainer treats it as a failed refresh."""
+
+
+def _with_images(request: GenerationRequest, where: str) -> list[dict[str, Any]]:
+    """RLHFDataset-style messages whose image parts carry the decoded images (what the agent loop gets)."""
+    messages = structured_messages(request, where=where)
+    images = iter(load_image(image, where=f"{where}, image {i}") for i, image in enumerate(request.images))
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image", "image": next(images)} if part.get("type") == "image" and "image" not in part
+                else part
+                for part in content
+            ]
+        out.append({**message, "content": content})
+    return out
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread; coroutines are submitted from any thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="karl-probe-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class RolloutProbeBackend:
+    """:class:`~karl_verl.backends.base.OptionScorer` and ``TextGenerator`` on verl's rollout servers.
+
+    Args:
+        client: verl's ``LLMServerClient`` (``trainer.get_llm_client()``), or any object with its
+            ``async generate(request_id, *, prompt_ids, sampling_params, image_data, ...)``.
+        tokenizer, processor: the trainer's (``trainer.tokenizer`` / ``trainer.processor``).
+        config: the whole verl config (data and rollout settings shape the prompts as in training).
+        hf_model_type: the model's ``config.model_type`` (selects verl's Continuous Token builder).
+        max_concurrency: requests in flight at once.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        tokenizer: Any,
+        processor: Any,
+        config: Any,
+        hf_model_type: str | None = None,
+        max_concurrency: int = 256,
+    ) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.config = config
+        self.hf_model_type = hf_model_type
+        self.max_concurrency = max(1, int(max_concurrency))
+        rollout = config.actor_rollout_ref.rollout
+        self.rollout_name = str(rollout.get("name", "vllm"))
+        self._loop: _LoopThread | None = None
+        self._builder: Any = None
+        self._cancelled = threading.Event()
+        self._inflight: set[concurrent.futures.Future] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_trainer(cls, trainer: Any, *, hf_model_type: str | None, max_concurrency: int = 256
+                     ) -> RolloutProbeBackend:
+        """The backend of a running verl trainer (driver process): its client, tokenizer and config."""
+        return cls(
+            trainer.get_llm_client(),
+            tokenizer=trainer.tokenizer,
+            processor=trainer.processor,
+            config=trainer.config,
+            hf_model_type=hf_model_type,
+            max_concurrency=max_concurrency,
+        )
+
+    @property
+    def supports_logprobs(self) -> bool:
+        """Whether the rollout engine returns prompt log-probabilities (vLLM only)."""
+        return self.rollout_name == "vllm"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, coro_fn: Any, *args: Any) -> Any:
+        """Run ``coro_fn(*args)`` on the backend's loop and wait; cancellable from another thread."""
+        if self._cancelled.is_set():
+            raise ProbeCancelled("the probe was cancelled")
+        if self._loop is None:
+            self._loop = _LoopThread()
+        future = self._loop.submit(coro_fn(*args))
+        with self._lock:
+            self._inflight.add(future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise ProbeCancelled("the probe was cancelled while requests were in flight") from None
+        finally:
+            with self._lock:
+                self._inflight.discard(future)
+
+    def cancel(self) -> None:
+        """Stop: in-flight calls raise :class:`ProbeCancelled`, and so does every later call.
+
+        Only the client side is cancelled; a request the server already admitted runs to its end
+        (one token in logprob mode, ``max_new_tokens`` in generate mode).
+        """
+        self._cancelled.set()
+        with self._lock:
+            inflight = list(self._inflight)
+        for future in inflight:
+            future.cancel()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    async def _prompt_builder(self) -> Any:
+        # Built inside the running loop: AgentLoopBase binds the loop current at construction.
+        if self._builder is None:
+            self._builder = _make_prompt_builder(self)
+        return self._builder
+
+    async def _encode(self, request: GenerationRequest, where: str) -> tuple[list[int], list[Any] | None]:
+        """Prompt token ids and processed images of one request, as verl's agent loop makes them."""
+        builder = await self._prompt_builder()
+        messages = _with_images(request, where)
+        multi_modal = await builder.process_multi_modal_info(messages)
+        images = multi_modal.get("images")
+        prompt_ids = await builder.ct_build_initial_tokens(messages, images=images)
+        return [int(token) for token in prompt_ids], images
+
+    async def _generate_one(self, prompt_ids: list[int], images: Any, sampling_params: dict[str, Any],
+                            where: str) -> Any:
+        output = await self.client.generate(
+            request_id=uuid4().hex,
+            prompt_ids=prompt_ids,
+            sampling_params=dict(sampling_params),
+            image_data=images,
+        )
+        if getattr(output, "stop_reason", None) == "aborted":
+            raise ShortAnswerError(f"{where}: the rollout server aborted the request")
+        return output
+
+    async def _gather(self, coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+
+        async def bounded(coro: Coroutine[Any, Any, Any]) -> Any:
+            async with semaphore:
+                return await coro
+
+        tasks = [asyncio.ensure_future(bounded(coro)) for coro in coros]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # on failure or cancellation, stop the siblings too
+                task.cancel()
+
+    # ------------------------------------------------------------------ OptionScorer
+
+    def option_logprobs(self, requests: Sequence[GenerationRequest], options: Sequence[str]) -> np.ndarray:
+        """Log-probability of each single-token option as the reply's first token, ``[len(requests), len(options)]``."""
+        if not self.supports_logprobs:
+            raise BackendError(
+                f"option_logprobs needs vLLM's prompt log-probabilities; the rollout is {self.rollout_name!r}"
+            )
+        from karl_verl.backends.hf import option_token_ids
+
+        option_ids = option_token_ids(self.tokenizer, options)
+        rows = self._run(self._option_logprobs, list(requests), option_ids)
+        return np.asarray(rows, dtype=np.float64).reshape(len(requests), len(option_ids))
+
+    async def _option_logprobs(self, requests: list[GenerationRequest], option_ids: list[int]) -> list[list[float]]:
+        return await self._gather([self._score_request(r, option_ids, f"probe request {i}")
+                                   for i, r in enumerate(requests)])
+
+    async def _score_request(self, request: GenerationRequest, option_ids: list[int], where: str) -> list[float]:
+        prompt_ids, images = await self._encode(request, where)
+        # One pass: the first option appended, top-k log-probs of the position that predicts it.
+        top = await self._appended_position(prompt_ids, images, option_ids[0], PROMPT_TOP_K, where)
+        scores = []
+        for option in option_ids:
+            if option in top:
+                scores.append(top[option])
+            else:  # outside the top k: one exact request for this option
+                exact = await self._appended_position(prompt_ids, images, option, 0, where)
+                if option not in exact:
+                    raise ShortAnswerError(f"{where}: no log-probability reported for option token {option}")
+                scores.append(exact[option])
+        return scores
+
+    async def _appended_position(self, prompt_ids: list[int], images: Any, token: int, top_k: int,
+                                 where: str) -> dict[int, float]:
+        """``{token id: log-prob}`` at the position right after ``prompt_ids`` (``top_k`` 0: ``token`` only)."""
+        sequence = [*prompt_ids, token]
+        # The same sampling parameters as verl's teacher log-prob pass: a forward pass, one token out.
+        sampling = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": top_k, "detokenize": False}
+        output = await self._generate_one(sequence, images, sampling, where)
+        extra = getattr(output, "extra_fields", None) or {}
+        ids, logprobs = extra.get("prompt_ids"), extra.get("prompt_logprobs")
+        # verl's extract_prompt_logprobs: entry j scores prompt token j + 1 and a dummy entry ends the
+        # list, so the appended token's position is the second to last. Counting from the end keeps
+        # this right if the server deduplicated image tokens earlier in the prompt.
+        if not ids or not logprobs or len(ids) < 2 or len(ids) != len(logprobs):
+            raise ShortAnswerError(f"{where}: the rollout server returned no prompt log-probabilities "
+                                   "(vLLM rollout with prompt_logprobs support is required)")
+        position_ids, position_logprobs = ids[-2], logprobs[-2]
+        if len(position_ids) != len(position_logprobs):
+            raise ShortAnswerError(f"{where}: malformed prompt log-probabilities ({len(position_ids)} token ids, "
+                                   f"{len(position_logprobs)} values)")
+        if top_k == 0 and [int(t) for t in position_ids] != [token]:
+            raise ShortAnswerError(f"{where}: prompt log-probabilities do not line up with the prompt "
+                                   f"(expected token {token}, got {position_ids})")
+        return {int(t): float(lp) for t, lp in zip(position_ids, position_logprobs, strict=True)
+                if t is not None and lp is not None}
+
+    # ------------------------------------------------------------------ TextGenerator
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingSettings) -> list[list[str]]:
+        """``sampling.n`` replies per request (prompt excluded), decoded without special tokens."""
+        params = {
+            "temperature": float(sampling.temperature),
+            "top_p": float(sampling.top_p),
+            "top_k": -1,
+            "max_tokens": int(sampling.max_new_tokens),
+            "repetition_penalty": 1.0,
+            "logprobs": False,
+        }
+        return self._run(self._generate_all, list(requests), params, int(sampling.n), sampling.seed)
+
+    async def _generate_all(self, requests: list[GenerationRequest], params: dict[str, Any], n: int,
+                            seed: int | None) -> list[list[str]]:
+        async def one(index: int, request: GenerationRequest) -> list[str]:
+            where = f"probe request {index}"
+            prompt_ids, images = await self._encode(request, where)
+            texts = []
+            for sample in range(n):
+                sample_params = dict(params)
+                if seed is not None:  # a per-request seed makes the probe reproducible on vLLM
+                    sample_params["seed"] = int(seed) + index * n + sample
+                output = await self._generate_one(prompt_ids, images, sample_params, where)
+                token_ids = list(getattr(output, "token_ids", None) or [])
+                if not token_ids:
+                    raise ShortAnswerError(f"{where}: the rollout server returned an empty reply")
+                texts.append(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+            return texts
+
+        return await self._gather([one(i, r) for i, r in enumerate(requests)])
+
+
+def model_type_of(config: Any) -> str | None:
+    """The policy's Hugging Face ``model_type`` (what verl's agent-loop workers select the builder by).
+
+    Builds verl's ``HFModelConfig`` (it reads the checkpoint's config, tokenizer and processor), so
+    call it once per run.
+    """
+    from verl.utils.config import omega_conf_to_dataclass
+
+    model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+    model_type = getattr(getattr(model_config, "hf_config", None), "model_type", None)
+    return model_type if isinstance(model_type, str) else None
+
+
+def _make_prompt_builder(backend: RolloutProbeBackend) -> Any:
+    """verl's agent-loop prompt machinery (dataset class, processor, Continuous Token builder)."""
+    from verl.experimental.agent_loop.agent_loop import AgentLoopBase, DictConfigWrap
+    from verl.utils.dataset.rl_dataset import get_dataset_class
+
+    class _PromptBuilder(AgentLoopBase):
+        """Only the prompt half of an agent loop: ``process_multi_modal_info`` and ``ct_build_initial_tokens``."""
+
+        async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
+            raise NotImplementedError("the probe's prompt builder does not run agent loops")
+
+    config = backend.config
+    return _PromptBuilder(
+        trainer_config=DictConfigWrap(config),
+        server_manager=backend.client,
+        tokenizer=backend.tokenizer,
+        processor=backend.processor,
+        dataset_cls=get_dataset_class(config.data),
+        data_config=DictConfigWrap(config.data),
+        hf_model_type=backend.hf_model_type,
+    )

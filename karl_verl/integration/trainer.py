@@ -1,0 +1,685 @@
+"""The ``karl`` trainer: verl's v1 sync trainer plus KARL's knowledge-mastery bookkeeping.
+
+Select it with ``trainer.v1.trainer_mode=karl`` (the ``karl_kvg`` recipe does). What runs where:
+
+* :class:`KarlTrainer` runs in verl's TaskRunner (a Ray actor, CPU): the driver of training. It holds
+  the mastery table (:class:`~karl_verl.mastery_state.MasteryState`), loads or probes it at train
+  begin, refreshes it on the schedule of ``karl.mastery.refresh_every_*`` (swapping it as a whole),
+  saves it with every checkpoint and restores it on resume.
+* Each sample's level travels with the sample. Before a prompt is handed to the agent loop, the
+  trainer puts the non-tensor field ``knowledge_level`` (int 1..5) on it. verl copies every prompt
+  field into each of the ``n`` rollouts (agent-loop workers, any node), into the one-row DataProto
+  the reward-loop worker scores (``non_tensor_batch["knowledge_level"]``, read first by the ``karl``
+  reward manager), and into the trajectory's TransferQueue record, from which
+  :meth:`KarlTrainer._compute_advantage` fetches it for ``karl_grpo``. Nothing depends on module
+  globals or on a file only the driver can read; and the reward and the advantage of a sample see
+  the same level even if the table is swapped between its rollout and its update.
+* A refresh probes on the same rollout servers as training rollouts (vLLM replicas on the training
+  GPUs, awake at the step boundary where the refresh happens), through
+  :class:`~karl_verl.integration.rollout_probe.RolloutProbeBackend`: no second copy of the model.
+  A refresh that raises, times out (``probe_timeout_s``) or comes back short keeps the previous
+  table, and is logged as a warning and as the metric ``karl/refresh/failed``.
+
+Level of a sample (driver side, when the prompt is tagged): the table's level of its entity
+(``extra_info["entity"]``, else the ground truth's ``<|object_ref_start|>`` marker), else
+``extra_info["knowledge_level"]``, else ``karl.reward.default_level`` (counted in
+``karl/level/defaulted``).
+
+Metrics (verl's logger: console, wandb, ...): every step ``karl/level_k/{count, reward_mean,
+iou_mean, acc@0.5, adv_mean}``; at each refresh ``karl/refresh/*`` and ``karl/mastery/level_k/*``
+(see :mod:`karl_verl.mastery_state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import transfer_queue as tq
+from tensordict import TensorDict
+from verl.protocol import DataProto
+from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import response_to_nested
+
+from karl_verl.advantage import compute_karl_grpo_advantage
+from karl_verl.config import ConfigError, KarlConfig
+from karl_verl.integration.estimator import NAME as KARL_ESTIMATOR
+from karl_verl.mastery import MasteryError, MasteryTable, parse_level
+from karl_verl.mastery_state import (
+    LevelStats,
+    MasteryState,
+    RefreshRecord,
+    RefreshSchedule,
+    diff_tables,
+    distribution_metrics,
+    finite_or_none,
+    refresh_metrics,
+    sample_entity,
+)
+from karl_verl.online import OnlineMastery, blend_table, online_table
+
+REGISTRY = "trainer (verl.trainer.ppo.v1.trainer_base)"
+NAME = "karl"
+
+#: The per-sample non-tensor field carrying the mastery level (the reward manager reads it too).
+LEVEL_FIELD = "knowledge_level"
+#: The mastery state's file inside each verl ``global_step_N`` checkpoint folder.
+STATE_FILE = "karl_mastery_state.json"
+
+logger = logging.getLogger(__name__)
+
+
+class ProbeTimeout(TimeoutError):
+    """The probe did not finish within ``karl.mastery.probe_timeout_s``."""
+
+
+class IncompleteProbe(RuntimeError):
+    """The probe came back short: fewer answers than questions, or probed entities missing."""
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float, *, on_timeout: Callable[[], None] | None = None,
+                      grace_s: float = 30.0) -> Any:
+    """Run ``fn()`` in a daemon thread; raise :class:`ProbeTimeout` if it takes longer than ``timeout_s``.
+
+    On timeout ``on_timeout()`` is called (the backend cancels its requests) and the thread gets
+    ``grace_s`` to wind down; a daemon thread that still runs is abandoned (it cannot block exit).
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="karl-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        if on_timeout is not None:
+            on_timeout()
+        thread.join(grace_s)
+        raise ProbeTimeout(f"the probe did not finish within {timeout_s:g} s (karl.mastery.probe_timeout_s)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _values(data: Any) -> list[Any]:
+    """Per-row Python values of a TensorDict field (tensor, NonTensorStack, numpy array or list)."""
+    if isinstance(data, torch.Tensor):
+        return data.tolist()
+    if hasattr(data, "tolist"):
+        return list(data.tolist())
+    return list(data)
+
+
+def _padded(tensor: torch.Tensor) -> torch.Tensor:
+    """A per-response TransferQueue tensor as [batch, max_len], zero-padded (TransferQueue nests them)."""
+    return tensor.to_padded_tensor(0.0) if tensor.is_nested else tensor
+
+
+def _field(data: Any, key: str, size: int) -> list[Any]:
+    """``data[key]`` as per-row values, or Nones when the field is absent (dict or TensorDict)."""
+    if key not in data.keys():
+        return [None] * size
+    values = _values(data[key])
+    return values if len(values) == size else [None] * size
+
+
+def _final_sessions(batch_keys: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Rows of each ``{uid}_{session}`` session's final output, and each row's session index.
+
+    The same selection as verl's ``compute_advantage_for_multi_trajectories``: keys are
+    ``{uid}_{session_id}_{index}``; only a session's last output takes part in group normalisation.
+    """
+    final: dict[str, tuple[int, int]] = {}
+    row_sessions = []
+    for row, key in enumerate(batch_keys):
+        parts = key.rsplit("_", 2)
+        if len(parts) != 3:
+            raise ValueError(f"unexpected TransferQueue key {key!r}: expected '{{uid}}_{{session}}_{{index}}'")
+        session, index = f"{parts[0]}_{parts[1]}", int(parts[2])
+        row_sessions.append(session)
+        if session not in final or final[session][0] < index:
+            final[session] = (index, row)
+    final_rows = [row for _, row in final.values()]
+    local = {session: i for i, session in enumerate(final)}
+    return final_rows, [local[session] for session in row_sessions]
+
+
+def karl_advantage_for_multi_trajectories(
+    data: DataProto,
+    batch_keys: Sequence[str],
+    levels: np.ndarray,
+    *,
+    norm_adv_by_std_in_grpo: bool,
+    config: Any,
+) -> DataProto:
+    """verl's multi-trajectory GRPO advantage with ``karl_grpo`` and per-sample mastery levels.
+
+    Mirrors ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories`` (GRPO branch): the
+    advantage of each session's final output is broadcast to the session's other outputs. With
+    all-ones ``algorithm.karl`` weights the result equals verl's GRPO bitwise.
+    """
+    final_rows, row_to_local = _final_sessions(batch_keys)
+    final = data.select_idxs(final_rows)
+    advantages, _ = compute_karl_grpo_advantage(
+        token_level_rewards=final.batch["token_level_rewards"],
+        response_mask=final.batch["response_mask"],
+        index=final.non_tensor_batch["uid"],
+        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+        config=config,
+        mastery_levels=np.asarray(levels)[final_rows],
+    )
+    first_token = final.batch["response_mask"].argmax(dim=1)
+    scores = advantages[torch.arange(len(final)), first_token][row_to_local]
+    scores = scores.unsqueeze(-1) * data.batch["response_mask"]
+    data.batch["advantages"] = scores
+    data.batch["returns"] = scores
+    return data
+
+
+class _LevelTaggingLoader:
+    """Wraps verl's validation dataloader so that every batch dict carries ``knowledge_level``."""
+
+    def __init__(self, loader: Any, tag: Callable[[dict], None]) -> None:
+        self._loader = loader
+        self._tag = tag
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch_dict in self._loader:
+            self._tag(batch_dict)
+            yield batch_dict
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class KarlTrainer(PPOTrainerSync):
+    """verl's synchronous v1 trainer with KARL's mastery levels (runs in the TaskRunner, CPU)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        # verl's base trainer branches on ``trainer_mode == "sync"`` (replay buffer class, prompt refill,
+        # TransferQueue checkpointing) and reads ``trainer.v1.<mode>`` settings; with the mode name
+        # "karl" it would take the async paths. This trainer is the sync trainer: take its mode and
+        # rebuild what verl's __init__ derived from the name.
+        self.trainer_mode = "sync"
+        self.parameter_sync_step = self.config.trainer.v1.get("sync", {}).get("parameter_sync_step", 1)
+        self.replay_buffer = self._build_replay_buffer()
+        self.karl_config = KarlConfig.from_mapping(config.get("karl"))
+        mastery = self.karl_config.mastery
+        self.karl_default_level = self.karl_config.reward.default_level_number
+        self.karl_schedule = RefreshSchedule(int(mastery.refresh_every_epochs), int(mastery.refresh_every_steps))
+        self.karl_state = MasteryState(online=self._karl_new_online())
+        self._karl_step_stats = LevelStats()
+        self._karl_counts: Counter[str] = Counter()
+        self._karl_pending_metrics: dict[str, float] = {}
+        self._karl_questions: list[Any] | None = None
+        self._karl_last_refresh_end: float | None = None
+        self._karl_warned: set[str] = set()
+        self._karl_model_type: str | None = None
+        self._karl_check_config()
+
+    # ------------------------------------------------------------------ configuration
+
+    def _karl_new_online(self) -> OnlineMastery | None:
+        mastery = self.karl_config.mastery
+        if mastery.source == "probe":
+            return None
+        alpha, beta = mastery.online_prior
+        return OnlineMastery(prior_alpha=alpha, prior_beta=beta, decay=mastery.online_decay)
+
+    def _karl_check_config(self) -> None:
+        """Fail before any worker starts on a configuration that cannot work; warn on dubious ones."""
+        mastery = self.karl_config.mastery
+        if mastery.source in ("probe", "blend") and not (mastery.table_path or mastery.probe_data):
+            raise ConfigError(
+                f"karl.mastery.source={mastery.source!r} needs karl.mastery.table_path (a mastery table) "
+                "or karl.mastery.probe_data (a probe set to measure one at train begin)"
+            )
+        if mastery.source == "probe" and self.karl_schedule.enabled and not mastery.probe_data:
+            logger.warning("karl: refresh %s requested but karl.mastery.probe_data is not set; the table from "
+                           "%s is kept for the whole run", self.karl_schedule.describe(), mastery.table_path)
+            self.karl_schedule = RefreshSchedule(0, 0)
+        if self.config.algorithm.adv_estimator != KARL_ESTIMATOR:
+            logger.warning("karl: algorithm.adv_estimator=%s: mastery levels reach the reward but not the advantage "
+                           "(set algorithm.adv_estimator=%s for mastery-weighted advantages)",
+                           self.config.algorithm.adv_estimator, KARL_ESTIMATOR)
+
+    def _karl_epoch(self) -> int:
+        steps = max(int(getattr(self, "steps_per_epoch", 0) or 0), 1)
+        return max(self.global_steps - 1, 0) // steps
+
+    def _karl_warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._karl_warned:
+            self._karl_warned.add(key)
+            logger.warning(message, *args)
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_begin(self) -> None:
+        """Load the configured table, or probe; nothing to do when a checkpoint restored the state."""
+        super().on_train_begin()
+        if self.karl_state.initialized:
+            logger.info("karl: continuing with the restored mastery table (%d entities, %d refreshes so far)",
+                        len(self.karl_state.table), len(self.karl_state.history))
+            return
+        self._karl_initialize()
+
+    def on_step_begin(self) -> None:
+        """Refresh at the step boundary when the schedule says so (rollout replicas are awake here)."""
+        super().on_step_begin()
+        if self.karl_schedule.is_due(self.global_steps, int(getattr(self, "steps_per_epoch", 0) or 0)):
+            self.karl_refresh(self.karl_schedule.trigger)
+
+    # ------------------------------------------------------------------ table lifecycle
+
+    def _karl_initialize(self) -> None:
+        """Set the first table: the configured file, else a probe, else none (all default level).
+
+        A probe that fails here raises: there is no previous table to fall back on, and training with
+        every entity at the default level is not what was asked for.
+        """
+        mastery = self.karl_config.mastery
+        start = time.monotonic()
+        record = RefreshRecord(step=self.global_steps, epoch=self._karl_epoch(), trigger="train_begin", source="none")
+        if mastery.table_path:
+            table = MasteryTable.load(mastery.table_path)
+            record.source = "table_file"
+        elif mastery.probe_data:
+            try:
+                result = self._karl_probe(record.epoch)
+            except Exception as err:
+                raise RuntimeError(
+                    f"karl: the mastery probe at train begin failed ({type(err).__name__}: {err}); set "
+                    "karl.mastery.table_path to start from a measured table, or fix the probe"
+                ) from err
+            table = result.table
+            record.source = "probe"
+            self._karl_fill_probe(record, result)
+        else:
+            table = MasteryTable(meta={"source": "none"})
+            logger.warning("karl: no mastery table and no probe set: every entity starts at level %d; the online "
+                           "estimate takes over as rollouts come in", self.karl_default_level)
+        record.wall_time_s = time.monotonic() - start
+        self._karl_swap(table, base=table, record=record, time_share=None)
+
+    def karl_refresh(self, trigger: str) -> RefreshRecord:
+        """Re-measure mastery and swap the table as a whole; on any failure keep the previous table.
+
+        ``trigger`` names the cause in the history ("epoch", "step", or anything a caller chooses).
+        """
+        mastery = self.karl_config.mastery
+        state = self.karl_state
+        start = time.monotonic()
+        time_share_base = None if self._karl_last_refresh_end is None else start - self._karl_last_refresh_end
+        record = RefreshRecord(step=self.global_steps, epoch=self._karl_epoch(), trigger=trigger, source=mastery.source)
+        try:
+            base = state.base_table
+            if mastery.source != "online" and mastery.probe_data:
+                result = self._karl_probe(record.epoch)
+                base = result.table
+                self._karl_fill_probe(record, result)
+            if mastery.source == "online":
+                table = online_table(state.online, base, thresholds=mastery.thresholds,
+                                     min_evidence=mastery.online_min_evidence, epoch=record.epoch)
+            elif mastery.source == "blend":
+                table = blend_table(base, state.online, weight=mastery.online_weight, thresholds=mastery.thresholds,
+                                    min_evidence=mastery.online_min_evidence, epoch=record.epoch)
+            else:
+                table = base
+            if table is None:
+                raise MasteryError("no table to refresh from")
+        except Exception as err:
+            record.status = "failed"
+            record.error = f"{type(err).__name__}: {err}"
+            record.wall_time_s = time.monotonic() - start
+            state.history.append(record)
+            self._karl_last_refresh_end = time.monotonic()
+            share = self._karl_time_share(record.wall_time_s, time_share_base)
+            self._karl_pending_metrics.update(refresh_metrics(record, failures_total=state.num_failures,
+                                                              time_share=share))
+            logger.warning("karl: mastery refresh at step %d (epoch %d) failed (%s); training goes on with the "
+                           "previous table (%d entities)", record.step, record.epoch, record.error, len(state.table))
+            return record
+        if state.online is not None:
+            state.online.apply_decay()  # after the estimate: older policies' rollouts weigh less next time
+        record.wall_time_s = time.monotonic() - start
+        self._karl_swap(table, base=base, record=record,
+                        time_share=self._karl_time_share(record.wall_time_s, time_share_base))
+        return record
+
+    @staticmethod
+    def _karl_time_share(wall_time_s: float, trained_s: float | None) -> float | None:
+        if trained_s is None:
+            return None
+        total = wall_time_s + max(trained_s, 0.0)
+        return wall_time_s / total if total > 0 else None
+
+    def _karl_swap(self, table: MasteryTable, *, base: MasteryTable | None, record: RefreshRecord,
+                   time_share: float | None) -> None:
+        """Install ``table`` as a whole and record the refresh (history, metrics, log line)."""
+        state = self.karl_state
+        diff = diff_tables(state.table if state.initialized else None, table)
+        record.num_entities = len(table)
+        record.distribution = table.distribution()
+        record.moved_up, record.moved_down = diff.moved_up, diff.moved_down
+        record.added, record.removed = diff.added, diff.removed
+        state.table = table
+        state.base_table = base
+        state.history.append(record)
+        self._karl_last_refresh_end = time.monotonic()
+        self._karl_pending_metrics.update(refresh_metrics(record, failures_total=state.num_failures,
+                                                          time_share=time_share))
+        self._karl_pending_metrics.update(distribution_metrics(table))
+        logger.info("karl: mastery table from %s at step %d (%s): %d entities, distribution %s, %d up / %d down, "
+                    "%.1f s", record.source, record.step, record.trigger, len(table), record.distribution,
+                    diff.moved_up, diff.moved_down, record.wall_time_s)
+
+    # ------------------------------------------------------------------ probe
+
+    def _karl_probe_questions(self) -> list[Any]:
+        """The probe's questions, built once from ``karl.mastery.probe_data`` (the same at every refresh)."""
+        if self._karl_questions is None:
+            from karl_verl.probe.questions import build_questions, load_probe_set
+
+            mastery = self.karl_config.mastery
+            items = load_probe_set(mastery.probe_data)
+            self._karl_questions = build_questions(items, per_entity=mastery.probe_images_per_entity,
+                                                   seed=mastery.seed)
+        return self._karl_questions
+
+    def karl_probe_backend(self) -> Any:
+        """A fresh probe backend on verl's rollout servers (override to probe elsewhere, e.g. in tests)."""
+        from karl_verl.integration.rollout_probe import RolloutProbeBackend, model_type_of
+
+        if self._karl_model_type is None:
+            self._karl_model_type = model_type_of(self.config) or ""
+        return RolloutProbeBackend.from_trainer(self, hf_model_type=self._karl_model_type or None,
+                                                max_concurrency=self.karl_config.mastery.probe_max_concurrency)
+
+    def _karl_call_probe(self, questions: Sequence[Any], backend: Any, mode: str, epoch: int) -> Any:
+        from karl_verl.probe.runner import run_probe
+
+        return run_probe(questions, backend, mode=mode, thresholds=self.karl_config.mastery.thresholds,
+                         epoch=epoch, progress=False)
+
+    def _karl_probe(self, epoch: int) -> Any:
+        """Run the probe with the configured timeout; raise on failure, timeout or short answers."""
+        mastery = self.karl_config.mastery
+        questions = self._karl_probe_questions()
+        backend = self.karl_probe_backend()
+        mode = mastery.probe_mode
+        if mode == "logprob" and not getattr(backend, "supports_logprobs", True):
+            self._karl_warn_once("probe_mode", "karl: probe_mode=logprob needs prompt log-probabilities, which only "
+                                 "vLLM rollout servers return; probing in generate mode instead")
+            mode = "generate"
+        try:
+            result = call_with_timeout(lambda: self._karl_call_probe(questions, backend, mode, epoch),
+                                       mastery.probe_timeout_s, on_timeout=getattr(backend, "cancel", None))
+        finally:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+        self._karl_check_complete(result, questions)
+        return result
+
+    @staticmethod
+    def _karl_check_complete(result: Any, questions: Sequence[Any]) -> None:
+        if result.num_questions != len(questions) or len(result.decisions) != len(questions):
+            raise IncompleteProbe(f"the probe answered {len(result.decisions)} of {len(questions)} questions")
+        missing = sorted({q.entity for q in questions} - set(result.table.entries))
+        if missing:
+            raise IncompleteProbe(f"the probe's table lacks {len(missing)} probed entities, e.g. {missing[:3]}")
+        if result.num_unparseable >= len(questions):
+            raise IncompleteProbe("no probe reply named a letter (generate mode): check max tokens and the prompt")
+
+    @staticmethod
+    def _karl_fill_probe(record: RefreshRecord, result: Any) -> None:
+        record.num_questions = int(result.num_questions)
+        record.num_unparseable = int(result.num_unparseable)
+        record.probe_mode = getattr(result, "mode", None)
+
+    # ------------------------------------------------------------------ levels on samples
+
+    def karl_level(self, extra_info: Any, reward_model: Any) -> tuple[int, str | None, bool]:
+        """(level, entity, known) of one sample: table, else ``extra_info["knowledge_level"]``, else default."""
+        entity = sample_entity(extra_info, reward_model)
+        if entity is not None:
+            level = self.karl_state.table.level_of(entity)
+            if level is not None:
+                return level, entity, True
+        if isinstance(extra_info, dict) and extra_info.get(LEVEL_FIELD) is not None:
+            return parse_level(extra_info[LEVEL_FIELD], where=f"extra_info[{LEVEL_FIELD!r}]"), entity, True
+        return self.karl_default_level, entity, False
+
+    def _karl_levels(self, extra_infos: Sequence[Any], reward_models: Sequence[Any], *, count: bool) -> list[int]:
+        levels = []
+        for extra_info, reward_model in zip(extra_infos, reward_models, strict=True):
+            level, entity, known = self.karl_level(extra_info, reward_model)
+            levels.append(level)
+            if count and not known:
+                self._karl_counts["defaulted"] += 1
+                if entity is None:
+                    self._karl_counts["no_entity"] += 1
+                else:
+                    self.karl_state.unknown_entities.add(entity)
+        return levels
+
+    def _fetch_one_gen_batch(self) -> TensorDict:
+        """verl's prompt batch, each prompt tagged with its level before it goes to rollout."""
+        batch = super()._fetch_one_gen_batch()
+        size = len(batch)
+        levels = self._karl_levels(_field(batch, "extra_info", size), _field(batch, "reward_model", size), count=True)
+        tu.assign_non_tensor_stack(batch, LEVEL_FIELD, levels)
+        return batch
+
+    def _karl_tag_batch_dict(self, batch_dict: dict) -> None:
+        size = len(batch_dict["raw_prompt"])
+        levels = self._karl_levels(_field(batch_dict, "extra_info", size), _field(batch_dict, "reward_model", size),
+                                   count=False)
+        batch_dict[LEVEL_FIELD] = np.array(levels, dtype=object)
+
+    def _validate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """verl's validation, with validation prompts tagged like training prompts."""
+        loader = self.val_dataloader
+        self.val_dataloader = _LevelTaggingLoader(loader, self._karl_tag_batch_dict)
+        try:
+            return super()._validate(*args, **kwargs)
+        finally:
+            self.val_dataloader = loader
+
+    def _karl_fetch_levels(self, batch: Any) -> np.ndarray:
+        """The levels of a TransferQueue batch: the travelling field, else recomputed from the table."""
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=[LEVEL_FIELD, "extra_info", "reward_model"])
+        size = len(batch)
+        raw = _field(data, LEVEL_FIELD, size)
+        missing = [i for i, value in enumerate(raw) if value is None]
+        if missing:
+            # A custom agent loop that drops prompt fields: fall back to the driver's current table.
+            self._karl_warn_once("missing_field", "karl: %d samples arrived without %r; their level comes from the "
+                                 "trainer's current table", len(missing), LEVEL_FIELD)
+            self._karl_counts["missing_field"] += len(missing)
+            recomputed = self._karl_levels(_field(data, "extra_info", size), _field(data, "reward_model", size),
+                                           count=False)
+            raw = [recomputed[i] if value is None else value for i, value in enumerate(raw)]
+        return np.asarray([parse_level(value, where=f"{LEVEL_FIELD}[{i}]") for i, value in enumerate(raw)],
+                          dtype=np.int64)
+
+    # ------------------------------------------------------------------ advantage
+
+    def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
+        """verl's advantage step; with ``karl_grpo`` the estimator gets every sample's mastery level."""
+        levels = self._karl_fetch_levels(batch)
+        if self.config.algorithm.adv_estimator != KARL_ESTIMATOR:
+            output = super()._compute_advantage(batch, metrics)
+        else:
+            output = self._karl_compute_advantage(batch, metrics, levels)
+        self._karl_observe(batch, levels)  # the incoming batch's tags say which rows are padding
+        return output
+
+    def _karl_compute_advantage(self, batch: Any, metrics: dict, levels: np.ndarray) -> Any:
+        """``PPOTrainer._compute_advantage`` of verl 0.9.1 step by step; only step 3 differs.
+
+        verl passes a custom estimator no per-sample field, so step 3 calls ``karl_grpo`` itself
+        (:func:`karl_advantage_for_multi_trajectories`) with the levels fetched from TransferQueue.
+        """
+        fields = ["uid", "response_mask", "rm_scores", "rollout_log_probs", "old_log_probs", "ref_log_prob", "values"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+
+        response_mask = data["response_mask"]
+        data = DataProto(batch=data.to_padded_tensor())
+        data.batch["token_level_scores"] = data.batch["rm_scores"]
+        data.non_tensor_batch["uid"] = np.array(data.batch.pop("uid").tolist(), dtype=object)
+
+        # 1. apply kl penalty to rewards
+        algorithm = self.config.algorithm
+        if algorithm.use_kl_in_reward:
+            data, kl_metrics = apply_kl_penalty(data, kl_ctrl=self.kl_ctrl_in_reward, kl_penalty=algorithm.kl_penalty)
+            metrics.update(kl_metrics)
+        else:
+            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+
+        # 2. rollout correction (decoupled mode only)
+        rollout_corr_config = algorithm.get("rollout_correction", None)
+        bypass_recomputing_logprobs = rollout_corr_config and rollout_corr_config.get("bypass_mode", False)
+        rollout_correction = (
+            rollout_corr_config is not None and "rollout_log_probs" in data.batch and not bypass_recomputing_logprobs
+        )
+        if rollout_correction:
+            data, is_metrics = compute_rollout_correction_and_add_to_batch(data, rollout_corr_config)
+            metrics.update(is_metrics)
+
+        # 3. karl_grpo with per-sample mastery levels
+        data = karl_advantage_for_multi_trajectories(
+            data, batch.keys, levels,
+            norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
+            config=algorithm,
+        )
+
+        # 4. write nested advantages and returns back to TransferQueue
+        out_fields = ["advantages", "returns"]
+        if algorithm.use_kl_in_reward:
+            out_fields.append("token_level_rewards")
+        if rollout_correction:
+            out_fields.append("response_mask")
+            if "rollout_is_weights" in data.batch:
+                out_fields.append("rollout_is_weights")
+        output = TensorDict({key: response_to_nested(data.batch[key], response_mask) for key in out_fields},
+                            batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+    def _karl_observe(self, batch: Any, levels: np.ndarray) -> None:
+        """Per-level step statistics and, for "online" / "blend", the posterior update (driver side).
+
+        Padding rows (``is_padding`` tags, added by verl to fill data-parallel shards) are left out.
+        """
+        fields = ["advantages", "response_mask", "rm_scores", "extra_fields", "extra_info", "reward_model"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        size = len(batch)
+        valid = np.array([not tag.get("is_padding", False) for tag in batch.tags], dtype=bool)
+        mask = _padded(data["response_mask"]).float()
+        rewards = _padded(data["rm_scores"]).float().sum(dim=-1).numpy()
+        token_count = mask.sum(dim=-1)
+        advantage_sum = (_padded(data["advantages"]).float() * mask).sum(dim=-1)
+        advantages = torch.where(token_count > 0, advantage_sum / token_count.clamp(min=1), torch.nan).numpy()
+        infos = [extra.get("reward_extra_info", {}) if isinstance(extra, dict) else {}
+                 for extra in _field(data, "extra_fields", size)]
+        ious = np.array([finite_or_none(info.get("iou")) for info in infos], dtype=object)
+        accs = np.array([finite_or_none(info.get("acc")) for info in infos], dtype=object)
+        self._karl_step_stats.add(levels[valid], rewards[valid], ious[valid], accs[valid], advantages[valid])
+        online = self.karl_state.online
+        if online is not None:
+            if all(acc is None for acc in accs[valid]):
+                self._karl_warn_once("no_acc", "karl: the reward reports no 'acc' (acc@0.5) per sample; the online "
+                                     "mastery estimate gets no data (use reward.reward_manager.name=karl)")
+                return
+            entities = [sample_entity(e, r) for e, r in zip(_field(data, "extra_info", size),
+                                                            _field(data, "reward_model", size), strict=True)]
+            online.observe([e for e, ok in zip(entities, valid, strict=True) if ok], list(accs[valid]))
+
+    # ------------------------------------------------------------------ metrics
+
+    def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> None:
+        """verl's metrics, plus this step's per-level metrics and any refresh metrics."""
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
+        metrics.update(self.karl_consume_metrics())
+
+    def karl_consume_metrics(self) -> dict[str, float]:
+        """The KARL metrics gathered since the last call (per-level stats, counts, refreshes), then reset."""
+        out = self._karl_step_stats.metrics()
+        out["karl/level/defaulted"] = float(self._karl_counts["defaulted"])
+        out["karl/level/no_entity"] = float(self._karl_counts["no_entity"])
+        out["karl/level/missing_field"] = float(self._karl_counts["missing_field"])
+        out["karl/level/unknown_entities"] = float(len(self.karl_state.unknown_entities))
+        out.update(self._karl_pending_metrics)
+        self._karl_step_stats = LevelStats()
+        self._karl_counts.clear()
+        self._karl_pending_metrics = {}
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def karl_state_path(self, global_step_folder: str) -> str:
+        return os.path.join(global_step_folder, STATE_FILE)
+
+    def _save_checkpoint(self) -> None:
+        """Write the mastery state (JSON, atomic) into the step folder, then verl's checkpoint.
+
+        Written first so that verl's ``latest_checkpointed_iteration.txt``, which verl writes last,
+        never points at a folder without it.
+        """
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        self.karl_state.save(self.karl_state_path(folder))
+        super()._save_checkpoint()
+
+    def _karl_resume_folder(self) -> str:
+        """The ``global_step_N`` folder verl's ``_load_checkpoint`` just resumed from."""
+        trainer = self.config.trainer
+        if trainer.resume_mode == "resume_path":
+            folder = str(trainer.resume_from_path)
+        else:
+            folder = os.path.join(str(trainer.default_local_dir), f"global_step_{self.global_steps}")
+        return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
+
+    def _load_checkpoint(self) -> None:
+        """verl's resume, then the mastery state saved with that checkpoint (table, history, posterior)."""
+        super()._load_checkpoint()
+        if self.global_steps <= 0:
+            return
+        path = self.karl_state_path(self._karl_resume_folder())
+        if not os.path.isfile(path):
+            logger.warning("karl: checkpoint has no %s (%s): mastery is set up afresh at train begin", STATE_FILE, path)
+            return
+        state = MasteryState.load(path)
+        if state.online is None:
+            state.online = self._karl_new_online()
+        self.karl_state = state
+        logger.info("karl: restored the mastery state from %s (%d entities, %d refreshes)", path, len(state.table),
+                    len(state.history))
+
+
+def register() -> None:
+    """Register :class:`KarlTrainer` as verl's trainer ``karl`` (idempotent: same class again is a no-op)."""
+    register_trainer(NAME)(KarlTrainer)
+
+
+def is_registered() -> bool:
+    return TRAINER_REGISTRY.get(NAME) is KarlTrainer

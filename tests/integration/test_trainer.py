@@ -1,0 +1,829 @@
+"""The ``karl`` trainer (karl_verl/integration/trainer.py) against verl's real v1 trainer.
+
+verl's own code runs everywhere (``PPOTrainer.__init__`` from verl's composed default config,
+``fit``, ``step``, the replay buffer, ``_compute_old_log_prob``, ``_compute_metrics``,
+``_validate``, ``_save_checkpoint`` / ``_load_checkpoint``, the ``karl`` reward manager loaded as
+verl's reward loop loads it, the real probe runner). Fakes stand in only for what needs GPUs or
+rollout servers, and for the TransferQueue service (Ray actors; too slow to start on 2 CPU cores):
+
+* :class:`FakeTQ`: TransferQueue's kv interface in memory, returning batches the way the real store
+  does (jagged nested tensors per sample, NonTensorStack for the rest);
+* :class:`FakeRollout`: the agent-loop manager and workers: answers each prompt ``n`` times, scores
+  each answer with verl's reward manager ``karl``, and writes it to TransferQueue as verl's
+  ``AgentLoopWorkerTQ`` does (every prompt field copied onto the trajectory);
+* :class:`FakeActorWorkers` (log-probs, update, checkpoint files) and :class:`KnowledgeBackend`
+  (the probe's answers, standing in for the vLLM replicas).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import re
+import threading
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import verl
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+from tensordict import NonTensorData, NonTensorStack, TensorDict
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transfer_queue import KVBatchMeta
+from verl import DataProto
+from verl.trainer.ppo import padding_utils
+from verl.trainer.ppo.reward import load_reward_manager
+from verl.trainer.ppo.v1 import get_trainer_cls, replay_buffer, trainer_base
+from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+from verl.utils.dataset.rl_dataset import collate_fn
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+from karl_verl.advantage import compute_karl_grpo_advantage
+from karl_verl.config import AdvantageConfig, ConfigError
+from karl_verl.integration import trainer as karl_trainer
+from karl_verl.integration.trainer import LEVEL_FIELD, STATE_FILE, KarlTrainer
+from karl_verl.mastery import MasteryTable
+from karl_verl.mastery_state import MasteryState
+from karl_verl.probe.questions import LETTERS
+from karl_verl.probe.runner import ProbeResult
+from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
+
+PROBED = ["F-16", "J-10", "MiG-29", "Su-30"]  # the probe set's aircraft
+TRAIN_ENTITIES = ["Su-30", "F-16", "MiG-29", "Tu-160"]  # Tu-160 is in no table: default level
+HIT = "<think>t</think><answer>(100,100),(300,300)</answer>"
+MISS = "<think>t</think><answer>(600,600),(700,700)</answer>"
+ALPHA = {"alpha_plus": [1.0, 1.0, 1.0, 2.0, 3.0], "alpha_minus": [1.0, 1.0, 1.0, 0.5, 0.25]}
+
+
+def ground_truth(entity: str) -> str:
+    return f"<|object_ref_start|>{entity}<|object_ref_end|><|box_start|>(100,100),(300,300)<|box_end|>"
+
+
+# ----------------------------------------------------------------------------- fakes
+
+
+class FakeTQ:
+    """TransferQueue's kv calls in memory (the store verl's trainer, replay buffer and padding use)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[str, dict]] = defaultdict(dict)
+
+    def _record(self, partition_id: str, key: str) -> dict:
+        return self.parts[partition_id].setdefault(key, {"fields": {}, "tag": {}})
+
+    def kv_put(self, key, partition_id, fields=None, tag=None):
+        self.kv_batch_put([key], partition_id, fields=fields, tags=None if tag is None else [tag])
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        keys = list(keys)
+        for i, key in enumerate(keys):
+            record = self._record(partition_id, key)
+            if tags is not None:
+                record["tag"].update(tags[i])
+            if fields is not None:
+                for name in fields.keys():
+                    value = fields.get(name)
+                    if isinstance(value, torch.Tensor):
+                        record["fields"][name] = value.unbind()[i] if value.is_nested else value[i]
+                    else:
+                        record["fields"][name] = value.tolist()[i]
+        return KVBatchMeta(partition_id=partition_id, keys=keys,
+                           tags=[dict(self.parts[partition_id][key]["tag"]) for key in keys])
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        rows = [self.parts[partition_id][key]["fields"] for key in keys]
+        names = select_fields if select_fields is not None else list(rows[0])
+        out = {}
+        for name in [select_fields] if isinstance(select_fields, str) else names:
+            if not all(name in row for row in rows):
+                continue  # like TransferQueue: fields no sample has are left out
+            values = [row[name] for row in rows]
+            if all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
+                out[name] = torch.nested.as_nested_tensor([v.contiguous() for v in values], layout=torch.jagged)
+            elif all(isinstance(v, torch.Tensor) for v in values):
+                out[name] = torch.stack(values)
+            else:
+                out[name] = NonTensorStack(*values)
+        return TensorDict(out, batch_size=[len(keys)])
+
+    def kv_list(self, partition_id=None):
+        parts = [partition_id] if partition_id is not None else list(self.parts)
+        return {p: {key: dict(rec["tag"]) for key, rec in self.parts[p].items()} for p in parts}
+
+    def kv_clear(self, keys, partition_id):
+        for key in keys:
+            self.parts[partition_id].pop(key, None)
+
+
+class FakeRollout:
+    """The agent-loop manager and its workers: the rollout part of verl, without servers.
+
+    Mirrors ``AgentLoopWorkerTQ.generate_sequences`` / ``_run_prompt`` / ``_agent_loop_postprocess``:
+    each prompt's fields are copied into its ``n`` sessions; the reward is verl's reward manager
+    ``karl`` (loaded as verl's reward loop loads it) on a one-row DataProto built like verl's
+    ``_compute_score``; outputs go to TransferQueue under ``{uid}_{session}_0``.
+    """
+
+    def __init__(self, tq, config, tokenizer, policy=None) -> None:
+        self.tq = tq
+        self.config = config
+        self.tokenizer = tokenizer
+        self.policy = policy or (lambda entity, session: HIT if session < 2 else MISS)
+        self.reward = load_reward_manager(config, tokenizer)
+        self.scored: list[dict] = []  # what the reward manager saw and returned
+
+    def generate_sequences(self, batch: TensorDict) -> None:
+        validate = bool(batch["validate"]) if "validate" in batch.keys() else False
+        batch.pop("validate", None)
+        rollout = self.config.actor_rollout_ref.rollout
+        for i in range(len(batch)):
+            prompt = {}
+            for key, value in batch.items():
+                if isinstance(value, torch.Tensor):
+                    prompt[key] = value[i]
+                elif isinstance(value, NonTensorStack):
+                    prompt[key] = value[i].data
+                elif isinstance(value, NonTensorData):
+                    prompt[key] = value.data
+            self._run_prompt(prompt, validate, rollout.val_kwargs.n if validate else rollout.n)
+
+    def _run_prompt(self, prompt: dict, validate: bool, n: int) -> None:
+        uid, partition = prompt["uid"], "val" if validate else "train"
+        self.tq.kv_put(key=uid, partition_id=partition, tag={"status": "running"})
+        entity = re.search(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>",
+                           prompt["reward_model"]["ground_truth"])[1]
+        for session in range(n):
+            kwargs = {**prompt, "session_id": session}
+            prompt_ids = torch.tensor(self.tokenizer.encode("find it", add_special_tokens=False))
+            response_ids = torch.tensor(self.tokenizer.encode(self.policy(entity, session), add_special_tokens=False))
+            data = DataProto(
+                batch=TensorDict({"prompts": prompt_ids[None], "responses": response_ids[None],
+                                  "attention_mask": torch.ones(1, len(prompt_ids) + len(response_ids))},
+                                 batch_size=1),
+                non_tensor_batch={key: np.array([value]) for key, value in kwargs.items()},
+            )
+            result = self.reward.loop.run_until_complete(self.reward.run_single(data))
+            self.scored.append({"partition": partition, "entity": entity, "sent_level": prompt.get(LEVEL_FIELD),
+                                **result["reward_extra_info"]})
+            rm_scores = torch.zeros(len(response_ids))
+            rm_scores[-1] = result["reward_score"]
+            steps = int(prompt["global_steps"])
+            field = {
+                "prompts": prompt_ids, "responses": response_ids, "response_mask": torch.ones_like(response_ids),
+                "rm_scores": rm_scores, "num_turns": 2,
+                "extra_fields": {"reward_extra_info": result["reward_extra_info"], "turn_scores": [],
+                                 "tool_rewards": [], "min_global_steps": steps, "max_global_steps": steps},
+                "input_ids": torch.cat([prompt_ids, response_ids]),
+            }
+            field.update(kwargs)
+            seq = len(prompt_ids) + len(response_ids)
+            tag = {"status": "success", "prompt_len": len(prompt_ids), "response_len": len(response_ids),
+                   "seq_len": seq, "global_steps": steps, "min_global_steps": steps, "max_global_steps": steps}
+            self.tq.kv_batch_put(keys=[f"{uid}_{session}_0"], partition_id=partition,
+                                 fields=list_of_dict_to_tensordict([field]), tags=[tag])
+        self.tq.kv_put(key=uid, partition_id=partition, tag={"status": "finished"})
+
+
+class FakeActorWorkers:
+    """The actor worker group (GPU): log-probs of constant value, no-op updates, checkpoint marker files."""
+
+    def __init__(self, tq) -> None:
+        self.tq = tq
+        self._dispatch_info = {"actor": [0]}
+        self.updates = 0
+        self.loaded: str | None = None
+
+    def compute_log_prob(self, batch):
+        data = self.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                    select_fields=["prompts", "responses"])
+        lengths = (data["prompts"].offsets().diff() + data["responses"].offsets().diff()).tolist()
+        fields = TensorDict({
+            "log_probs": torch.nested.as_nested_tensor([torch.full((n,), -0.5) for n in lengths], layout=torch.jagged),
+            "entropy": torch.nested.as_nested_tensor([torch.full((n,), 1.0) for n in lengths], layout=torch.jagged),
+        }, batch_size=len(batch))
+        return self.tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+    def update_actor(self, batch):
+        self.updates += 1
+        return {"metrics": {"mfu": 0.0, "pg_loss": [0.0]}}
+
+    def save_checkpoint(self, local_path, remote_path, global_steps, max_ckpt_to_keep=None):
+        os.makedirs(local_path, exist_ok=True)
+        with open(os.path.join(local_path, "weights.txt"), "w") as handle:
+            handle.write(str(global_steps))
+
+    def load_checkpoint(self, local_path, del_local_after_load=False):
+        self.loaded = local_path
+
+
+class FakeCheckpointManager:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def update_weights(self, global_steps=None):
+        self.calls.append("update_weights")
+
+    def sleep_replicas(self):
+        self.calls.append("sleep_replicas")
+
+
+class RecordingTracking:
+    """verl's Tracking logger, recording what it is given (console/wandb are verl's business)."""
+
+    logged: list[tuple[int, dict]] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        RecordingTracking.logged = []
+
+    def log(self, data, step):
+        RecordingTracking.logged.append((step, dict(data)))
+
+    def finish(self, exit_code=0):
+        pass
+
+
+class KnowledgeBackend:
+    """An OptionScorer standing in for the rollout servers: right exactly on the entities it knows."""
+
+    supports_logprobs = True
+
+    def __init__(self, image_entity: dict[bytes, str], known: set[str]) -> None:
+        self.image_entity = image_entity
+        self.known = set(known)
+        self.calls = 0
+        self.cancelled = threading.Event()
+        self.block = False
+
+    def option_logprobs(self, requests, options):
+        self.calls += 1
+        if self.block:  # a hung server: wait until the trainer cancels
+            self.cancelled.wait(10)
+            raise RuntimeError("cancelled")
+        rows = []
+        for request in requests:
+            entity = self.image_entity[bytes(request.images[0])]
+            letters = dict((name, letter) for letter, name in re.findall(r"^([ABCD])\. (.+)$",
+                                                                          request.messages[0]["content"], re.M))
+            right = letters[entity]
+            choice = right if entity in self.known else LETTERS[(LETTERS.index(right) + 1) % 4]
+            row = np.full(len(options), -5.0)
+            row[LETTERS.index(choice)] = -0.01
+            rows.append(row)
+        return np.array(rows)
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return copy.deepcopy(self.rows[index])
+
+
+def dataset_rows(entities, data_source="kvg/aircraft"):
+    rows = []
+    for index, entity in enumerate(entities):
+        rows.append({
+            "data_source": data_source,
+            "raw_prompt": [{"role": "user", "content": f"Find {entity}."}],
+            "reward_model": {"style": "rule", "ground_truth": ground_truth(entity)},
+            "extra_info": {"index": index},
+            "dummy_tensor": torch.tensor([0], dtype=torch.uint8),
+            "index": index,
+            "tools_kwargs": {},
+            "interaction_kwargs": {},
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def base_config():
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose("ppo_trainer", overrides=[
+            "algorithm.adv_estimator=karl_grpo",
+            "trainer.v1.trainer_mode=karl",
+            "actor_rollout_ref.rollout.n=4",
+            "actor_rollout_ref.rollout.val_kwargs.n=2",
+            "actor_rollout_ref.rollout.calculate_log_probs=false",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+            "data.train_batch_size=2",
+            "trainer.total_epochs=2",
+            "trainer.logger=[console]",
+            "trainer.val_before_train=false",
+            "trainer.test_freq=-1",
+            "trainer.save_freq=-1",
+            "reward.reward_manager.name=karl",
+        ])
+    OmegaConf.set_struct(config, False)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture()
+def tq(monkeypatch):
+    fake = FakeTQ()
+    for module in (trainer_base, replay_buffer, padding_utils, karl_trainer):
+        monkeypatch.setattr(module, "tq", fake)
+    monkeypatch.setattr(trainer_base, "Tracking", RecordingTracking)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def probe_set(tmp_path_factory):
+    """A parquet probe set: 2 images per aircraft; returns (path, image bytes -> entity)."""
+    rows, image_entity = [], {}
+    for number, entity in enumerate(sorted(PROBED) * 2):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * number % 256, 90, 20 * number % 256)).save(buffer, format="PNG")
+        image_entity[buffer.getvalue()] = entity
+        rows.append({"entity": entity, "category": "aircraft", "image": {"bytes": buffer.getvalue(), "path": None},
+                     "image_id": f"img{number}"})
+    path = tmp_path_factory.mktemp("probe") / "probe.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path), image_entity
+
+
+def make_config(base, tmp_path, *, mastery=None, advantage=None, **trainer):
+    config = copy.deepcopy(base)
+    config.trainer.default_local_dir = str(tmp_path / "ckpt")
+    for key, value in trainer.items():
+        config.trainer[key] = value
+    config.karl = {"mastery": mastery or {}}
+    config.algorithm.karl = advantage or {}
+    return config
+
+
+def build_trainer(config, tq, tokenizer, *, backend=None, rows=None):
+    """verl's real trainer object; what ``init()`` would start on GPUs is replaced by fakes."""
+    trainer = KarlTrainer(config)
+    rows = dataset_rows(TRAIN_ENTITIES) if rows is None else rows
+    size = config.data.train_batch_size
+    trainer.tokenizer, trainer.processor = tokenizer, None
+    trainer.train_dataset = ListDataset(rows)
+    trainer.train_dataloader = StatefulDataLoader(ListDataset(rows), batch_size=size, shuffle=False, drop_last=True,
+                                                  collate_fn=collate_fn)
+    trainer.train_dataloader_it = None
+    trainer.val_dataloader = StatefulDataLoader(ListDataset(dataset_rows(["Su-30", "J-10"])), batch_size=2,
+                                                collate_fn=collate_fn)
+    trainer.steps_per_epoch = len(rows) // size
+    trainer.total_training_steps = trainer.steps_per_epoch * config.trainer.total_epochs
+    trainer._init_dump_executor()
+    trainer.actor_rollout_wg = FakeActorWorkers(tq)
+    trainer.checkpoint_manager = FakeCheckpointManager()
+    trainer.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=[])  # streaming reward, as on GPUs
+    trainer.resource_pool_manager = SimpleNamespace(get_n_gpus=lambda: 1)
+    if backend is not None:
+        trainer.karl_probe_backend = lambda: backend
+    trainer._load_checkpoint()  # verl's resume logic (from scratch unless a checkpoint is there)
+    return trainer
+
+
+def metric_series(name):
+    return {step: data[name] for step, data in RecordingTracking.logged if name in data}
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_registered_as_verl_trainer_karl():
+    assert get_trainer_cls("karl") is KarlTrainer
+    assert issubclass(KarlTrainer, PPOTrainer)
+    karl_trainer.register()  # idempotent
+    assert karl_trainer.is_registered()
+
+
+def test_takes_the_sync_paths_of_verl(base_config, tmp_path):
+    """verl branches on trainer_mode == "sync"; with the mode name "karl" it would build async parts."""
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}))
+    assert trainer.config.trainer.v1.trainer_mode == "karl" and trainer.trainer_mode == "sync"
+    assert type(trainer.replay_buffer) is replay_buffer.ReplayBuffer and trainer.parameter_sync_step == 1
+
+
+def test_config_without_table_or_probe_set_fails_at_construction(base_config, tmp_path):
+    with pytest.raises(ConfigError, match="table_path"):
+        KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "probe"}))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_fit_levels_travel_to_reward_advantage_and_metrics(base_config, tmp_path, tq, tokenizer, probe_set):
+    """Two epochs of verl's real ``fit``: probe at begin, refresh at the epoch boundary, checkpoints."""
+    path, image_entity = probe_set
+    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2},
+                         advantage=ALPHA, save_freq=2, test_freq=4)
+    trainer = build_trainer(config, tq, tokenizer, backend=backend)
+    rollout = FakeRollout(tq, config, tokenizer)
+    spy = []
+    original = karl_trainer.compute_karl_grpo_advantage
+
+    def recording(**kwargs):
+        spy.append({k: kwargs[k] for k in ("token_level_rewards", "response_mask", "index", "mastery_levels")})
+        return original(**kwargs)
+
+    karl_trainer.compute_karl_grpo_advantage = recording
+    try:
+        # the model "learns" F-16 during epoch 0: the refresh at the start of epoch 1 must see it
+        trainer.on_step_end = lambda: (PPOTrainer.on_step_end(trainer), backend.known.add("F-16"),
+                                       trainer.checkpoint_manager.update_weights())
+        trainer.fit(rollout)
+    finally:
+        karl_trainer.compute_karl_grpo_advantage = original
+
+    # probe at train begin + refresh at the start of epoch 1 (step 3), on the fake rollout servers
+    history = trainer.karl_state.history
+    assert [(r.trigger, r.step, r.source, r.status) for r in history] == [
+        ("train_begin", 1, "probe", "ok"), ("epoch", 3, "probe", "ok")]
+    assert history[1].moved_up == 1 and trainer.karl_state.table.level_of("F-16") == 1
+    levels_before = {"Su-30": 1, "F-16": 5, "MiG-29": 5, "Tu-160": 5}
+
+    # the reward manager (reward-loop side) saw the level the trainer put on the sample
+    train_scored = [s for s in rollout.scored if s["partition"] == "train"]
+    assert len(train_scored) == 4 * 2 * 4  # 4 steps x 2 prompts x n=4
+    for s in train_scored:
+        assert s["knowledge_level"] == s["sent_level"]
+    assert {s["entity"]: s["knowledge_level"] for s in train_scored[:16]} == levels_before
+    assert {s["entity"]: s["knowledge_level"] for s in train_scored[16:]}["F-16"] == 1
+
+    # karl_grpo got exactly those levels, in TransferQueue order, and its weighting reached the update
+    assert len(spy) == 4
+    for call in spy:
+        assert call["mastery_levels"].tolist()[0] in (1, 5)
+        weighted, _ = compute_karl_grpo_advantage(token_level_rewards=call["token_level_rewards"],
+                                                  response_mask=call["response_mask"], index=call["index"],
+                                                  config=config.algorithm, mastery_levels=call["mastery_levels"])
+        plain, _ = compute_karl_grpo_advantage(token_level_rewards=call["token_level_rewards"],
+                                               response_mask=call["response_mask"], index=call["index"])
+        level5 = np.asarray(call["mastery_levels"]) == 5
+        if level5.any():
+            pos = (plain[:, 0] > 0) & torch.from_numpy(level5)
+            assert torch.equal(weighted[pos, 0], plain[pos, 0] * 3.0)
+
+    # metrics reached verl's logger every step
+    for step in (1, 2, 3, 4):
+        logged = dict(RecordingTracking.logged)[step]
+        assert logged["karl/level_1/count"] + logged["karl/level_5/count"] == 8
+        for level in (1, 5):
+            for key in ("reward_mean", "iou_mean", "acc@0.5", "adv_mean"):
+                assert (f"karl/level_{level}/{key}" in logged) == (logged[f"karl/level_{level}/count"] > 0)
+    assert metric_series("karl/level_1/acc@0.5")[1] == pytest.approx(0.5)
+    assert metric_series("karl/level/defaulted") == {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0}  # Tu-160, once per epoch
+    assert metric_series("karl/level/unknown_entities")[4] == 1.0
+    assert set(metric_series("karl/refresh/probe_time_s")) == {1, 3}
+    assert metric_series("karl/refresh/entities_up") == {1: 0.0, 3: 1.0}
+    assert 0.0 <= metric_series("karl/refresh/probe_time_share")[3] <= 1.0
+    assert metric_series("karl/mastery/level_1/entities") == {1: 1.0, 3: 2.0}
+
+    # validation prompts carried levels too (J-10 is level 5, Su-30 level 1)
+    val_scored = [s for s in rollout.scored if s["partition"] == "val"]
+    assert {s["entity"]: s["knowledge_level"] for s in val_scored} == {"Su-30": 1, "J-10": 5}
+
+    # each checkpoint folder holds the mastery state (JSON) beside verl's files
+    for step in (2, 4):
+        folder = tmp_path / "ckpt" / f"global_step_{step}"
+        assert (folder / "actor" / "weights.txt").is_file() and (folder / "data.pt").is_file()
+        saved = json.loads((folder / STATE_FILE).read_text())
+        assert len(saved["history"]) == (1 if step == 2 else 2)
+    assert backend.calls >= 2
+
+
+# ----------------------------------------------------------------------------- _compute_advantage
+
+
+def fill_tq(tq, *, levels, scores, n=4, lengths=None, padding=0):
+    """One training batch already rolled out and scored: len(levels) prompts x n sessions."""
+    keys, tags = [], []
+    rng = np.random.default_rng(0)
+    for p, level in enumerate(levels):
+        uid = f"u{p:03d}"
+        for s in range(n):
+            length = int(lengths[p][s]) if lengths is not None else int(rng.integers(3, 9))
+            rm = torch.zeros(length)
+            rm[-1] = float(scores[p][s])
+            key = f"{uid}_{s}_0"
+            tq.kv_batch_put([key], "train", fields=list_of_dict_to_tensordict([{
+                "uid": uid, "response_mask": torch.ones(length, dtype=torch.int64), "rm_scores": rm,
+                "old_log_probs": torch.zeros(length), LEVEL_FIELD: int(level),
+                "extra_fields": {"reward_extra_info": {"iou": float(scores[p][s] > 0), "acc": float(scores[p][s] > 0)}},
+                "extra_info": {"entity": f"E{p}"},
+                "reward_model": {"ground_truth": ground_truth(f"E{p}")},
+            }]), tags=[{"status": "success", "is_padding": p >= len(levels) - padding}])
+            keys.append(key)
+            tags.append({"status": "success", "is_padding": p >= len(levels) - padding})
+    return KVBatchMeta(partition_id="train", keys=keys, tags=tags)
+
+
+def read_advantages(tq, batch):
+    data = tq.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["advantages", "returns"])
+    return data["advantages"].to_padded_tensor(0.0), data["returns"].to_padded_tensor(0.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_identity_weights_give_verl_grpo_bitwise(base_config, tmp_path, tq, seed):
+    """The override with all-ones weights writes exactly what verl's own _compute_advantage (grpo) writes."""
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(1, 6, size=5)
+    scores = rng.choice([-0.6, 0.0, 0.7, 1.5, 2.0], size=(5, 4))
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}))
+    batch = fill_tq(tq, levels=levels, scores=scores)
+    trainer._compute_advantage(batch, {})
+    ours = read_advantages(tq, batch)
+
+    config = copy.deepcopy(trainer.config)
+    config.algorithm.adv_estimator = "grpo"
+    verl_trainer = object.__new__(KarlTrainer)
+    verl_trainer.config = config
+    PPOTrainer._compute_advantage(verl_trainer, batch, {})
+    theirs = read_advantages(tq, batch)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_levels_from_transfer_queue_reach_karl_grpo(base_config, tmp_path, tq, monkeypatch):
+    levels = [1, 5, 4, 2]
+    scores = [[2.0, 0.0, 1.0, 0.5]] * 4
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}, advantage=ALPHA))
+    batch = fill_tq(tq, levels=levels, scores=scores)
+    seen = {}
+    original = karl_trainer.compute_karl_grpo_advantage
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(karl_trainer, "compute_karl_grpo_advantage", spy)
+    metrics = {}
+    trainer._compute_advantage(batch, metrics)
+    assert seen["mastery_levels"].tolist() == [level for level in levels for _ in range(4)]
+    advantages, _ = read_advantages(tq, batch)
+    # verl's GRPO on the same rewards, then weighted per level (KARL_METHOD.md section 5)
+    uids = np.array([f"u{p}" for p in range(4) for _ in range(4)], dtype=object)
+    data = DataProto.from_dict(tensors={"token_level_rewards": torch.tensor([[s] for row in scores for s in row]),
+                                        "response_mask": torch.ones(16, 1)}, non_tensors={"uid": uids})
+    plain = compute_advantage_for_multi_trajectories(data, batch_keys=batch.keys, adv_estimator="grpo")
+    plain = plain.batch["advantages"]
+    config = AdvantageConfig(**{k: tuple(v) for k, v in ALPHA.items()})
+    level_rows = torch.tensor([level for level in levels for _ in range(4)]) - 1
+    weight = torch.where(plain[:, 0] > 0, torch.tensor(config.alpha_plus)[level_rows],
+                         torch.tensor(config.alpha_minus)[level_rows])
+    assert torch.allclose(advantages[:, 0], plain[:, 0] * weight)
+    stats = trainer.karl_consume_metrics()
+    assert stats["karl/level_5/count"] == 4 and stats["karl/level_3/count"] == 0
+    assert stats["karl/level_1/reward_mean"] == pytest.approx(0.875)
+
+
+def test_missing_level_field_falls_back_to_table_and_is_counted(base_config, tmp_path, tq):
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}))
+    trainer.karl_state.table = MasteryTable.from_scores({"E0": 0.9})
+    batch = fill_tq(tq, levels=[3, 3], scores=[[1, 0, 1, 0]] * 2)
+    for record in tq.parts["train"].values():
+        record["fields"].pop(LEVEL_FIELD)
+    assert trainer._karl_fetch_levels(batch).tolist() == [1] * 4 + [5] * 4
+    assert trainer.karl_consume_metrics()["karl/level/missing_field"] == 8
+
+
+def test_padding_rows_stay_out_of_metrics_and_online_estimate(base_config, tmp_path, tq):
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}))
+    batch = fill_tq(tq, levels=[2, 4], scores=[[1, 1, 1, 0]] * 2, padding=1)
+    trainer._compute_advantage(batch, {})
+    stats = trainer.karl_consume_metrics()
+    assert stats["karl/level_2/count"] == 4 and stats["karl/level_4/count"] == 0
+    assert trainer.karl_state.online.entities() == ["E0"]
+    assert trainer.karl_state.online.mean("E0") == pytest.approx((1 + 3) / (2 + 4))
+
+
+# ----------------------------------------------------------------------------- tagging, defaults
+
+
+def test_unknown_entity_gets_default_level_and_is_counted(base_config, tmp_path, tq, tokenizer):
+    config = make_config(base_config, tmp_path, mastery={"source": "online"})
+    config.karl.reward = {"default_level": "mostly incorrect"}
+    trainer = build_trainer(config, tq, tokenizer, rows=dataset_rows(["Su-30", "Nowhere-1", "Su-30", "Nowhere-2"]))
+    trainer.karl_state.table = MasteryTable.from_scores({"Su-30": 0.5})
+    levels = [list(trainer._fetch_one_gen_batch()[LEVEL_FIELD]) for _ in range(2)]
+    assert levels == [[2, 4], [2, 4]]
+    metrics = trainer.karl_consume_metrics()
+    assert metrics["karl/level/defaulted"] == 2 and metrics["karl/level/unknown_entities"] == 2
+    assert trainer.karl_state.unknown_entities == {"Nowhere-1", "Nowhere-2"}
+
+
+def test_extra_info_level_is_used_when_the_table_has_no_entry(base_config, tmp_path):
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}))
+    trainer.karl_state.table = MasteryTable.from_scores({"A": 0.95})
+    gt = {"ground_truth": ground_truth("A")}
+    assert trainer.karl_level({"knowledge_level": "mostly correct"}, gt) == (1, "A", True)  # the table wins
+    assert trainer.karl_level({"knowledge_level": "mostly correct"}, {"ground_truth": "(1,2),(3,4)"}) == (2, None, True)
+    assert trainer.karl_level({}, {"ground_truth": ground_truth("B")}) == (5, "B", False)
+
+
+# ----------------------------------------------------------------------------- train begin, schedule
+
+
+def test_train_begin_loads_the_configured_table(base_config, tmp_path, tq, tokenizer):
+    table_path = tmp_path / "table.json"
+    table_path.write_text(json.dumps({"Su-30": {"knowledge_category": "partially correct"}}))
+    trainer = build_trainer(make_config(base_config, tmp_path, mastery={"table_path": str(table_path)}), tq, tokenizer)
+    trainer.on_train_begin()
+    assert trainer.karl_state.table.level_of("Su-30") == 3
+    assert trainer.karl_state.history[0].source == "table_file"
+    assert trainer.karl_schedule.describe() == "off"  # no probe set: nothing to refresh with
+
+
+@pytest.mark.parametrize(("mastery", "expected"), [
+    ({"refresh_every_epochs": 1}, [4, 7, 10]),
+    ({"refresh_every_epochs": 2}, [7]),
+    ({"refresh_every_steps": 2}, [3, 5, 7, 9, 11]),
+    ({"refresh_every_epochs": 0}, []),
+])
+def test_refresh_schedule(base_config, tmp_path, tq, tokenizer, probe_set, mastery, expected):
+    path, image_entity = probe_set
+    config = make_config(base_config, tmp_path, mastery={"probe_data": path, **mastery})
+    trainer = build_trainer(config, tq, tokenizer, backend=KnowledgeBackend(image_entity, known=set()))
+    trainer.steps_per_epoch = 3
+    trainer.global_steps = 1
+    trainer.on_train_begin()
+    for step in range(1, 13):
+        trainer.global_steps = step
+        trainer.on_step_begin()
+    assert [r.step for r in trainer.karl_state.history if r.trigger != "train_begin"] == expected
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@pytest.fixture()
+def probed_trainer(base_config, tmp_path, tq, tokenizer, probe_set):
+    path, image_entity = probe_set
+    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_timeout_s": 0.5})
+    trainer = build_trainer(config, tq, tokenizer, backend=backend)
+    trainer.global_steps = 1
+    trainer.on_train_begin()
+    trainer.karl_consume_metrics()
+    return trainer, backend
+
+
+def assert_failed_refresh(trainer, caplog, error):
+    before = trainer.karl_state.table.to_json()
+    trainer.global_steps = 3
+    with caplog.at_level(logging.WARNING, logger=karl_trainer.__name__):
+        record = trainer.karl_refresh("epoch")
+    assert record.status == "failed" and error in record.error
+    assert trainer.karl_state.table.to_json() == before  # the previous table, untouched
+    assert trainer.karl_state.history[-1] is record
+    metrics = trainer.karl_consume_metrics()
+    assert metrics["karl/refresh/failed"] == 1.0 and metrics["karl/refresh/failures_total"] == 1.0
+    assert "training goes on with the previous table" in caplog.text
+
+
+def test_refresh_exception_keeps_the_previous_table(probed_trainer, caplog):
+    trainer, backend = probed_trainer
+    backend.option_logprobs = lambda requests, options: (_ for _ in ()).throw(ConnectionError("worker died"))
+    assert_failed_refresh(trainer, caplog, "ConnectionError: worker died")
+
+
+def test_refresh_timeout_cancels_and_keeps_the_previous_table(probed_trainer, caplog):
+    trainer, backend = probed_trainer
+    backend.block = True
+    assert_failed_refresh(trainer, caplog, "ProbeTimeout")
+    assert backend.cancelled.is_set()
+
+
+def test_refresh_with_short_answers_keeps_the_previous_table(probed_trainer, caplog, monkeypatch):
+    trainer, _ = probed_trainer
+    original = trainer._karl_call_probe
+
+    def short(questions, backend, mode, epoch):  # the servers answered only part of the questions
+        result = original(questions, backend, mode, epoch)
+        kept = [q for q in questions if q.entity != "MiG-29"]
+        return ProbeResult(table=MasteryTable({e: v for e, v in result.table.entries.items() if e != "MiG-29"}),
+                           per_entity_accuracy={}, per_entity_expected_accuracy=None, num_questions=len(kept),
+                           num_unparseable=0, wall_time_s=0.0, decisions={q.question_id: "A" for q in kept},
+                           mode=mode)
+
+    monkeypatch.setattr(trainer, "_karl_call_probe", short)
+    assert_failed_refresh(trainer, caplog, "IncompleteProbe")
+
+
+def test_backend_returning_too_few_rows_is_a_failed_refresh(probed_trainer, caplog):
+    trainer, backend = probed_trainer
+    answer = backend.option_logprobs
+    backend.option_logprobs = lambda requests, options: answer(requests, options)[:-1]
+    assert_failed_refresh(trainer, caplog, "ProbeError")
+
+
+def test_failed_probe_at_train_begin_raises(base_config, tmp_path, tq, tokenizer, probe_set):
+    path, image_entity = probe_set
+    backend = KnowledgeBackend(image_entity, known=set())
+    backend.option_logprobs = lambda requests, options: (_ for _ in ()).throw(ConnectionError("no servers"))
+    trainer = build_trainer(make_config(base_config, tmp_path, mastery={"probe_data": path}), tq, tokenizer,
+                            backend=backend)
+    with pytest.raises(RuntimeError, match="probe at train begin failed"):
+        trainer.on_train_begin()
+
+
+# ----------------------------------------------------------------------------- online / blend
+
+
+def test_online_refresh_uses_the_rollouts(base_config, tmp_path, tq):
+    mastery = {"source": "online", "online_min_evidence": 4, "online_decay": 0.5, "refresh_every_steps": 1}
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery=mastery))
+    trainer.steps_per_epoch, trainer.global_steps = 2, 1
+    trainer.on_train_begin()
+    assert trainer.karl_state.history[0].source == "none" and len(trainer.karl_state.table) == 0
+    batch = fill_tq(tq, levels=[5, 5], scores=[[1, 1, 1, 1], [1, 0, 0, 0]])
+    trainer._compute_advantage(batch, {})
+    trainer.global_steps = 2
+    trainer.on_step_begin()
+    table = trainer.karl_state.table
+    assert table.get("E0").score == pytest.approx(5 / 6) and table.level_of("E0") == 1
+    assert table.get("E1").score == pytest.approx(2 / 6) and table.level_of("E1") == 3
+    assert trainer.karl_state.online.evidence("E0") == pytest.approx(2.0)  # decayed after the refresh
+
+
+def test_blend_refresh_mixes_probe_and_rollouts(base_config, tmp_path, tq, tokenizer, probe_set):
+    path, image_entity = probe_set
+    mastery = {"probe_data": path, "source": "blend", "online_weight": 0.5, "online_min_evidence": 4}
+    trainer = build_trainer(make_config(base_config, tmp_path, mastery=mastery), tq, tokenizer,
+                            backend=KnowledgeBackend(image_entity, known={"Su-30"}))
+    trainer.global_steps = 1
+    trainer.on_train_begin()
+    trainer.karl_state.online.observe(["Su-30"] * 8, [0.0] * 8)  # grounding fails despite recognition
+    trainer.global_steps = 3
+    trainer.karl_refresh("epoch")
+    entry = trainer.karl_state.table.get("Su-30")
+    assert entry.score == pytest.approx(0.5 * 1.0 + 0.5 * 0.1) and entry.level == 2
+    assert trainer.karl_state.table.level_of("F-16") == 5
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_restores_table_and_history(base_config, tmp_path, tq, tokenizer, probe_set):
+    path, image_entity = probe_set
+    mastery = {"probe_data": path, "source": "blend", "online_min_evidence": 2}
+    config = make_config(base_config, tmp_path, mastery=mastery)
+    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    trainer = build_trainer(config, tq, tokenizer, backend=backend)
+    trainer.global_steps = 1
+    trainer.on_train_begin()
+    trainer.karl_state.online.observe(["F-16", "F-16", "J-10"], [1.0, 1.0, 0.0])
+    trainer.global_steps = 3
+    backend.known.add("MiG-29")
+    trainer.karl_refresh("epoch")
+    trainer.karl_state.unknown_entities.add("Tu-160")
+    trainer.global_steps = 4
+    trainer._save_checkpoint()
+    saved = trainer.karl_state.to_json()
+    folder = tmp_path / "ckpt" / "global_step_4"
+    assert (folder / STATE_FILE).is_file() and (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").is_file()
+    json.loads((folder / STATE_FILE).read_text())  # plain JSON
+
+    # a new trainer object resumes: same table, history and posterior; no probe at train begin
+    fresh_backend = KnowledgeBackend(image_entity, known=set())
+    resumed = build_trainer(copy.deepcopy(config), tq, tokenizer, backend=fresh_backend)
+    assert resumed.global_steps == 4
+    assert resumed.actor_rollout_wg.loaded == str(folder / "actor")
+    assert resumed.karl_state.to_json() == saved
+    resumed.on_train_begin()
+    assert fresh_backend.calls == 0 and resumed.karl_state.to_json() == saved
+    assert MasteryState.load(folder / STATE_FILE).table.level_of("MiG-29") == 1
+
+
+def test_resume_from_a_checkpoint_without_mastery_state_sets_up_afresh(base_config, tmp_path, tq, tokenizer, caplog):
+    table_path = tmp_path / "table.json"
+    table_path.write_text(json.dumps({"Su-30": {"knowledge_category": "mostly correct"}}))
+    config = make_config(base_config, tmp_path, mastery={"table_path": str(table_path)})
+    trainer = build_trainer(config, tq, tokenizer)
+    trainer.global_steps = 2
+    PPOTrainer._save_checkpoint(trainer)  # a checkpoint written by another trainer: no mastery state
+    with caplog.at_level(logging.WARNING, logger=karl_trainer.__name__):
+        resumed = build_trainer(copy.deepcopy(config), tq, tokenizer)
+    assert resumed.global_steps == 2 and not resumed.karl_state.initialized
+    assert STATE_FILE in caplog.text
+    resumed.on_train_begin()
+    assert resumed.karl_state.table.level_of("Su-30") == 2
