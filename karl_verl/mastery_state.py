@@ -23,7 +23,7 @@ import numpy as np
 
 from karl_verl.atomic import atomic_write_text
 from karl_verl.boxes import entity_of
-from karl_verl.mastery import LEVEL_NAMES, NUM_LEVELS, MasteryError, MasteryTable
+from karl_verl.mastery import LEVEL_NAMES, NUM_LEVELS, MasteryError, MasteryTable, parse_level
 from karl_verl.online import OnlineMastery
 
 STATE_FORMAT = "karl-verl/mastery-state-v1"
@@ -51,6 +51,24 @@ def sample_entity(extra_info: Any, reward_model: Any) -> str | None:
             return entity.strip()
     ground_truth = reward_model.get("ground_truth") if isinstance(reward_model, Mapping) else reward_model
     return entity_of(ground_truth) if isinstance(ground_truth, str) else None
+
+
+def sample_level(
+    extra_info: Any, reward_model: Any, table: MasteryTable, default_level: int
+) -> tuple[int, str | None, bool]:
+    """(level, entity, known) of a training sample, as the ``karl`` trainer tags it.
+
+    The current (refreshed) table comes first, then a level the dataset carries in
+    ``extra_info["knowledge_level"]``, then ``default_level`` (``known`` is False only then).
+    """
+    entity = sample_entity(extra_info, reward_model)
+    if entity is not None:
+        level = table.level_of(entity)
+        if level is not None:
+            return level, entity, True
+    if isinstance(extra_info, Mapping) and extra_info.get("knowledge_level") is not None:
+        return parse_level(extra_info["knowledge_level"], where="extra_info['knowledge_level']"), entity, True
+    return default_level, entity, False
 
 
 # ----------------------------------------------------------------------------- table diff

@@ -163,3 +163,16 @@ def test_sample_entity_prefers_extra_info():
     assert sample_entity({"entity": "  "}, gt) == "B"
     assert sample_entity(None, "<|object_ref_start|>C<|object_ref_end|>") == "C"
     assert sample_entity({}, {}) is None
+
+
+def test_sample_level_precedence():
+    from karl_verl.mastery import MasteryEntry, MasteryTable
+    from karl_verl.mastery_state import sample_level
+
+    table = MasteryTable({"Su-30": MasteryEntry(level=2)})
+    gt = {"ground_truth": "<|object_ref_start|>Su-30<|object_ref_end|>(1,2),(3,4)"}
+    # The refreshed table wins over a level the dataset carries; then that level; then the default.
+    assert sample_level({"knowledge_level": 5}, gt, table, 4) == (2, "Su-30", True)
+    assert sample_level({"entity": "A380", "knowledge_level": "mostly correct"}, gt, table, 4) == (2, "A380", True)
+    assert sample_level({"entity": "A380"}, gt, table, 4) == (4, "A380", False)
+    assert sample_level(None, {"ground_truth": "(1,2),(3,4)"}, table, 5) == (5, None, False)

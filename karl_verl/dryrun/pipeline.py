@@ -233,7 +233,7 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import GROUNDING_FILE, PROBE_FILE, ComposeConfig, compose_dataset
     from karl_verl.dryrun.synthetic import write_single_entity_images
-    from karl_verl.mastery_state import sample_entity
+    from karl_verl.mastery_state import sample_level
     from karl_verl.probe.questions import build_questions, load_probe_set
     from karl_verl.probe.runner import run_probe
     from karl_verl.testing.tiny_qwen3vl import build_tiny_model, load_tiny_processor, save_tiny_checkpoint
@@ -317,7 +317,8 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
                 non_tensor["reward_model"].append(row["reward_model"])
                 non_tensor["extra_info"].append(dict(row.get("extra_info") or {}))
                 non_tensor["uid"].append(uid)
-        levels = [table.level_of(sample_entity(info, rm) or "", default=karl.reward.default_level_number)
+        # Tagged as the karl trainer tags prompts before rollout (the level then travels with the sample).
+        levels = [sample_level(info, rm, table, karl.reward.default_level_number)[0]
                   for info, rm in zip(non_tensor["extra_info"], non_tensor["reward_model"], strict=True)]
         pad = tokenizer.pad_token_id
         prompts, responses = _pad(prompt_ids, pad, left=True), _pad(response_ids, pad, left=False)

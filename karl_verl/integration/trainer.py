@@ -66,6 +66,7 @@ from karl_verl.mastery_state import (
     finite_or_none,
     refresh_metrics,
     sample_entity,
+    sample_level,
 )
 from karl_verl.online import OnlineMastery, blend_table, online_table
 
@@ -460,14 +461,7 @@ class KarlTrainer(PPOTrainerSync):
 
     def karl_level(self, extra_info: Any, reward_model: Any) -> tuple[int, str | None, bool]:
         """(level, entity, known) of one sample: table, else ``extra_info["knowledge_level"]``, else default."""
-        entity = sample_entity(extra_info, reward_model)
-        if entity is not None:
-            level = self.karl_state.table.level_of(entity)
-            if level is not None:
-                return level, entity, True
-        if isinstance(extra_info, dict) and extra_info.get(LEVEL_FIELD) is not None:
-            return parse_level(extra_info[LEVEL_FIELD], where=f"extra_info[{LEVEL_FIELD!r}]"), entity, True
-        return self.karl_default_level, entity, False
+        return sample_level(extra_info, reward_model, self.karl_state.table, self.karl_default_level)
 
     def _karl_levels(self, extra_infos: Sequence[Any], reward_models: Sequence[Any], *, count: bool) -> list[int]:
         levels = []
