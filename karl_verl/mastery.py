@@ -223,23 +223,27 @@ class MasteryTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MasteryTable:
-        path = Path(path)
-        if not path.is_file():
-            raise MasteryError(f"{path}: mastery table not found (expected a JSON file)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise MasteryError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        except UnicodeDecodeError as err:
-            raise MasteryError(f"{path}: not UTF-8 text ({err})") from None
-        except RecursionError:
-            # json.loads recurses per nesting level: "[[[[..." of a damaged or crafted file.
-            raise MasteryError(f"{path}: invalid JSON: nested too deeply") from None
-        return cls.from_json(data, source=str(path))
+        return cls.from_json(read_json_file(path, "mastery table"), source=str(path))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: readers see the old file or the new one, never a partial one."""
         return atomic_write_text(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a JSON file (data only: nothing is evaluated); errors name the file and position."""
+    path = Path(path)
+    if not path.is_file():
+        raise MasteryError(f"{path}: {what} not found (expected a JSON file)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MasteryError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise MasteryError(f"{path}: not UTF-8 text ({err})") from None
+    except RecursionError:
+        # json.loads recurses per nesting level: "[[[[..." of a damaged or crafted file.
+        raise MasteryError(f"{path}: invalid JSON: nested too deeply") from None
 
 
 def _is_finite_number(value: Any) -> bool:

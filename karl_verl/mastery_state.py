@@ -23,7 +23,7 @@ import numpy as np
 
 from karl_verl.atomic import atomic_write_text
 from karl_verl.boxes import entity_of
-from karl_verl.mastery import LEVEL_NAMES, NUM_LEVELS, MasteryError, MasteryTable, parse_level
+from karl_verl.mastery import LEVEL_NAMES, NUM_LEVELS, MasteryError, MasteryTable, parse_level, read_json_file
 from karl_verl.online import OnlineMastery
 
 STATE_FORMAT = "karl-verl/mastery-state-v1"
@@ -265,14 +265,7 @@ class MasteryState:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MasteryState:
-        path = Path(path)
-        if not path.is_file():
-            raise MasteryError(f"{path}: mastery state not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise MasteryError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        return cls.from_json(data, source=str(path))
+        return cls.from_json(read_json_file(path, "mastery state"), source=str(path))
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from karl_verl.data.schema import (
     DataError,
     Location,
     image_ref_from_value,
+    iter_jsonl_objects,
     parse_boxes,
     probe_image,
     to_pixels,
@@ -124,17 +124,8 @@ def iter_records(path: str | Path, options: ReadOptions | None = None) -> Iterat
 def _iter_file(path: Path, name: str) -> Iterator[tuple[Location, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise DataError(name, line_number, None, f"invalid JSON: {err}") from None
-                if not isinstance(record, dict):
-                    raise DataError(name, line_number, None, f"expected a JSON object, got {type(record).__name__}")
-                yield Location(name, line_number), record
+        for line_number, record in iter_jsonl_objects(path, name):
+            yield Location(name, line_number), record
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as handle:
             for row_number, record in enumerate(csv.DictReader(handle), start=1):

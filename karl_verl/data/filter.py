@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from karl_verl.atomic import atomic_path, atomic_write_text
 from karl_verl.boxes import Box
-from karl_verl.data.schema import DataError
+from karl_verl.data.schema import DataError, iter_jsonl_objects
 from karl_verl.evaluation.metrics import ACC_THRESHOLD, ground_truth_boxes, score_response
 
 if TYPE_CHECKING:
@@ -87,30 +87,21 @@ def read_responses(path: str | Path, indices: Sequence[int], k: int) -> dict[int
         raise DataError(name, None, None, f"responses file not found: {path}")
     known = set(indices)
     responses: dict[int, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise DataError(name, line_number, None, f"invalid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise DataError(name, line_number, None, f"expected a JSON object, got {type(record).__name__}")
-            index = record.get("index")
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise DataError(name, line_number, "index", f"expected an integer (extra_info.index), got {index!r}")
-            if index not in known:
-                raise DataError(name, line_number, "index", f"{index} is not an instance of the RL parquet")
-            if "responses" in record:
-                texts = record["responses"]
-                if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                    raise DataError(name, line_number, "responses", f"expected a list of strings, got {texts!r:.200}")
-            elif isinstance(record.get("response"), str):
-                texts = [record["response"]]
-            else:
-                raise DataError(name, line_number, "response", "expected 'response' (a string) or 'responses' (a list)")
-            responses[index].extend(texts)
+    for line_number, record in iter_jsonl_objects(path, name):
+        index = record.get("index")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise DataError(name, line_number, "index", f"expected an integer (extra_info.index), got {index!r}")
+        if index not in known:
+            raise DataError(name, line_number, "index", f"{index} is not an instance of the RL parquet")
+        if "responses" in record:
+            texts = record["responses"]
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise DataError(name, line_number, "responses", f"expected a list of strings, got {texts!r:.200}")
+        elif isinstance(record.get("response"), str):
+            texts = [record["response"]]
+        else:
+            raise DataError(name, line_number, "response", "expected 'response' (a string) or 'responses' (a list)")
+        responses[index].extend(texts)
     missing = [index for index in indices if index not in responses]
     if missing:
         raise DataError(name, None, "index", f"no responses for {len(missing)} instance(s), e.g. index {missing[:5]}")

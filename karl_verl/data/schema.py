@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,23 @@ class ImageRef:
             return self.data
         assert self.path is not None
         return self.path.read_bytes()
+
+
+def iter_jsonl_objects(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line raises DataError."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as err:
+                raise DataError(name, line_number, None, f"invalid JSON: {err}") from None
+            if not isinstance(record, dict):
+                raise DataError(name, line_number, None, f"expected a JSON object, got {type(record).__name__}")
+            yield line_number, record
 
 
 def probe_image(data: bytes | None, path: Path | None, where: Location, field_name: str = "image") -> tuple[int, int]:

@@ -14,7 +14,6 @@ ignored; two predictions for one id are an error.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from karl_verl.boxes import Box, entity_of
 from karl_verl.data import prompts
-from karl_verl.data.schema import DataError, Location, image_ref_from_value, probe_image
+from karl_verl.data.schema import DataError, Location, image_ref_from_value, iter_jsonl_objects, probe_image
 from karl_verl.evaluation.metrics import (
     ACC_THRESHOLD,
     BenchMetrics,
@@ -157,31 +156,22 @@ def load_predictions(path: str | Path, question_ids: Iterable[str]) -> Predictio
     responses: dict[str, str] = {}
     first_line: dict[str, int] = {}
     unknown: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise DataError(name, line_number, None, f"invalid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise DataError(name, line_number, None, f"expected a JSON object, got {type(record).__name__}")
-            qid = record.get("question_id")
-            if isinstance(qid, bool) or not isinstance(qid, (str, int)):
-                raise DataError(name, line_number, "question_id", f"expected a string or an integer, got {qid!r}")
-            response = record.get("response")
-            if not isinstance(response, str):
-                raise DataError(name, line_number, "response", f"expected the model's text, got {response!r:.200}")
-            qid = str(qid).strip()
-            if qid in first_line:
-                raise DataError(name, line_number, "question_id",
-                                f"second prediction for {qid!r} (first at line {first_line[qid]})")
-            first_line[qid] = line_number
-            if qid in known:
-                responses[qid] = response
-            else:
-                unknown.append(qid)
+    for line_number, record in iter_jsonl_objects(path, name):
+        qid = record.get("question_id")
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise DataError(name, line_number, "question_id", f"expected a string or an integer, got {qid!r}")
+        response = record.get("response")
+        if not isinstance(response, str):
+            raise DataError(name, line_number, "response", f"expected the model's text, got {response!r:.200}")
+        qid = str(qid).strip()
+        if qid in first_line:
+            raise DataError(name, line_number, "question_id",
+                            f"second prediction for {qid!r} (first at line {first_line[qid]})")
+        first_line[qid] = line_number
+        if qid in known:
+            responses[qid] = response
+        else:
+            unknown.append(qid)
     return Predictions(responses=responses, unknown_ids=unknown)
 
 
