@@ -29,5 +29,5 @@ fi
 
 echo "[bootstrap] installing karl-verl with its test extra"
 "${PIP[@]}" install --quiet ".[test]"
-"$VENV/bin/karl-verl" info --no-recipes >/dev/null || { "$VENV/bin/karl-verl" info; exit 1; }
+"$VENV/bin/karl-verl" info --no-recipes >/dev/null 2>&1 || { "$VENV/bin/karl-verl" info; exit 1; }
 echo "[bootstrap] ready: $VENV ($("$VENV/bin/python" -c 'import verl, torch; print("verl", verl.__version__, "torch", torch.__version__)' 2>/dev/null | tail -1))"
