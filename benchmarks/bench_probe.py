@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "(default: 64 16; 64 is the probe's default cap)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per mode (median)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads while timing (default 1: steady on a busy machine; 0: torch's choice)")
     args = parser.parse_args(argv)
@@ -89,22 +91,34 @@ def _run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     run_probe(questions[:2], backend, mode="logprob", progress=False)
     run_probe(questions[:2], backend, mode="generate", sampling=settings(caps[0]), progress=False)
 
-    started = time.perf_counter()
-    scored = run_probe(questions, backend, mode="logprob", progress=False)
-    logprob_s = time.perf_counter() - started
+    # Interleaved repeats, median per mode: machine noise hits every mode alike.
+    results: dict[str, Any] = {}
+
+    def timed(name: str, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        results[name] = run_probe(questions, backend, progress=False, **kwargs)
+        samples.setdefault(name, []).append(time.perf_counter() - started)
+
+    samples: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        timed("logprob", mode="logprob")
+        for cap in caps:
+            timed(f"generate_{cap}", mode="generate", sampling=settings(cap))
+    scored = results["logprob"]
+    logprob_s = statistics.median(samples["logprob"])
     figures: dict[str, Any] = {
         "questions": len(questions),
         "batch_size": args.batch_size,
         "torch_threads": threads,
+        "repeats": args.repeats,
         "logprob_s": logprob_s,
         "logprob_ms_per_question": 1000 * logprob_s / len(questions),
         "target_speedup": TARGET_SPEEDUP,
         "max_new_tokens": caps,
     }
     for cap in caps:
-        started = time.perf_counter()
-        generated = run_probe(questions, backend, mode="generate", sampling=settings(cap), progress=False)
-        generate_s = time.perf_counter() - started
+        generated = results[f"generate_{cap}"]
+        generate_s = statistics.median(samples[f"generate_{cap}"])
         parsed = [qid for qid, letter in generated.decisions.items() if letter is not None]
         agree = sum(generated.decisions[qid] == scored.decisions[qid] for qid in parsed)
         figures.update({
