@@ -251,12 +251,15 @@ class MasteryState:
             raise MasteryError(f"{source}: key 'history' must be a list")
         base = data.get("base_table")
         online = data.get("online")
+        unknown = data.get("unknown_entities") or []
+        if not isinstance(unknown, list) or not all(isinstance(entity, str) for entity in unknown):
+            raise MasteryError(f"{source}: key 'unknown_entities' must be a list of entity names, got {unknown!r:.200}")
         return cls(
             table=MasteryTable.from_json(data.get("table") or {}, source=f"{source}: table"),
             base_table=None if base is None else MasteryTable.from_json(base, source=f"{source}: base_table"),
             history=[RefreshRecord.from_json(item, source=source) for item in history],
             online=None if online is None else OnlineMastery.from_json(online, source=source),
-            unknown_entities=set(data.get("unknown_entities") or []),
+            unknown_entities=set(unknown),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

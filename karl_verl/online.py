@@ -152,9 +152,9 @@ class OnlineMastery:
                 decay=float(data.get("decay", 0.9)),
                 counts=counts,
             )
-        except (TypeError, ValueError, IndexError) as err:
+        except (TypeError, ValueError, IndexError, KeyError, OverflowError) as err:
             raise MasteryError(
-                f"{source}: online posterior: expected counts as [successes, failures] pairs ({err})"
+                f"{source}: online posterior: expected counts as [successes, failures] pairs ({err!r})"
             ) from None
 
 

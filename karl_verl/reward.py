@@ -243,13 +243,15 @@ def compute_score(
 
 def _load_table_cached(path: str) -> MasteryTable:
     stat = os.stat(path) if os.path.isfile(path) else None
-    return _load_table_version(str(path), None if stat is None else (stat.st_mtime_ns, stat.st_size))
+    version = None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+    return _load_table_version(str(path), version)
 
 
-# Keyed by the file's mtime and size, so a table swapped on disk is re-read; each process keeps
+# Keyed by the file's identity and times: an atomic swap (rename) gives a new inode, so a swapped
+# table is re-read even when it has the same size within one timestamp tick. Each process keeps
 # its own cache (it is never shared between Ray workers).
 @functools.lru_cache(maxsize=8)
-def _load_table_version(path: str, version: tuple[int, int] | None) -> MasteryTable:
+def _load_table_version(path: str, version: tuple[int, ...] | None) -> MasteryTable:
     return MasteryTable.load(path)
 
 

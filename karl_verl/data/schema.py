@@ -92,8 +92,13 @@ def iter_jsonl_objects(path: Path, name: str) -> Iterator[tuple[int, dict[str, A
     """(line number, object) for each non-blank line of a JSONL file; a bad line raises DataError."""
     import json
 
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    # Lines are read as bytes and decoded one by one, so a non-UTF-8 line is reported with its number.
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(name, line_number, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:

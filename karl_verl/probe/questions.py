@@ -149,7 +149,8 @@ def probe_items_from_records(
     Relative image paths are resolved against ``base_dir`` (the probe file's folder when loading).
     """
     items = []
-    for row, record in enumerate(records):
+    # Rows count from 1, as in the data toolkit's messages.
+    for row, record in enumerate(records, start=1):
         where = f"{source}: row {row}"
         if not isinstance(record, Mapping):
             raise ProbeError(f"{where}: expected an object with entity/category/image, got {type(record).__name__}")
@@ -187,13 +188,27 @@ def _required_text(record: Mapping[str, Any], key: str, where: str) -> str:
     return value.strip()
 
 
+def _decodable(image: bytes | Path, where: str) -> Any:
+    """Decode the image fully now, so a corrupt one is refused at load with its row, not mid-probe."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            opened.load()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data; all mean "not an image"
+        raise ProbeError(f"{where}: not a readable image ({type(err).__name__}: {err})") from None
+    return image
+
+
 def _image_field(value: Any, where: str, base_dir: str | os.PathLike[str] | None) -> Any:
     """Check an image field and normalise it: bytes stay bytes, paths become absolute existing files."""
     where = f"{where}, field 'image'"
     if isinstance(value, (bytes, bytearray)):
         if not value:
             raise ProbeError(f"{where}: empty bytes")
-        return bytes(value)
+        return _decodable(bytes(value), where)
     if isinstance(value, Mapping):
         data, path = value.get("bytes"), value.get("path")
         if isinstance(data, str):  # JSON cannot hold bytes: base64 text
@@ -202,7 +217,7 @@ def _image_field(value: Any, where: str, base_dir: str | os.PathLike[str] | None
             except (binascii.Error, ValueError):
                 raise ProbeError(f"{where}: 'bytes' is text but not valid base64") from None
         if isinstance(data, (bytes, bytearray)) and data:
-            return bytes(data)
+            return _decodable(bytes(data), where)
         if path:
             return _image_field(path, where.rsplit(", field", 1)[0], base_dir)
         raise ProbeError(f"{where}: expected non-empty 'bytes' or a 'path', got keys {sorted(value)}")
@@ -212,6 +227,7 @@ def _image_field(value: Any, where: str, base_dir: str | os.PathLike[str] | None
             path = Path(base_dir) / path
         if not path.is_file():
             raise ProbeError(f"{where}: image file not found: {path}")
+        _decodable(path, where)
         return str(path.resolve())
     raise ProbeError(f"{where}: expected a path, bytes or {{'bytes': ...}}, got {type(value).__name__}")
 

@@ -18,7 +18,8 @@ from karl_verl.probe.questions import LETTERS, ProbeQuestion
 
 _LETTER_CLASS = "".join(LETTERS)
 _THINK_END = re.compile(r"</think>", re.IGNORECASE)
-_ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
 # The whole reply is a letter: "B", "b", "B.", "(B)", "[B]", "B)", "**B**".
 _ONLY_LETTER = re.compile(rf"^[\s*_`\"'(\[]*([{_LETTER_CLASS}])[\s*_`\"')\].:]*$", re.IGNORECASE)
 # An explicit statement: "Answer: B", "The answer is (B)", "correct option is B", "Choice: C".
@@ -62,9 +63,12 @@ def parse_choice(text: Any, options: Sequence[str] | None = None) -> str | None:
 def _parse(text: str, options: Sequence[str] | None) -> str | None:
     parts = _THINK_END.split(text)
     body = parts[-1]
-    spans = _ANSWER_SPAN.findall(body)
-    if spans:
-        body = spans[0]
+    # The first <answer>...</answer> span, found with two literal searches: a lazy regex rescans
+    # to the end from every <answer> when no </answer> follows (seconds on long replies).
+    opening = _ANSWER_OPEN.search(body)
+    closing = _ANSWER_CLOSE.search(body, opening.end()) if opening else None
+    if closing is not None:
+        body = body[opening.end() : closing.start()]
     body = body.strip()
     if not body:
         return None

@@ -41,7 +41,7 @@ def test_probe_command_reports_bad_data_without_loading_a_model(tmp_path, capsys
     out = tmp_path / "mastery.json"
     assert main(["probe", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("karl-verl probe: error:") and "row 0, field 'image'" in err
+    assert err.startswith("karl-verl probe: error:") and "row 1, field 'image'" in err
     assert not out.exists()
 
 

@@ -57,26 +57,41 @@ def test_relative_image_paths_resolve_against_the_probe_file(tmp_path, probe_kit
     ])
     items = load_probe_set(path)
     assert items[0].image == str((tmp_path / "imgs" / "a.png").resolve()) == items[1].image
-    assert items[0].image_id == "row0" and items[1].entities_in_image == ("X", "Y")
+    assert items[0].image_id == "row1" and items[1].entities_in_image == ("X", "Y")
+
+
+def _png_base64() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PNG = _png_base64()
 
 
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"category": "c", "image": "x"}, "row 1, field 'entity'"),
-        ({"entity": " ", "category": "c", "image": "x"}, "row 1, field 'entity'"),
-        ({"entity": "e", "image": {"bytes": "aGk="}}, "row 1, field 'category'"),
-        ({"entity": "e", "category": "c"}, "row 1, field 'image'"),
-        ({"entity": "e", "category": "c", "image": "missing.png"}, "row 1, field 'image': image file not found"),
-        ({"entity": "e", "category": "c", "image": {"bytes": "%%%"}}, "row 1, field 'image': 'bytes' is text"),
-        ({"entity": "e", "category": "c", "image": {"other": 1}}, "row 1, field 'image'"),
-        ({"entity": "e", "category": "c", "image": {"bytes": "aGk="}, "entities_in_image": "e"},
-         "row 1, field 'entities_in_image'"),
-        ({"entity": "e", "category": "c", "image": {"bytes": "aGk="}, "image_id": ""}, "row 1, field 'image_id'"),
+        ({"category": "c", "image": "x"}, "row 2, field 'entity'"),
+        ({"entity": " ", "category": "c", "image": "x"}, "row 2, field 'entity'"),
+        ({"entity": "e", "image": {"bytes": PNG}}, "row 2, field 'category'"),
+        ({"entity": "e", "category": "c", "image": {"bytes": "aGk="}}, "row 2, field 'image': not a readable image"),
+        ({"entity": "e", "category": "c"}, "row 2, field 'image'"),
+        ({"entity": "e", "category": "c", "image": "missing.png"}, "row 2, field 'image': image file not found"),
+        ({"entity": "e", "category": "c", "image": {"bytes": "%%%"}}, "row 2, field 'image': 'bytes' is text"),
+        ({"entity": "e", "category": "c", "image": {"other": 1}}, "row 2, field 'image'"),
+        ({"entity": "e", "category": "c", "image": {"bytes": PNG}, "entities_in_image": "e"},
+         "row 2, field 'entities_in_image'"),
+        ({"entity": "e", "category": "c", "image": {"bytes": PNG}, "image_id": ""}, "row 2, field 'image_id'"),
     ],
 )
 def test_row_errors_name_file_row_and_field(tmp_path, probe_kit, row, message):
-    good = {"entity": "ok", "category": "c", "image": {"bytes": "aGk="}}
+    good = {"entity": "ok", "category": "c", "image": {"bytes": PNG}}
     path = probe_kit.write_jsonl(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(ProbeError, match=message) as info:
         load_probe_set(path)
@@ -99,7 +114,7 @@ def test_file_level_errors(tmp_path, probe_kit):
     with pytest.raises(ProbeError, match="cannot read parquet"):
         load_probe_set(tmp_path / "b.parquet")
     probe_kit.write_parquet(tmp_path / "n.parquet", [{"entity": "e", "category": None, "image": b"x"}])
-    with pytest.raises(ProbeError, match="row 0, field 'category'"):
+    with pytest.raises(ProbeError, match="row 1, field 'category'"):
         load_probe_set(tmp_path / "n.parquet")
 
 
@@ -195,7 +210,7 @@ def test_duplicate_image_ids_get_unique_question_ids():
 
 
 def test_records_error_names_memory_source():
-    with pytest.raises(ProbeError, match="<memory>: row 0"):
+    with pytest.raises(ProbeError, match="<memory>: row 1"):
         probe_items_from_records([["not", "a", "dict"]])
 
 
@@ -222,5 +237,5 @@ def test_reads_the_probe_set_written_by_data_compose(tmp_path, probe_kit):
     items = load_probe_set(probe_kit.write_parquet(tmp_path / "probe.parquet", rows))
     assert [(i.image_id, i.entities_in_image) for i in items] == [("src-0", ("BMW M3",)), ("src-1", ("BMW M3",))]
     rows[0]["co_entities"] = "BMW M3"
-    with pytest.raises(ProbeError, match="row 0, field 'co_entities'"):
+    with pytest.raises(ProbeError, match="row 1, field 'co_entities'"):
         probe_items_from_records(rows)
