@@ -41,11 +41,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["karl_verl", "karl_verl.*"])
-    + ["hydra_plugins.karl_verl_recipes", "karl_verl.recipes"],
+    + ["hydra_plugins.karl_verl_recipes", "karl_verl.recipes", "karl_verl.recipes.recipe", "karl_verl.recipes.scripts"],
     # The repository's top-level recipes/ folder installs as karl_verl/recipes, so Hydra finds
-    # the YAMLs through pkg://karl_verl.recipes after a non-editable install.
-    package_dir={"karl_verl.recipes": "recipes"},
-    package_data={"karl_verl.recipes": ["recipe/*.yaml", "scripts/*.sh"]},
+    # the YAMLs through pkg://karl_verl.recipes after a non-editable install. Its two data folders
+    # are listed as packages too: setuptools otherwise warns that it may stop shipping them.
+    package_dir={
+        "karl_verl.recipes": "recipes",
+        "karl_verl.recipes.recipe": "recipes/recipe",
+        "karl_verl.recipes.scripts": "recipes/scripts",
+    },
+    package_data={"karl_verl.recipes.recipe": ["*.yaml"], "karl_verl.recipes.scripts": ["*.sh"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

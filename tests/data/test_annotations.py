@@ -126,8 +126,12 @@ def test_unsupported_and_missing_files(tmp_path):
 
 def test_unreadable_files(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes('{"entity": "Citro\xebn"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match="latin.jsonl: not UTF-8 text"):
+    # JSONL lines are decoded one by one, so the error names the line.
+    with pytest.raises(DataError, match="latin.jsonl row 1: not UTF-8 text"):
         list(iter_annotations(tmp_path / "latin.jsonl"))
+    (tmp_path / "latin.csv").write_bytes('entity\nCitro\xebn\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin.csv: not UTF-8 text"):
+        list(iter_annotations(tmp_path / "latin.csv"))
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nothing")
     with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
         list(iter_annotations(tmp_path / "bad.parquet"))
