@@ -8,17 +8,15 @@ Where things are:
   * the ``karl_grpo`` advantage: :mod:`karl_verl.advantage`
   * verl glue (reward manager, estimator and trainer registration): :mod:`karl_verl.integration`
 
-Importing the package registers karl-verl's parts into verl's registries when verl is installed
-(the ``verl.plugins`` entry point does the same in every verl process).
+Importing the package registers karl-verl's parts into verl's registries (the ``verl.plugins``
+entry point does the same in every verl process): at once when verl is already imported, else
+when verl's import finishes. So ``import karl_verl.reward`` alone imports neither verl nor torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from karl_verl.integration import register_when_verl_loads
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("verl") is not None:
-    from karl_verl.integration import register_all
-
-    register_all()
+register_when_verl_loads()

@@ -1,13 +1,19 @@
 """Glue between the pure KARL method and verl 0.9: registrations into verl's own registries.
 
 ``register_all`` is the ``verl.plugins`` entry point (verl calls it in every process that
-imports verl) and is also called by ``import karl_verl``. It only touches verl's registries,
-which are per-process, and is idempotent: registering the same objects again is a no-op.
+imports verl) and is also called by ``import karl_verl``: at once when verl is already imported,
+else as soon as verl's own import finishes (:func:`register_when_verl_loads`), so that importing
+karl-verl's pure modules or its command line costs no verl, torch or Ray import. It only touches
+verl's registries, which are per-process, and is idempotent: registering again is a no-op.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
 
 # Each module defines REGISTRY (what verl calls the registry), NAME, register() and is_registered().
 _PARTS: tuple[str, ...] = (
@@ -19,8 +25,14 @@ _PARTS: tuple[str, ...] = (
 
 def register_all() -> None:
     """Register every karl-verl part into verl (reward manager ``karl``, estimator ``karl_grpo``, ...)."""
+    # This imports verl itself; a pending hook would re-enter here from inside that import.
+    _remove_hooks()
     for module_name in _PARTS:
-        importlib.import_module(module_name).register()
+        module = importlib.import_module(module_name)
+        # A part whose own import started verl's (and so this call) is only half there: it
+        # registers itself on its last line, once its import finishes.
+        if not getattr(module.__spec__, "_initializing", False):
+            module.register()
 
 
 def registration_status() -> list[tuple[str, str, bool]]:
@@ -30,3 +42,55 @@ def registration_status() -> list[tuple[str, str, bool]]:
         module = importlib.import_module(module_name)
         status.append((module.REGISTRY, module.NAME, module.is_registered()))
     return status
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs verl's real loader, then :func:`register_all`; hands the module its real loader back."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        try:
+            self._loader.exec_module(module)
+        finally:
+            module.__loader__ = self._loader
+            if module.__spec__ is not None:
+                module.__spec__.loader = self._loader
+        register_all()
+
+    def __getattr__(self, name: str) -> Any:  # resource readers and the like go to the real loader
+        return getattr(self._loader, name)
+
+
+class _VerlImportHook(importlib.abc.MetaPathFinder):
+    """One-shot finder for the top-level ``verl`` package: wraps its loader, then leaves sys.meta_path.
+
+    Registration must also happen when verl's entry-point loading is off
+    (``VERL_USE_EXTERNAL_PLUGINS=none``) or karl-verl runs from a source tree without its metadata,
+    for code that did ``import karl_verl`` first.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "verl":
+            return None
+        _remove_hooks()
+        spec = importlib.util.find_spec(fullname)  # the real finders: this hook is gone from sys.meta_path
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+def _remove_hooks() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _VerlImportHook)]
+
+
+def register_when_verl_loads() -> None:
+    """Register now if verl is imported (or being imported), else right after its import finishes."""
+    if "verl" in sys.modules:
+        register_all()
+    elif not any(isinstance(finder, _VerlImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _VerlImportHook())

@@ -19,3 +19,8 @@ def is_registered() -> bool:
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
 
     return ADV_ESTIMATOR_REGISTRY.get(NAME) is compute_karl_grpo_advantage
+
+
+# Importing this module registers it, as verl's own decorators do (a dict entry, nothing more):
+# so a part imported on its own, before verl, is registered too (see register_all).
+register()

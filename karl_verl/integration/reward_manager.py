@@ -6,7 +6,8 @@ the verl config it is given:
 
 * ``karl.reward.*``: :class:`karl_verl.config.RewardConfig` fields (preset, tau, tables, ...).
 * the mastery table: ``karl.reward.mastery_path``, else ``karl.mastery.table_path``; re-read
-  when the file changes on disk (the trainer swaps it atomically after a refresh).
+  when the file changes on disk (an atomic swap by another process is seen whole). The ``karl``
+  trainer does not write this file: its refreshed levels reach the workers on each sample.
 * a sample's level: the sample's ``knowledge_level`` field (set by the ``karl`` trainer), else
   ``extra_info["knowledge_level"]``, else the table by entity, else ``default_level``.
 
@@ -93,3 +94,8 @@ def register() -> None:
 
 def is_registered() -> bool:
     return REWARD_MANAGER.get(NAME) is KarlRewardManager
+
+
+# Importing this module registers it, as verl's own decorators do (a dict entry, nothing more):
+# so a part imported on its own, before verl, is registered too (see register_all).
+register()

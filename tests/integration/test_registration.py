@@ -14,6 +14,11 @@ from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
 print("karl_verl imported:", "karl_verl" in sys.modules)
 print("reward manager:", "karl" in REWARD_MANAGER)
 print("estimator:", "karl_grpo" in ADV_ESTIMATOR_REGISTRY)
+from verl.trainer.ppo.v1 import get_trainer_cls
+try:
+    print("trainer:", get_trainer_cls("karl").__name__ == "KarlTrainer")
+except Exception as err:  # verl raises for an unknown trainer name
+    print("trainer: False", type(err).__name__)
 """
 
 
@@ -30,13 +35,13 @@ def run_python(code: str, tmp_path, **env) -> str:
 def test_importing_only_verl_registers_everything(tmp_path):
     out = run_python(CHECK, tmp_path, VERL_USE_EXTERNAL_PLUGINS="auto")
     assert "karl_verl imported: True" in out
-    assert "reward manager: True" in out and "estimator: True" in out
+    assert "reward manager: True" in out and "estimator: True" in out and "trainer: True" in out
 
 
 def test_plugins_none_turns_it_off(tmp_path):
     out = run_python(CHECK, tmp_path, VERL_USE_EXTERNAL_PLUGINS="none")
     assert "karl_verl imported: False" in out
-    assert "reward manager: False" in out and "estimator: False" in out
+    assert "reward manager: False" in out and "estimator: False" in out and "trainer: False" in out
 
 
 def test_registering_twice_is_harmless():
@@ -57,3 +62,27 @@ def test_info_command(tmp_path, policy, expected_rc):
     assert result.returncode == expected_rc, result.stdout + result.stderr[-2000:]
     for name in ("karl-verl", "verl", "torch", "transformers", "'karl'", "'karl_grpo'"):
         assert name in result.stdout
+
+
+def test_importing_karl_verl_registers_once_verl_loads_and_not_before(tmp_path):
+    """``import karl_verl`` registers even with verl's plugin loading off, without importing verl itself."""
+    code = "import sys\nimport karl_verl\nimport karl_verl.reward\n" \
+           "print('heavy before verl:', sorted(m for m in ('verl', 'torch', 'ray') if m in sys.modules))\n" + CHECK
+    out = run_python(code, tmp_path, VERL_USE_EXTERNAL_PLUGINS="none")
+    assert "heavy before verl: []" in out
+    assert "reward manager: True" in out and "estimator: True" in out and "trainer: True" in out
+
+
+def test_verl_keeps_its_own_loader(tmp_path):
+    code = "import karl_verl, verl, importlib.machinery\n" \
+           "print('loader:', type(verl.__spec__.loader).__name__, type(verl.__loader__).__name__)"
+    assert "loader: SourceFileLoader SourceFileLoader" in run_python(code, tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["auto", "none"])
+@pytest.mark.parametrize("part", ["trainer", "reward_manager", "estimator"])
+def test_importing_one_part_first_registers_everything(tmp_path, policy, part):
+    """A part's own import starts verl's, which registers the parts while that one is half-imported."""
+    code = f"import karl_verl.integration.{part}\n" + CHECK
+    out = run_python(code, tmp_path, VERL_USE_EXTERNAL_PLUGINS=policy)
+    assert "reward manager: True" in out and "estimator: True" in out and "trainer: True" in out
