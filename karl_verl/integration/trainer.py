@@ -249,11 +249,9 @@ class KarlTrainer(PPOTrainerSync):
     def _karl_check_config(self) -> None:
         """Fail before any worker starts on a configuration that cannot work; warn on dubious ones."""
         mastery = self.karl_config.mastery
-        if mastery.source in ("probe", "blend") and not (mastery.table_path or mastery.probe_data):
-            raise ConfigError(
-                f"karl.mastery.source={mastery.source!r} needs karl.mastery.table_path (a mastery table) "
-                "or karl.mastery.probe_data (a probe set to measure one at train begin)"
-            )
+        problem = mastery.missing_inputs()
+        if problem:
+            raise ConfigError(problem)
         if mastery.source == "probe" and self.karl_schedule.enabled and not mastery.probe_data:
             logger.warning("karl: refresh %s requested but karl.mastery.probe_data is not set; the table from "
                            "%s is kept for the whole run", self.karl_schedule.describe(), mastery.table_path)
@@ -275,11 +273,15 @@ class KarlTrainer(PPOTrainerSync):
     # ------------------------------------------------------------------ hooks
 
     def on_train_begin(self) -> None:
-        """Load the configured table, or probe; nothing to do when a checkpoint restored the state."""
+        """Load the configured table, or probe; nothing to do when the table is already there.
+
+        It is there when a checkpoint restored the state, or when verl's validation before training
+        (which runs before this hook) set it up: see :meth:`_validate`.
+        """
         super().on_train_begin()
         if self.karl_state.initialized:
-            logger.info("karl: continuing with the restored mastery table (%d entities, %d refreshes so far)",
-                        len(self.karl_state.table), len(self.karl_state.history))
+            logger.info("karl: training starts with the mastery table already set up (%d entities, %d table "
+                        "changes so far)", len(self.karl_state.table), len(self.karl_state.history))
             return
         self._karl_initialize()
 
@@ -491,7 +493,14 @@ class KarlTrainer(PPOTrainerSync):
         batch_dict[LEVEL_FIELD] = np.array(levels, dtype=object)
 
     def _validate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """verl's validation, with validation prompts tagged like training prompts."""
+        """verl's validation, with validation prompts tagged like training prompts.
+
+        verl's ``fit`` validates before ``on_train_begin`` (``trainer.val_before_train``, on by
+        default), so the first table is set up here when it is not there yet; otherwise that first
+        validation would score every entity at the default level.
+        """
+        if not self.karl_state.initialized:
+            self._karl_initialize()
         loader = self.val_dataloader
         self.val_dataloader = _LevelTaggingLoader(loader, self._karl_tag_batch_dict)
         try:
@@ -501,16 +510,21 @@ class KarlTrainer(PPOTrainerSync):
 
     def _karl_fetch_levels(self, batch: Any) -> np.ndarray:
         """The levels of a TransferQueue batch: the travelling field, else recomputed from the table."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                               select_fields=[LEVEL_FIELD, "extra_info", "reward_model"])
         size = len(batch)
-        raw = _field(data, LEVEL_FIELD, size)
+        try:
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[LEVEL_FIELD])
+            raw = _field(data, LEVEL_FIELD, size)
+        except ValueError:
+            # TransferQueue refuses a field that only some samples have: treat them all as untagged.
+            raw = [None] * size
         missing = [i for i, value in enumerate(raw) if value is None]
         if missing:
             # A custom agent loop that drops prompt fields: fall back to the driver's current table.
             self._karl_warn_once("missing_field", "karl: %d samples arrived without %r; their level comes from the "
                                  "trainer's current table", len(missing), LEVEL_FIELD)
             self._karl_counts["missing_field"] += len(missing)
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                   select_fields=["extra_info", "reward_model"])
             recomputed = self._karl_levels(_field(data, "extra_info", size), _field(data, "reward_model", size),
                                            count=False)
             raw = [recomputed[i] if value is None else value for i, value in enumerate(raw)]
@@ -677,3 +691,8 @@ def register() -> None:
 
 def is_registered() -> bool:
     return TRAINER_REGISTRY.get(NAME) is KarlTrainer
+
+
+# Importing this module registers it, as verl's own decorators do (a dict entry, nothing more):
+# so a part imported on its own, before verl, is registered too (see register_all).
+register()

@@ -105,8 +105,11 @@ class FakeTQ:
         names = select_fields if select_fields is not None else list(rows[0])
         out = {}
         for name in [select_fields] if isinstance(select_fields, str) else names:
-            if not all(name in row for row in rows):
+            present = sum(name in row for row in rows)
+            if present == 0:
                 continue  # like TransferQueue: fields no sample has are left out
+            if present < len(rows):  # like TransferQueue's kv_batch_get
+                raise ValueError("Some fields are not ready in all the requested keys!")
             values = [row[name] for row in rows]
             if all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
                 out[name] = torch.nested.as_nested_tensor([v.contiguous() for v in values], layout=torch.jagged)
@@ -512,6 +515,24 @@ def test_fit_levels_travel_to_reward_advantage_and_metrics(base_config, tmp_path
     assert backend.calls >= 2
 
 
+def test_validation_before_training_sees_the_first_table(base_config, tmp_path, tq, tokenizer, probe_set):
+    """verl validates before on_train_begin: that first validation must already use the probed levels."""
+    path, image_entity = probe_set
+    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2},
+                         val_before_train=True, total_epochs=1)
+    trainer = build_trainer(config, tq, tokenizer, backend=backend)
+    rollout = FakeRollout(tq, config, tokenizer)
+    trainer.fit(rollout)
+
+    val_scored = [s for s in rollout.scored if s["partition"] == "val"]
+    assert val_scored, "verl's fit did not validate before training"
+    assert {s["entity"]: s["knowledge_level"] for s in val_scored} == {"Su-30": 1, "J-10": 5}
+    # one probe, before the first validation; on_train_begin kept its table
+    assert [(r.trigger, r.step, r.source) for r in trainer.karl_state.history] == [("train_begin", 0, "probe")]
+    assert backend.calls == 1
+
+
 # ----------------------------------------------------------------------------- _compute_advantage
 
 
@@ -603,6 +624,17 @@ def test_missing_level_field_falls_back_to_table_and_is_counted(base_config, tmp
     for record in tq.parts["train"].values():
         record["fields"].pop(LEVEL_FIELD)
     assert trainer._karl_fetch_levels(batch).tolist() == [1] * 4 + [5] * 4
+    assert trainer.karl_consume_metrics()["karl/level/missing_field"] == 8
+
+
+def test_level_field_on_some_samples_only_falls_back_for_all(base_config, tmp_path, tq):
+    """The real TransferQueue raises when a selected field is missing on some samples."""
+    trainer = KarlTrainer(make_config(base_config, tmp_path, mastery={"source": "online"}))
+    trainer.karl_state.table = MasteryTable.from_scores({"E0": 0.9, "E1": 0.5})
+    batch = fill_tq(tq, levels=[3, 3], scores=[[1, 0, 1, 0]] * 2)
+    first = next(iter(tq.parts["train"].values()))
+    first["fields"].pop(LEVEL_FIELD)
+    assert trainer._karl_fetch_levels(batch).tolist() == [1] * 4 + [2] * 4
     assert trainer.karl_consume_metrics()["karl/level/missing_field"] == 8
 
 
