@@ -234,9 +234,19 @@ def _first_json_bbox(text: str) -> tuple[float, ...] | None:
     return None if match is None else tuple(float(v) for v in match.groups())
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """Qwen2.5-VL's input resize (height, width): the grid its absolute coordinates refer to."""
+#: Qwen2.5-VL's processor defaults (preprocessor_config.json of the released checkpoints, and
+#: qwen_vl_utils): the pixel range an image is resized into before the model sees it.
+QWEN25_MIN_PIXELS = 56 * 56
+QWEN25_MAX_PIXELS = 28 * 28 * 16384
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QWEN25_MIN_PIXELS,
+                 max_pixels: int = QWEN25_MAX_PIXELS) -> tuple[int, int]:
+    """Qwen2.5-VL's input resize (height, width): the grid its absolute coordinates refer to.
+
+    ``min_pixels`` / ``max_pixels`` must be those the model's processor ran with (many setups
+    lower ``max_pixels``, e.g. to 28 * 28 * 1280).
+    """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got height={height} width={width}")
     h_bar = max(factor, round(height / factor) * factor)
@@ -258,6 +268,7 @@ def read_box(
     *,
     image_size: tuple[int, int] | None = None,
     resized_size: tuple[int, int] | None = None,
+    pixels: tuple[int, int] = (QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS),
 ) -> Box | None:
     """Read one box on the 0-1000 grid from model text; None when the text holds no box.
 
@@ -269,7 +280,8 @@ def read_box(
       * ``"json"``: only JSON ``bbox_2d`` (bare or inside a json code fence), 0-1000.
       * ``"qwen25_vl_abs"``: as ``qwen3_vl`` but in absolute pixels of the model's resized
         input. Give ``resized_size`` (width, height) of the model input, or ``image_size``
-        (width, height) of the original image, which is resized with :func:`smart_resize`.
+        (width, height) of the original image, which is resized with :func:`smart_resize` into
+        ``pixels`` = (min_pixels, max_pixels) of the processor the model ran with.
     """
     if box_format == "reference":
         return find_box_reference(text)
@@ -288,7 +300,8 @@ def read_box(
         if resized_size is None:
             if image_size is None:
                 raise ValueError("box_format 'qwen25_vl_abs' needs image_size or resized_size (width, height)")
-            resized_h, resized_w = smart_resize(int(image_size[1]), int(image_size[0]))
+            resized_h, resized_w = smart_resize(int(image_size[1]), int(image_size[0]), min_pixels=int(pixels[0]),
+                                                max_pixels=int(pixels[1]))
         else:
             resized_w, resized_h = resized_size
         values = (

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from karl_verl.boxes import BOX_FORMATS
+from karl_verl.boxes import BOX_FORMATS, QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS
 from karl_verl.mastery import DEFAULT_LEVEL_NAME, DEFAULT_THRESHOLDS, NUM_LEVELS, MasteryError, parse_level
 
 _KARL_POS = (0.65, 0.85, 1.0, 1.2, 1.4)
@@ -57,7 +58,30 @@ def _float_table(value: Any, key: str) -> tuple[float, ...]:
         raise ConfigError(f"{key}: expected {NUM_LEVELS} numbers (levels 1..5), got {value!r}") from None
     if len(table) != NUM_LEVELS:
         raise ConfigError(f"{key}: expected {NUM_LEVELS} numbers (levels 1..5), got {len(table)}: {table}")
+    if not all(math.isfinite(v) for v in table):
+        raise ConfigError(f"{key}: expected finite numbers, got {table}")
     return table
+
+
+def _number(value: Any, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+def pixel_bounds(value: Any, key: str) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of an image processor: two integers, 0 < min <= max."""
+    try:
+        low, high = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected two integers (min_pixels, max_pixels), got {value!r}") from None
+    if not 0 < low <= high:
+        raise ConfigError(f"{key}: expected 0 < min_pixels <= max_pixels, got ({low}, {high})")
+    return low, high
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
@@ -100,6 +124,9 @@ class RewardConfig:
     format_box_weight: float = 0.5
     #: How boxes are read from the answer: "reference" (released reader) or an opt-in reader.
     box_format: str = "reference"
+    #: box_format "qwen25_vl_abs": (min_pixels, max_pixels) of the Qwen2.5-VL processor the model ran
+    #: with, to know the resized input its absolute pixels refer to (default: the processor's own).
+    abs_pixels: tuple[int, ...] = (QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS)
     #: Level of an entity with no level in extra_info and none in the mastery table.
     default_level: str = DEFAULT_LEVEL_NAME
     #: Mastery table (JSON) for entities without ``extra_info["knowledge_level"]``; None: none.
@@ -108,6 +135,12 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if self.preset not in REWARD_PRESETS:
             raise ConfigError(f"karl.reward.preset: expected one of {sorted(REWARD_PRESETS)}, got {self.preset!r}")
+        for key in ("tau", "cap", "format_tags_weight", "format_box_weight"):
+            object.__setattr__(self, key, _number(getattr(self, key), f"karl.reward.{key}"))
+        if not isinstance(self.inclusive_threshold, bool):
+            raise ConfigError(
+                f"karl.reward.inclusive_threshold: expected true or false, got {self.inclusive_threshold!r}"
+            )
         pos_default, neg_default = REWARD_PRESETS[self.preset]
         object.__setattr__(self, "pos_scale", _float_table(
             pos_default if self.pos_scale is None else self.pos_scale, "karl.reward.pos_scale"))
@@ -115,6 +148,7 @@ class RewardConfig:
             neg_default if self.neg_scale is None else self.neg_scale, "karl.reward.neg_scale"))
         if self.box_format not in BOX_FORMATS:
             raise ConfigError(f"karl.reward.box_format: expected one of {BOX_FORMATS}, got {self.box_format!r}")
+        object.__setattr__(self, "abs_pixels", pixel_bounds(self.abs_pixels, "karl.reward.abs_pixels"))
         try:
             parse_level(self.default_level)
         except MasteryError as err:
@@ -196,6 +230,7 @@ class MasteryConfig:
     online_prior: tuple[float, ...] = (1.0, 1.0)
     #: Decayed rollouts an entity needs before its online estimate is used (else it keeps its probe level).
     online_min_evidence: float = 8.0
+    #: Seed of the probe's image sampling, option order and answer letters.
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -229,6 +264,20 @@ class MasteryConfig:
             raise ConfigError(
                 f"karl.mastery.online_min_evidence: expected a number >= 0, got {self.online_min_evidence!r}"
             )
+
+    def missing_inputs(self) -> str | None:
+        """Why this configuration cannot set up a first table, or None when it can.
+
+        The sources "probe" and "blend" start from a measured table: a file, or a probe at train
+        begin. Checked by the trainer and, before Ray starts, by the recipe's Hydra callback.
+        """
+        if self.source in ("probe", "blend") and not (self.table_path or self.probe_data):
+            return (
+                f"karl.mastery.source={self.source!r} needs karl.mastery.table_path (a mastery table) or "
+                "karl.mastery.probe_data (a probe set to measure one at train begin); "
+                "or set karl.mastery.source=online"
+            )
+        return None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> MasteryConfig:

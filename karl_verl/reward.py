@@ -112,7 +112,8 @@ def _read_answer_box(answer: str, config: RewardConfig, extra_info: Mapping[str,
                 "karl.reward.box_format='qwen25_vl_abs' needs extra_info 'image_width'/'image_height' "
                 "(or 'resized_width'/'resized_height') in every row"
             )
-        return read_box(answer, "qwen25_vl_abs", image_size=image_size, resized_size=resized)
+        return read_box(answer, "qwen25_vl_abs", image_size=image_size, resized_size=resized,
+                        pixels=config.abs_pixels)
     return read_box(answer, config.box_format)  # type: ignore[arg-type]
 
 

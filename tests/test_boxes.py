@@ -104,6 +104,17 @@ class TestModernReaders:
         box = read_box("[28, 56, 140, 280]", "qwen25_vl_abs", resized_size=(280, 560))
         assert box == pytest.approx((100.0, 100.0, 500.0, 500.0))
 
+    def test_qwen25_resize_follows_the_processor_pixel_range(self):
+        # 2800 x 1400 = 3.92M pixels: inside Qwen2.5-VL's default range (no downscale), but a processor
+        # run with max_pixels = 28*28*1280 (1M) shrinks it to 1400 x 700 first.
+        assert smart_resize(1400, 2800) == (1400, 2800)
+        assert smart_resize(1400, 2800, max_pixels=28 * 28 * 1280) == (700, 1400)
+        assert read_box("[0, 0, 1400, 700]", "qwen25_vl_abs", image_size=(2800, 1400)) == pytest.approx(
+            (0.0, 0.0, 500.0, 500.0))
+        small = read_box("[0, 0, 700, 350]", "qwen25_vl_abs", image_size=(2800, 1400),
+                         pixels=(56 * 56, 28 * 28 * 1280))
+        assert small == pytest.approx((0.0, 0.0, 500.0, 500.0))
+
     def test_qwen25_needs_a_size(self):
         with pytest.raises(ValueError, match="image_size"):
             read_box("[1, 2, 3, 4]", "qwen25_vl_abs")

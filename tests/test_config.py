@@ -92,6 +92,15 @@ class TestYamlMirror:
         assert list(node) == [field.name for field in dataclasses.fields(cls)]
 
     def test_recipe_builds_the_default_configs(self):
-        recipe = self.load()
-        assert KarlConfig.from_mapping(recipe["karl"]) == KarlConfig()
-        assert AdvantageConfig.from_mapping(recipe["algorithm"]["karl"]) == AdvantageConfig()
+        from omegaconf import OmegaConf
+
+        recipe = OmegaConf.create(self.load())
+        assert KarlConfig.from_mapping(recipe.karl) == KarlConfig()
+        assert AdvantageConfig.from_mapping(recipe.algorithm.karl) == AdvantageConfig()
+
+    def test_advantage_default_level_follows_the_reward_default_level(self):
+        from omegaconf import OmegaConf
+
+        recipe = OmegaConf.create(self.load())
+        recipe.karl.reward.default_level = "mostly incorrect"
+        assert AdvantageConfig.from_mapping(recipe.algorithm.karl).default_level == "mostly incorrect"

@@ -108,3 +108,13 @@ def test_unset_required_keys_stop_the_run_at_once(installed, tmp_path):
     assert "data.val_files" in message and "actor_rollout_ref.model.path" in message
     assert "trainer.default_local_dir" in message and "data.train_files=..." not in message
     assert "Started a local Ray instance" not in result.stdout + result.stderr
+
+
+def test_karl_trainer_without_table_or_probe_set_stops_before_ray(installed, tmp_path):
+    """All path keys set, but the karl trainer has no way to get a first mastery table."""
+    result = main_ppo(installed, tmp_path, "+recipe=karl_kvg", "data.train_files=/d/train.parquet",
+                      "data.val_files=/d/val.parquet", "actor_rollout_ref.model.path=/m/qwen",
+                      "trainer.default_local_dir=/ckpt", timeout=120)
+    assert result.returncode != 0
+    assert "karl.mastery.table_path" in result.stderr and "karl.mastery.probe_data" in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
