@@ -17,10 +17,11 @@ from pathlib import Path
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed, ``path`` is left as it was, and folders made
+    for it are removed again (when still empty).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folders(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -34,7 +35,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                folder.rmdir()
         raise
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    return list(reversed(missing))
 
 
 def _fsync_directory(directory: Path) -> None:

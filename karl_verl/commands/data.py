@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from karl_verl.data.filter import FILTER_TEMPERATURE
     from karl_verl.data.schema import COORDINATE_SYSTEMS
     from karl_verl.evaluation.inference import add_inference_arguments
-    from karl_verl.evaluation.metrics import EVAL_BOX_FORMATS
+    from karl_verl.evaluation.metrics import add_box_arguments
 
     sub = parser.add_subparsers(dest="data_command", metavar="STEP")
     sub.required = True
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="annotation files (.jsonl, .csv, .parquet) or folders written by datasets' save_to_disk")
         p.add_argument("--coords", choices=COORDINATE_SYSTEMS,
                        help="coordinate system of the boxes, for rows without a 'coords' field")
-        p.add_argument("--split", default="train", help="split of rows without a 'split' field (default: train)")
+        p.add_argument("--split", default=None,
+                       help="split of rows without a 'split' field (default: --hf-split if given, else train)")
         p.add_argument("--image-root", type=Path,
                        help="folder relative image paths start from (default: the annotation file's folder)")
         p.add_argument("--field", action="append", metavar="FIELD=COLUMN",
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="checkpoint to sample the responses with")
     filt.add_argument("--out", required=True, type=Path, help="output parquet file (kept rows)")
     filt.add_argument("-k", "--k", type=int, default=4, help="responses per instance (default: 4)")
-    filt.add_argument("--box-format", choices=EVAL_BOX_FORMATS, default="qwen3_vl", help="how boxes are read")
+    add_box_arguments(filt)
     filt.add_argument("--report", type=Path, help="also write counts and per-instance scores to this JSON file")
     filt.add_argument("--save-responses", type=Path,
                       help="where sampled responses go with --model (default: OUT with suffix .responses.jsonl)")
@@ -83,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_options(args: argparse.Namespace):
     from karl_verl.data.annotations import ReadOptions, parse_field_map
 
-    return ReadOptions(coords=args.coords, split=args.split, image_root=args.image_root,
+    return ReadOptions(coords=args.coords, split=args.split or args.hf_split or "train", image_root=args.image_root,
                        field_map=parse_field_map(args.field), hf_split=args.hf_split)
 
 
@@ -131,6 +132,6 @@ def _run_filter(args: argparse.Namespace):
         generator, sampling = generator_from_args(args, n=args.k)
     return filter_dataset(
         args.data, args.out, k=args.k, responses=args.responses, generator=generator, sampling=sampling,
-        box_format=args.box_format, responses_out=args.save_responses, report=args.report,
+        box_format=args.box_format, abs_pixels=args.abs_pixels, responses_out=args.save_responses, report=args.report,
         progress=not args.no_progress,
     )

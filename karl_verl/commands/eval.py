@@ -24,7 +24,7 @@ def _categories(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from karl_verl.data.prompts import PROMPT_STYLES
     from karl_verl.evaluation.inference import add_inference_arguments
-    from karl_verl.evaluation.metrics import EVAL_BOX_FORMATS
+    from karl_verl.evaluation.metrics import add_box_arguments
     from karl_verl.evaluation.paper import (
         BENCH_MAX_NEW_TOKENS,
         BENCH_SEED,
@@ -41,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="checkpoint to run on the benchmark instead")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--mastery", type=Path, help="mastery table (JSON): adds the high (1-3) vs low (4-5) split")
-    parser.add_argument("--box-format", choices=EVAL_BOX_FORMATS, default="qwen3_vl",
-                        help="qwen3_vl: 0-1000 (default); qwen25_vl_abs: absolute pixels of Qwen2.5-VL's resized "
-                             "input; json: bbox_2d only; reference: the released reward's reader")
+    add_box_arguments(parser)
     parser.add_argument("--seen", type=_categories, default=SEEN_CATEGORIES, metavar="CATS",
                         help=f"seen categories, comma list (default: {','.join(SEEN_CATEGORIES)})")
     parser.add_argument("--unseen", type=_categories, default=UNSEEN_CATEGORIES, metavar="CATS",
@@ -81,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             prompt_style=args.prompt_style,
             chunk_size=args.batch_size if args.backend == "hf" else None,
             box_format=args.box_format,
+            abs_pixels=args.abs_pixels,
             mastery=args.mastery,
             seen_categories=args.seen,
             unseen_categories=args.unseen,

@@ -27,6 +27,7 @@ from karl_verl.data.schema import (
     Location,
     image_ref_from_value,
     iter_jsonl_objects,
+    open_parquet,
     parse_boxes,
     probe_image,
     to_pixels,
@@ -131,12 +132,7 @@ def _iter_file(path: Path, name: str) -> Iterator[tuple[Location, dict[str, Any]
             for row_number, record in enumerate(csv.DictReader(handle), start=1):
                 yield Location(name, row_number), _csv_record(record)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as err:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(name, None, None, f"not a readable parquet file ({type(err).__name__}: {err})") from None
+        parquet = open_parquet(path, name)
         row_number = 0
         for batch in parquet.iter_batches(batch_size=64):
             for record in batch.to_pylist():
@@ -187,6 +183,9 @@ def _field(record: Mapping[str, Any], canonical: str, options: ReadOptions) -> t
     return FIELD_ALIASES[canonical][0], None
 
 
+_RESERVED_TOKENS = ("<image>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>")
+
+
 def _text(record: Mapping[str, Any], canonical: str, options: ReadOptions, where: Location, *,
           default: str | None = None) -> str:
     column, value = _field(record, canonical, options)
@@ -201,6 +200,12 @@ def _text(record: Mapping[str, Any], canonical: str, options: ReadOptions, where
     text = value.strip()
     if not text:
         raise where.error(column, "empty string")
+    if canonical in ("entity", "category"):
+        # These go into the prompt and the ground truth: a placeholder or marker inside would shift
+        # the image count or the entity the reward reads.
+        for token in _RESERVED_TOKENS:
+            if token in text:
+                raise where.error(column, f"contains {token!r}, which the prompt format reserves: {text!r}")
     return text
 
 

@@ -256,6 +256,9 @@ class ComposeSummary:
     probe_entities: int = 0
     sources: int = 0
     multi_box_sources: int = 0
+    #: Sources whose box is their whole image (no box given: fine for Food-101-like sets, a sign of
+    #: a misnamed box column otherwise).
+    whole_image_sources: int = 0
     per_category: Counter = field(default_factory=Counter)
     per_k: Counter = field(default_factory=Counter)
     per_layout: Counter = field(default_factory=Counter)
@@ -277,6 +280,9 @@ class ComposeSummary:
             lines.append(f"  skipped (too few entities for the smallest k): {', '.join(self.skipped_categories)}")
         if self.multi_box_sources:
             lines.append(f"  {self.multi_box_sources} source images have several boxes of their entity")
+        if self.whole_image_sources:
+            lines.append(f"  {self.whole_image_sources} of {self.sources} source images had no box: their whole image "
+                         "is the entity's box (if your file has boxes, name the column: --field boxes=COLUMN)")
         return "\n".join(lines)
 
 
@@ -312,6 +318,9 @@ def compose_dataset(
     sources = load_sources(inputs, options or ReadOptions(), progress)
     summary = ComposeSummary(out_dir=out_dir, sources=len(sources))
     summary.multi_box_sources = sum(len(source.boxes) > 1 for source in sources)
+    summary.whole_image_sources = sum(
+        source.boxes == ((0.0, 0.0, float(source.width), float(source.height)),) for source in sources
+    )
 
     pools: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, source in enumerate(sources):

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from karl_verl.atomic import atomic_path, atomic_write_text
 from karl_verl.boxes import Box
-from karl_verl.data.schema import DataError, iter_jsonl_objects
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, ground_truth_boxes, score_response
+from karl_verl.data.schema import DataError, iter_jsonl_objects, open_parquet
+from karl_verl.evaluation.metrics import ACC_THRESHOLD, DEFAULT_ABS_PIXELS, ground_truth_boxes, score_response
 
 if TYPE_CHECKING:
     from karl_verl.backends.base import SamplingSettings, TextGenerator
@@ -54,7 +54,7 @@ def read_instances(path: str | Path) -> list[Instance]:
     name = path.name
     if not path.is_file():
         raise DataError(name, None, None, f"RL parquet not found: {path}")
-    columns = pq.ParquetFile(path).schema_arrow.names
+    columns = open_parquet(path, name).schema_arrow.names
     for column in ("reward_model", "extra_info"):
         if column not in columns:
             raise DataError(name, None, None, f"missing column {column!r}: expected verl RL parquet "
@@ -174,9 +174,11 @@ class FilterSummary:
                 "too_hard": self.too_hard, "histogram": {str(c): self.histogram.get(c, 0) for c in range(self.k + 1)}}
 
 
-def count_correct(responses: Sequence[str], instance: Instance, box_format: str, threshold: float) -> int:
+def count_correct(responses: Sequence[str], instance: Instance, box_format: str, threshold: float,
+                  abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS) -> int:
     size = (instance.width, instance.height) if instance.width and instance.height else None
-    return sum(score_response(text, instance.boxes, box_format, size, threshold).correct for text in responses)
+    return sum(score_response(text, instance.boxes, box_format, size, threshold, abs_pixels).correct
+               for text in responses)
 
 
 def filter_dataset(
@@ -188,6 +190,7 @@ def filter_dataset(
     generator: TextGenerator | None = None,
     sampling: SamplingSettings | None = None,
     box_format: str = "qwen3_vl",
+    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
     threshold: float = ACC_THRESHOLD,
     responses_out: str | Path | None = None,
     report: str | Path | None = None,
@@ -235,7 +238,7 @@ def filter_dataset(
         if texts is None or len(texts) != k:
             got = 0 if texts is None else len(texts)
             raise DataError(data.name, instance.row, "responses", f"expected {k} responses, got {got}")
-        correct = count_correct(texts, instance, box_format, threshold)
+        correct = count_correct(texts, instance, box_format, threshold, abs_pixels)
         summary.histogram[correct] += 1
         summary.trivial += correct == k
         summary.too_hard += correct == 0

@@ -110,6 +110,16 @@ def iter_jsonl_objects(path: Path, name: str) -> Iterator[tuple[int, dict[str, A
             yield line_number, record
 
 
+def open_parquet(path: Path, name: str) -> Any:
+    """``pyarrow.parquet.ParquetFile(path)``; a file pyarrow cannot read raises DataError naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several unrelated types for a bad file
+        raise DataError(name, None, None, f"not a readable parquet file ({type(err).__name__}: {err})") from None
+
+
 def probe_image(data: bytes | None, path: Path | None, where: Location, field_name: str = "image") -> tuple[int, int]:
     """Decode an image fully (so corrupt bytes fail here, not inside a training worker); (width, height)."""
     from PIL import Image, UnidentifiedImageError

@@ -22,9 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from karl_verl.boxes import Box, entity_of
 from karl_verl.data import prompts
-from karl_verl.data.schema import DataError, Location, image_ref_from_value, iter_jsonl_objects, probe_image
+from karl_verl.data.schema import (
+    DataError,
+    Location,
+    image_ref_from_value,
+    iter_jsonl_objects,
+    open_parquet,
+    probe_image,
+)
 from karl_verl.evaluation.metrics import (
     ACC_THRESHOLD,
+    DEFAULT_ABS_PIXELS,
     BenchMetrics,
     CaseResult,
     aggregate,
@@ -75,18 +83,13 @@ def _answer_boxes(value: Any, where: Location) -> tuple[list[Box], str | None]:
 
 def load_bench(path: str | Path, *, progress: bool = True) -> list[BenchCase]:
     """Read and validate every case (images are decoded once, so a corrupt one fails here)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
     path = Path(path)
     name = path.name
     if not path.is_file():
         raise DataError(name, None, None, f"benchmark file not found: {path}")
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(name, None, None, f"not a readable parquet file ({err})") from None
+    parquet = open_parquet(path, name)
     missing = [column for column in BENCH_COLUMNS if column not in parquet.schema_arrow.names]
     if missing:
         raise DataError(name, None, None, f"missing column(s) {missing}; expected {list(BENCH_COLUMNS)}")
@@ -212,12 +215,13 @@ def score_cases(
     box_format: str = "qwen3_vl",
     mastery: MasteryTable | None = None,
     threshold: float = ACC_THRESHOLD,
+    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
 ) -> list[CaseResult]:
     """Score every case; a case with no response is a missing prediction."""
     results = []
     for case in cases:
         response = responses.get(case.question_id)
-        score = score_response(response, case.boxes, box_format, (case.width, case.height), threshold)
+        score = score_response(response, case.boxes, box_format, (case.width, case.height), threshold, abs_pixels)
         level = None
         if mastery is not None and case.entity is not None:
             level = mastery.level_of(case.entity)
@@ -243,8 +247,9 @@ def evaluate(
     seen_categories: Sequence[str],
     unseen_categories: Sequence[str],
     mastery: MasteryTable | None = None,
+    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
 ) -> tuple[BenchMetrics, list[CaseResult]]:
     """Score and aggregate: the figures of Table 1 (and the knowledge split with ``mastery``)."""
-    results = score_cases(cases, responses, box_format=box_format, mastery=mastery)
+    results = score_cases(cases, responses, box_format=box_format, mastery=mastery, abs_pixels=abs_pixels)
     metrics = aggregate(results, seen_categories, unseen_categories, with_knowledge=mastery is not None)
     return metrics, results

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from karl_verl.evaluation import report
 from karl_verl.evaluation.bench import evaluate, load_bench, load_predictions, predict
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, BenchMetrics
+from karl_verl.evaluation.metrics import ACC_THRESHOLD, DEFAULT_ABS_PIXELS, BenchMetrics
 from karl_verl.evaluation.paper import DEFAULT_PAPER_ROWS, SEEN_CATEGORIES, UNSEEN_CATEGORIES
 from karl_verl.mastery import MasteryTable
 
@@ -70,6 +70,7 @@ def run_eval(
     prompt_style: str = "karl",
     chunk_size: int | None = None,
     box_format: str = "qwen3_vl",
+    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
     mastery: str | Path | MasteryTable | None = None,
     seen_categories: Sequence[str] = SEEN_CATEGORIES,
     unseen_categories: Sequence[str] = UNSEEN_CATEGORIES,
@@ -104,7 +105,7 @@ def run_eval(
         responses, unknown = loaded.responses, len(loaded.unknown_ids)
 
     metrics, results = evaluate(cases, responses, box_format=box_format, seen_categories=seen_categories,
-                                unseen_categories=unseen_categories, mastery=table)
+                                unseen_categories=unseen_categories, mastery=table, abs_pixels=abs_pixels)
     columns = report.table_columns(seen_categories, unseen_categories, metrics.other_categories)
     rows = report.comparison_rows(metrics, name, paper_rows)
     settings = {
@@ -112,6 +113,7 @@ def run_eval(
         "bench": str(bench),
         "predictions": None if predictions is None else str(predictions),
         "box_format": box_format,
+        "abs_pixels": list(abs_pixels) if box_format == "qwen25_vl_abs" else None,
         "threshold": ACC_THRESHOLD,
         "seen_categories": list(seen_categories),
         "unseen_categories": list(unseen_categories),

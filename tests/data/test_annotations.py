@@ -78,6 +78,8 @@ def test_base64_is_not_mistaken_for_a_path(tmp_path):
     ({"boxes": [0, 0, 500, 20]}, "row 2, field 'boxes': .*outside"),
     ({"boxes": None}, "row 2, field 'boxes': missing"),
     ({"coords": "polar"}, "row 2, field 'coords': expected one of"),
+    ({"entity": "Su-30 <image>"}, "row 2, field 'entity': contains '<image>', which the prompt format reserves"),
+    ({"category": "<|object_ref_end|>car"}, r"row 2, field 'category': contains '<\|object_ref_end\|>'"),
 ])
 def test_bad_rows_name_file_row_and_field(single_entity_set, jsonl, change, message):
     records = [dict(r) for r in single_entity_set.records[:3]]

@@ -64,7 +64,9 @@ def test_whole_image_box_when_a_source_has_none(tmp_path, make_image, jsonl, pal
     path = jsonl(tmp_path / "food_like.jsonl", records)
     config = ComposeConfig(num_images=3, layouts=("horizontal",), tile_size=60, queries_per_image=0,
                            k_weights={3: 1}, image_format="png")
-    compose_dataset([path], tmp_path / "out", config, progress=False)
+    summary = compose_dataset([path], tmp_path / "out", config, progress=False)
+    # said in the summary: a misnamed box column would look exactly like this
+    assert summary.whole_image_sources == 3 and "3 of 3 source images had no box" in summary.format()
     for row in pq.read_table(tmp_path / "out" / "grounding.parquet").to_pylist():
         extra = row["extra_info"]
         found = _colour_bbox(row["images"][0]["bytes"], palette[extra["entity"]])
@@ -79,6 +81,7 @@ def test_k_entities_distinct_and_from_one_category(single_entity_set, tmp_path):
     summary = compose_dataset([single_entity_set.annotations], tmp_path / "out", config, progress=False)
     rows = pq.read_table(tmp_path / "out" / "grounding.parquet").to_pylist()
     assert set(summary.per_k) <= {2, 3, 4} and sum(summary.per_k.values()) == 30
+    assert summary.whole_image_sources == 0 and "had no box" not in summary.format()
     # car has 3 entities: never k = 4 there.
     assert all(r["extra_info"]["num_entities"] <= 3 for r in rows if r["extra_info"]["category"] == "car")
     assert len(rows) == 30  # one query per composite by default

@@ -131,6 +131,22 @@ def test_cli_convert(single_entity_set, tmp_path, capsys):
     assert {row["split"] for row in pq.read_table(out).column("extra_info").to_pylist()} == {"val"}
 
 
+def test_cli_convert_labels_rows_with_the_hf_split(tmp_path, make_image, capsys):
+    datasets = pytest.importorskip("datasets")
+    data = make_image((30, 20), (0, 0, 15, 10), (0, 200, 0), "PNG")
+    rows = {"image": [{"bytes": data, "path": None}], "entity": ["Cessna 172"], "category": ["aircraft"],
+            "boxes": [[0, 0, 15, 10]]}
+    features = datasets.Features({"image": datasets.Image(), "entity": datasets.Value("string"),
+                                  "category": datasets.Value("string"),
+                                  "boxes": datasets.Sequence(datasets.Value("float32"))})
+    splits = {name: datasets.Dataset.from_dict(rows, features=features) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "rl.parquet"
+    assert main(["data", "convert", str(tmp_path / "hf"), "--hf-split", "test", "--coords", "pixel_xyxy",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert [row["split"] for row in pq.read_table(out).column("extra_info").to_pylist()] == ["test"]
+
+
 def test_cli_convert_reports_bad_input(tmp_path, jsonl, capsys):
     path = jsonl(tmp_path / "annotations.jsonl", [{"image": "x.png", "entity": "E", "category": "car",
                                                     "boxes": [0, 0, 1, 1]}])

@@ -119,3 +119,15 @@ def test_cli_with_the_tiny_model(bench, tmp_path, capsys):
     assert data["model"] == str(model) and data["backend"] == "hf" and data["overall"]["n"] == 11
     assert data["sampling"]["max_new_tokens"] == 4
     assert "predictions saved to" in capsys.readouterr().out
+
+
+def test_cli_abs_pixels_for_qwen25_boxes(bench, predictions, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "--bench", str(bench), "--predictions", str(predictions), "--out", str(out),
+                 "--box-format", "qwen25_vl_abs", "--abs-pixels", "3136,1003520", "--no-progress"]) == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["abs_pixels"] == [3136, 1003520] and data["box_format"] == "qwen25_vl_abs"
+    with pytest.raises(SystemExit):
+        main(["eval", "--bench", str(bench), "--predictions", str(predictions), "--out", str(out),
+              "--abs-pixels", "5"])
+    assert "--abs-pixels" in capsys.readouterr().err
