@@ -7,9 +7,11 @@ composes the recipe as ``main_ppo`` would and reports every problem at once:
 * required keys left unset (model, data and output paths);
 * data rows whose ``<image>`` placeholder count differs from their image count;
 * prompts longer than ``data.max_prompt_length`` once the processor expands the images
-  (needs the model's processor on disk; skipped with a note when it cannot be loaded);
+  (needs the model's processor on disk; without torchvision a Qwen3-VL processor is built part
+  by part; skipped with a loud note only when no processor can be loaded);
 * ground truths without a readable box or without an entity marker;
-* training entities absent from the mastery table;
+* ``karl.*`` and ``algorithm.karl`` values the trainer or the reward workers would refuse;
+* training entities absent from the mastery table (or, with no table, from the probe set);
 * probe-set categories with fewer than 4 entities (no 4-choice question possible), or neither a
   mastery table nor a probe set for a run whose trainer needs one.
 
@@ -18,7 +20,6 @@ Runs in the driver only; nothing here starts Ray or touches a GPU.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,15 +65,18 @@ def _override_key(override: str) -> str | None:
     return override.split("=", 1)[0].strip()
 
 
-def unknown_override_keys(base: Any, overrides: Iterable[str]) -> list[str]:
+def _has_key(config: Any, key: str) -> bool:
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
-    unknown = []
-    for override in overrides:
-        key = _override_key(override)
-        if key is not None and OmegaConf.select(base, key, default=_MISSING, throw_on_missing=False) is _MISSING:
-            unknown.append(key)
-    return unknown
+    try:
+        return OmegaConf.select(config, key, default=_MISSING, throw_on_missing=True) is not _MISSING
+    except MissingMandatoryValue:  # a "???" value: the key exists, it only waits for a value
+        return True
+
+
+def unknown_override_keys(base: Any, overrides: Iterable[str]) -> list[str]:
+    return [key for key in map(_override_key, overrides) if key is not None and not _has_key(base, key)]
 
 
 def _files(value: Any) -> list[str]:
@@ -119,13 +123,15 @@ def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: s
         if not isinstance(ground_truth, str):
             report.add(where, "field 'reward_model.ground_truth' is missing or not a string")
             continue
-        entity = entity_of(ground_truth)
+        marked = entity_of(ground_truth)
         extra = record.get("extra_info") or {}
-        entity = extra.get("entity") or entity
-        if entity is None:
-            report.add(where, "ground truth has no <|object_ref_start|>entity<|object_ref_end|>: "
-                              f"{ground_truth[:80]!r}")
-        else:
+        entity = extra.get("entity") or marked
+        # The reward reads the marker itself: without it KA-IoU is 0 for every sample of the row,
+        # whatever extra_info says.
+        if marked is None:
+            report.add(where, "ground truth has no <|object_ref_start|>entity<|object_ref_end|> (KA-IoU would "
+                              f"be 0 for every response): {ground_truth[:80]!r}")
+        if entity is not None:
             entities.append(entity)
         if find_box_reference(ground_truth) is None:
             report.add(where, f"ground truth has no readable (x1,y1),(x2,y2) box: {ground_truth[:80]!r}")
@@ -140,13 +146,23 @@ def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequenc
 
     try:
         processor = load_processor(model_path)
-    except Exception as err:  # noqa: BLE001 - report, do not crash: the other checks still count
-        report.notes.append(f"prompt lengths not checked: cannot load the processor of {model_path} ({err})")
-        return
+    except Exception as err:  # noqa: BLE001 - a processor that needs torchvision; tried below
+        processor, first_error = None, err
+    else:
+        first_error = None
     if not hasattr(processor, "image_processor"):
-        report.notes.append(f"prompt lengths not checked: {model_path} has no image processor here "
-                            "(without torchvision transformers may load only the tokenizer)")
-        return
+        # Without torchvision (CPU laptops) AutoProcessor gives the bare tokenizer or fails; a Qwen3-VL
+        # processor can still be built part by part, with the same image-token counts.
+        from karl_verl.testing.tiny_qwen3vl import load_qwen3vl_processor_without_torchvision
+
+        try:
+            processor = load_qwen3vl_processor_without_torchvision(model_path)
+        except Exception as err:  # noqa: BLE001 - report, do not crash: the other checks still count
+            reason = first_error or "AutoProcessor gave no image processor (no torchvision here?)"
+            report.notes.append(f"prompt lengths NOT checked: cannot load the processor of {model_path} ({reason}; "
+                                f"part by part: {err}); run the pre-flight where torchvision is installed")
+            return
+        report.notes.append(f"processor of {model_path} built part by part (no torchvision here)")
     from tqdm import tqdm
 
     for where, _, messages, images in tqdm(rows, desc="prompt lengths", unit="row", leave=False):
@@ -163,29 +179,50 @@ def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequenc
                               f"{max_prompt_length}")
 
 
-def check_mastery(report: PreflightReport, config: Any, entities: Iterable[str]) -> None:
-    from karl_verl.config import KarlConfig
+def _absent(report: PreflightReport, where: str, missing: Sequence[str], what: str) -> None:
+    if missing:
+        shown = ", ".join(repr(e) for e in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        report.add(where, f"{len(missing)} training entit{'y' if len(missing) == 1 else 'ies'} absent from {what} "
+                          f"(they would get the default level): {shown}")
+
+
+def check_karl_config(report: PreflightReport, config: Any) -> tuple[Any, Any]:
+    """(RewardConfig, MasteryConfig) as the trainer and reward workers will build them; None for a
+    part they would refuse (reported). The parts are built apart, so one error hides no other check."""
+    from karl_verl.config import AdvantageConfig, ConfigError, MasteryConfig, RewardConfig
+
+    karl = _select(config, "karl") or {}
+    unknown = sorted(set(karl) - {"reward", "mastery"})
+    if unknown:
+        report.add("karl", f"unknown key(s) {unknown}; expected 'reward' and/or 'mastery'")
+    built = []
+    parts = ((RewardConfig, "karl.reward"), (MasteryConfig, "karl.mastery"), (AdvantageConfig, "algorithm.karl"))
+    for cls, key in parts:
+        try:
+            built.append(cls.from_mapping(_select(config, key)))
+        except ConfigError as err:
+            report.add(key, str(err))
+            built.append(None)
+    return built[0], built[1]
+
+
+def check_mastery(report: PreflightReport, config: Any, reward: Any, mastery: Any, entities: Iterable[str]) -> None:
     from karl_verl.mastery import MasteryError, MasteryTable
     from karl_verl.probe.questions import load_probe_set
 
-    karl = KarlConfig.from_mapping(config.get("karl"))
-    table_path = karl.reward.mastery_path or karl.mastery.table_path
-    needs_mastery = (str(config.trainer.v1.get("trainer_mode")) == "karl"
-                     or config.algorithm.adv_estimator == "karl_grpo")
+    entities = set(entities)
+    table_path = (reward.mastery_path if reward is not None else None) or mastery.table_path
+    uses_karl_trainer = str(_select(config, "trainer.v1.trainer_mode")) == "karl"
     if table_path:
         try:
             table = MasteryTable.load(table_path)
         except MasteryError as err:
             report.add("karl.mastery.table_path", str(err))
         else:
-            missing = sorted(set(entities) - set(table.entries))
-            if missing:
-                shown = ", ".join(repr(e) for e in missing[:10]) + (" ..." if len(missing) > 10 else "")
-                report.add(table_path, f"{len(missing)} training entit{'y' if len(missing) == 1 else 'ies'} absent "
-                                       f"from the mastery table (they would get the default level): {shown}")
-    if karl.mastery.probe_data:
+            _absent(report, table_path, sorted(entities - set(table.entries)), "the mastery table")
+    if mastery.probe_data:
         try:
-            items = load_probe_set(karl.mastery.probe_data)
+            items = load_probe_set(mastery.probe_data)
         except Exception as err:  # noqa: BLE001 - the probe set's own error names file and row
             report.add("karl.mastery.probe_data", str(err))
         else:
@@ -194,11 +231,14 @@ def check_mastery(report: PreflightReport, config: Any, entities: Iterable[str])
                 per_category.setdefault(item.category, set()).add(item.entity)
             for category, names in sorted(per_category.items()):
                 if len(names) < 4:
-                    report.add(karl.mastery.probe_data, f"category {category!r} has {len(names)} entities "
-                                                        f"({sorted(names)}): 4-choice questions need at least 4")
-    elif needs_mastery and not table_path:
-        report.add("karl.mastery", "neither karl.mastery.table_path nor karl.mastery.probe_data is set: the karl "
-                                   "trainer has no way to know any entity's mastery")
+                    report.add(mastery.probe_data, f"category {category!r} has {len(names)} entities "
+                                                   f"({sorted(names)}): 4-choice questions need at least 4")
+            # Without a table the first table is this probe's, and every refresh is a probe.
+            if uses_karl_trainer and not table_path:
+                probed = set().union(*per_category.values()) if per_category else set()
+                _absent(report, mastery.probe_data, sorted(entities - probed), "the probe set")
+    if uses_karl_trainer and mastery.missing_inputs():
+        report.add("karl.mastery", mastery.missing_inputs())
 
 
 def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None = 2000) -> PreflightReport:
@@ -228,11 +268,17 @@ def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None
             entities.extend(names)
     report.entities = len(set(entities))
     model_path = _select(config, "actor_rollout_ref.model.path")
+    max_prompt_length = _select(config, "data.max_prompt_length")
+    if not isinstance(max_prompt_length, int) or isinstance(max_prompt_length, bool) or max_prompt_length < 1:
+        report.add("data.max_prompt_length", f"expected a positive integer, got {max_prompt_length!r}")
+        max_prompt_length = None
     if model_path and not Path(str(model_path)).exists():
         report.add("actor_rollout_ref.model.path", f"not found: {model_path}")
-    elif model_path and all_rows:
-        check_prompt_lengths(report, str(model_path), all_rows, int(config.data.max_prompt_length))
-    check_mastery(report, config, Counter(entities))
+    elif model_path and all_rows and max_prompt_length is not None:
+        check_prompt_lengths(report, str(model_path), all_rows, max_prompt_length)
+    reward, mastery = check_karl_config(report, config)
+    if mastery is not None:
+        check_mastery(report, config, reward, mastery, entities)
     return report
 
 

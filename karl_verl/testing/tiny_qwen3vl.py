@@ -261,17 +261,40 @@ def is_tiny_checkpoint(directory: str | os.PathLike[str]) -> bool:
 
 def load_tiny_processor(directory: str | os.PathLike[str]) -> Qwen3VLProcessor:
     """Load the processor of a :func:`save_tiny_checkpoint` directory (CPU, no torchvision needed)."""
+    directory = Path(directory)
+    if not is_tiny_checkpoint(directory):
+        raise FileNotFoundError(f"{directory}: not a tiny fixture checkpoint (no {TINY_MARKER_FILE})")
+    return load_qwen3vl_processor_without_torchvision(directory, chat_template=CHAT_TEMPLATE)
+
+
+def load_qwen3vl_processor_without_torchvision(
+    directory: str | os.PathLike[str], *, chat_template: str | None = None
+) -> Qwen3VLProcessor:
+    """A Qwen3-VL checkpoint's processor on a machine without torchvision (dry run and pre-flight ONLY).
+
+    Builds the parts one by one (PIL image processor, tokenizer, video processor) into a
+    :class:`TinyQwen3VLProcessor`, where ``AutoProcessor`` would return the bare tokenizer. The chat
+    template is ``chat_template``, else the directory's ``chat_template.jinja`` / ``chat_template.json``,
+    else the tokenizer's. Token counts match the stock processor's: the image processor's grid
+    decides how many ``<|image_pad|>`` tokens an image becomes.
+    """
     from transformers import AutoTokenizer
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     directory = Path(directory)
-    if not is_tiny_checkpoint(directory):
-        raise FileNotFoundError(f"{directory}: not a tiny fixture checkpoint (no {TINY_MARKER_FILE})")
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.padding_side = "left"
+    if chat_template is None:
+        jinja, packed = directory / "chat_template.jinja", directory / "chat_template.json"
+        if jinja.is_file():
+            chat_template = jinja.read_text(encoding="utf-8")
+        elif packed.is_file():
+            chat_template = json.loads(packed.read_text(encoding="utf-8")).get("chat_template")
+        else:
+            chat_template = getattr(tokenizer, "chat_template", None)
     return TinyQwen3VLProcessor(
         image_processor=_image_processor_class().from_pretrained(directory),
         tokenizer=tokenizer,
         video_processor=Qwen3VLVideoProcessor.from_pretrained(directory),
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )

@@ -54,6 +54,8 @@ def test_every_problem_is_reported_at_once(built, tmp_path):
     info.pop("entity")
     frame.at[2, "extra_info"] = info
     frame.at[2, "reward_model"] = {"style": "rule", "ground_truth": "<|box_start|>(1,2),(3,4)<|box_end|>"}
+    # Row 4: no entity marker either, though extra_info names the entity (the reward reads the marker).
+    frame.at[3, "reward_model"] = {"style": "rule", "ground_truth": "<|box_start|>(1,2),(3,4)<|box_end|>"}
     broken = tmp_path / "broken.parquet"
     frame.to_parquet(broken)
     # A mastery table that misses entities, and a probe set whose category has 3 entities.
@@ -67,12 +69,16 @@ def test_every_problem_is_reported_at_once(built, tmp_path):
     report = run_preflight("karl_kvg", overrides(
         outputs, workdir, **{"data.train_files": str(broken), "karl.mastery.table_path": str(tmp_path / "small.json"),
                              "karl.mastery.probe_data": str(tmp_path / "probe.parquet"),
-                             "data.max_prompt_length": 40, "actor_rollout_ref.actor.optim.learning_rate": 1}))
+                             "data.max_prompt_length": 40, "actor_rollout_ref.actor.optim.learning_rate": 1,
+                             "karl.reward.tau": "abc", "reward.reward_model.rollout.name": "vllm"}))
     found = "\n".join(messages(report))
     assert "actor_rollout_ref.actor.optim.learning_rate: no such key" in found
+    assert "reward.reward_model.rollout.name" not in found  # a "???" value in verl's config: the key exists
+    assert "karl.reward.tau: expected a number, got 'abc'" in found
     assert "broken.parquet row 1: 2 <image> placeholder(s)" in found
     assert "broken.parquet row 2: ground truth has no readable" in found
     assert "broken.parquet row 3: ground truth has no <|object_ref_start|>" in found
+    assert "broken.parquet row 4: ground truth has no <|object_ref_start|>" in found
     assert "above data.max_prompt_length=40" in found
     assert "absent from the mastery table" in found
     assert f"category {category!r} has 3 entities" in found
@@ -91,7 +97,41 @@ def test_no_mastery_source(built):
     workdir, outputs = built
     report = run_preflight("karl_kvg", overrides(outputs, workdir, **{
         "karl.mastery.table_path": None, "karl.mastery.probe_data": None}))
-    assert any("neither karl.mastery.table_path nor karl.mastery.probe_data" in m for m in messages(report))
+    assert any("karl.mastery.source='probe' needs karl.mastery.table_path (a mastery table) or "
+               "karl.mastery.probe_data" in m for m in messages(report))
+
+
+def test_unknown_karl_key_is_a_problem_not_a_crash(built):
+    workdir, outputs = built
+    report = run_preflight("karl_kvg", overrides(outputs, workdir) + ["+karl.reward.tauu=1"])
+    assert any("unknown key(s) ['tauu']" in m for m in messages(report)), report.format()
+
+
+def test_entities_absent_from_the_probe_set_when_there_is_no_table(built, tmp_path):
+    workdir, outputs = built
+    full = run_preflight("karl_kvg", overrides(outputs, workdir, **{"karl.mastery.table_path": None}))
+    assert not any("absent from the probe set" in m for m in messages(full)), full.format()
+
+    trained = sorted(set(pd.read_parquet(outputs["grounding"])["extra_info"].map(lambda info: info["entity"])))
+    probe = pd.read_parquet(outputs["probe"])
+    probe[probe["entity"] != trained[0]].to_parquet(tmp_path / "probe.parquet")
+    report = run_preflight("karl_kvg", overrides(outputs, workdir, **{
+        "karl.mastery.table_path": None, "karl.mastery.probe_data": str(tmp_path / "probe.parquet")}))
+    assert any("1 training entity absent from the probe set" in m and repr(trained[0]) in m
+               for m in messages(report)), report.format()
+
+
+def test_prompt_lengths_without_torchvision_build_the_processor_part_by_part(built, tmp_path):
+    """A Qwen3-VL checkpoint that is not the fixture: AutoProcessor gives no image processor here."""
+    import shutil
+
+    workdir, outputs = built
+    model = tmp_path / "model"
+    shutil.copytree(outputs["model"], model, ignore=shutil.ignore_patterns("karl_tiny_fixture.json"))
+    report = run_preflight("karl_kvg", overrides(outputs, workdir, **{
+        "actor_rollout_ref.model.path": str(model), "data.max_prompt_length": 40}))
+    assert any("built part by part" in note for note in report.notes), report.format()
+    assert any("above data.max_prompt_length=40" in m for m in messages(report)), report.format()
 
 
 def test_command_exits_non_zero_on_problems(built, tmp_path):
