@@ -19,7 +19,8 @@ HELP = "run the KARL loop on built-in data on CPU, or pre-flight check a real ru
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="Hydra overrides of a real run; given any, the command runs the pre-flight check")
-    parser.add_argument("--recipe", default="karl_kvg", help="recipe to compose (default: karl_kvg)")
+    parser.add_argument("--recipe", default="karl_kvg",
+                        help="recipe to compose, for the built-in run and the pre-flight (default: karl_kvg)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="built-in run: where data, model, table and report go (default: a temporary folder)")
     parser.add_argument("--prompts", type=int, default=8, help="built-in run: prompts in the step (default 8)")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-dryrun-"))
     report = run_dryrun(DryRunOptions(workdir=workdir, num_prompts=args.prompts, warmup_steps=args.warmup_steps,
-                                      seed=args.seed, progress=not args.no_progress))
+                                      seed=args.seed, progress=not args.no_progress, recipe=args.recipe))
     print(report.format())
     from karl_verl.atomic import atomic_write_text
 

@@ -5,13 +5,14 @@ the same parts run inside verl's Ray workers):
 
 1. data      synthetic single-entity images (Pillow) -> ``karl-verl data compose`` composites + probe set
 2. model     a tiny randomly initialised Qwen3-VL, tokenizer and processor built locally (no download)
-3. config    the ``karl_kvg`` recipe composed by Hydra, with tiny-model overrides
+3. config    the ``karl_kvg`` recipe (or another, ``DryRunOptions.recipe``) composed by Hydra, with
+             tiny-model overrides
 4. dataset   the grounding parquet loaded by verl's ``RLHFDataset``
    warm-up   a few supervised steps on KARL-format answers, standing in for the stage-1 model
 5. probe     the mastery probe (``run_probe``, transformers backend, logprob mode) -> mastery table
 6. rollout   n samples per prompt with transformers ``generate``
 7. reward    the registered ``karl`` reward manager on real ``DataProto`` rows
-8. advantage the registered ``karl_grpo`` estimator with per-sample mastery levels
+8. advantage the recipe's estimator (``karl_grpo``: with per-sample mastery levels)
 9. update    one policy-gradient step: verl's ``ppo_loss`` (clipped PG + low_var_kl KL loss, the
              loss verl's actor engine calls) on the tiny model, then AdamW. verl's FSDP engine
              itself cannot run here: on a machine without an accelerator verl 0.9.1 falls back to
@@ -62,6 +63,8 @@ class DryRunOptions:
     seed: int = 0
     progress: bool = True
     extra_overrides: tuple[str, ...] = ()
+    #: Recipe composed for the step (an ablation such as ``karl_kvg_grpo`` works too).
+    recipe: str = "karl_kvg"
 
 
 @dataclass
@@ -71,6 +74,8 @@ class LevelStats:
     iou: float = 0.0
     acc: float = 0.0
     advantage: float = 0.0
+    #: Mean |advantage|: GRPO's per-group means are 0, so the per-level weights show here.
+    abs_advantage: float = 0.0
 
 
 @dataclass
@@ -94,11 +99,12 @@ class DryRunReport:
 
     def format(self) -> str:
         lines = ["", "karl-verl dry run: one KARL step on built-in data (tiny random Qwen3-VL, CPU)", ""]
-        lines.append(f"{'level':<24}{'samples':>8}{'reward':>9}{'IoU':>8}{'acc@0.5':>9}{'advantage':>11}")
+        lines.append(f"{'level':<24}{'samples':>8}{'reward':>9}{'IoU':>8}{'acc@0.5':>9}{'advantage':>11}"
+                     f"{'|adv|':>8}")
         for level in range(1, NUM_LEVELS + 1):
             stats = self.per_level.get(level, LevelStats())
             lines.append(f"{level} {LEVEL_NAMES[level - 1]:<22}{stats.samples:>8}{stats.reward:>9.3f}"
-                         f"{stats.iou:>8.3f}{stats.acc:>9.3f}{stats.advantage:>11.3f}")
+                         f"{stats.iou:>8.3f}{stats.acc:>9.3f}{stats.advantage:>11.3f}{stats.abs_advantage:>8.3f}")
         lines += [
             "",
             f"samples {self.samples} ({self.prompts} prompts x n); format reward > 0: {self.format_rate:.0%}; "
@@ -261,7 +267,7 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
         report.outputs["model"] = str(model_dir)
 
     with _stage(report, "config", say):
-        config = compose_recipe("karl_kvg", [
+        config = compose_recipe(options.recipe, [
             f"data.train_files={grounding}", f"data.val_files={grounding}",
             f"actor_rollout_ref.model.path={model_dir}", f"trainer.default_local_dir={workdir / 'checkpoints'}",
             f"data.train_batch_size={options.num_prompts}", f"karl.mastery.probe_data={probe_set}",
@@ -349,10 +355,15 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
     with _stage(report, "advantage", say):
         from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
+        from karl_verl.integration.estimator import NAME as KARL_ESTIMATOR
+
         estimator = get_adv_estimator_fn(config.algorithm.adv_estimator)
+        # As the karl trainer does: only karl_grpo takes the levels (verl's estimators refuse the keyword).
+        level_kwargs = ({"mastery_levels": np.array(levels, dtype=np.int64)}
+                        if config.algorithm.adv_estimator == KARL_ESTIMATOR else {})
         advantages, _ = estimator(token_level_rewards=token_level_rewards, response_mask=response_mask.float(),
                                   index=np.array(non_tensor["uid"], dtype=object), config=config.algorithm,
-                                  mastery_levels=np.array(levels, dtype=np.int64))
+                                  **level_kwargs)
         per_sample_adv = (advantages.sum(-1) / response_mask.sum(-1).clamp(min=1)).tolist()
         for level, info, adv in zip(levels, infos, per_sample_adv, strict=True):
             stats = report.per_level.setdefault(level, LevelStats())
@@ -361,8 +372,9 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
             stats.iou += info["iou"]
             stats.acc += info["acc"]
             stats.advantage += adv
+            stats.abs_advantage += abs(adv)
         for stats in report.per_level.values():
-            for name in ("reward", "iou", "acc", "advantage"):
+            for name in ("reward", "iou", "acc", "advantage", "abs_advantage"):
                 setattr(stats, name, getattr(stats, name) / stats.samples)
 
     with _stage(report, "update", say):

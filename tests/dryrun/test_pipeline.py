@@ -55,6 +55,28 @@ def test_rollout_reward_and_advantage_per_level(dry):
     assert 0.0 <= report.format_rate <= 1.0 and 0.0 <= report.parse_rate <= 1.0
 
 
+def test_level_weights_reach_the_advantage(dry, tmp_path):
+    """Same seed, weights w_k = k + 1 on both signs: each level's mean |advantage| is (k + 1) times larger."""
+    _, base = dry
+    weights = "[2,3,4,5,6]"
+    report = run_dryrun(DryRunOptions(workdir=tmp_path, num_prompts=4, warmup_steps=40, progress=False,
+                                      extra_overrides=(f"algorithm.karl.alpha_plus={weights}",
+                                                       f"algorithm.karl.alpha_minus={weights}")),
+                        say=lambda _: None)
+    assert report.per_level.keys() == base.per_level.keys()
+    assert any(stats.abs_advantage > 0 for stats in base.per_level.values())
+    for level, stats in report.per_level.items():
+        assert stats.abs_advantage == pytest.approx((level + 1) * base.per_level[level].abs_advantage, rel=1e-5)
+
+
+def test_an_ablation_recipe_runs_through_the_same_stages(tmp_path):
+    report = run_dryrun(DryRunOptions(workdir=tmp_path, num_prompts=2, warmup_steps=5, progress=False,
+                                      recipe="karl_kvg_grpo"), say=lambda _: None)
+    assert list(report.stage_seconds) == STAGES and report.weights_changed
+    # preset "uniform": a miss scores 0, never a negative scale
+    assert all(stats.reward >= 0.0 for stats in report.per_level.values())
+
+
 def test_policy_step_ran_through_verl_ppo_loss(dry):
     _, report = dry
     assert report.loss is not None and report.loss == report.loss  # finite, not NaN
@@ -65,7 +87,7 @@ def test_policy_step_ran_through_verl_ppo_loss(dry):
 def test_report_is_readable(dry):
     _, report = dry
     text = report.format()
-    for word in ("completely correct", "completely incorrect", "format reward", "mastery", "time per stage"):
+    for word in ("completely correct", "completely incorrect", "format reward", "mastery", "time per stage", "|adv|"):
         assert word in text
 
 
