@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of ratios, all measured side by side in this run.
 
-    python benchmarks/run_all.py            # about 2-4 minutes on a 2-core CPU machine
+    python benchmarks/run_all.py            # about 30-40 s on a 2-core CPU machine
 
 Targets: karl_grpo >= 5x verl's GRPO (16,384 x 256); karl reward manager <= 1.3x verl's naive
 (4,096 samples); probe logprob >= 5x generate; a 100 KB response scored in milliseconds.
