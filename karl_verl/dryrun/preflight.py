@@ -93,23 +93,29 @@ def _prompt_messages(prompt: Any) -> list[dict]:
 
 def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: str, max_rows: int | None
                ) -> tuple[list[tuple[str, int, list[dict], list[Any]]], list[str]]:
-    """Image-count, ground-truth and entity checks of one parquet; returns rows for the length check."""
-    import pandas as pd
+    """Image-count, ground-truth and entity checks of one parquet; returns rows for the length check.
+
+    Streams the file in batches and stops after ``max_rows`` rows: a large training set with its
+    images is never loaded whole.
+    """
+    import itertools
 
     from karl_verl.boxes import entity_of, find_box_reference
+    from karl_verl.data.schema import DataError, open_parquet
 
     rows_for_length, entities = [], []
     try:
-        frame = pd.read_parquet(path)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is one reported problem
-        report.add(path, f"cannot read as parquet: {err}")
+        parquet = open_parquet(Path(path), path)
+    except DataError as err:
+        report.add(path, err.message)
         return [], []
+    columns = parquet.schema_arrow.names
     for column in (prompt_key, "reward_model"):
-        if column not in frame.columns:
-            report.add(path, f"missing column {column!r} (columns: {list(frame.columns)})")
+        if column not in columns:
+            report.add(path, f"missing column {column!r} (columns: {columns})")
             return [], []
-    for number, row in enumerate(frame.head(max_rows).itertuples(index=False), start=1):
-        record = row._asdict()
+    records = (record for batch in parquet.iter_batches(batch_size=64) for record in batch.to_pylist())
+    for number, record in enumerate(itertools.islice(records, max_rows), start=1):
         where = f"{path} row {number}"
         report.rows_checked += 1
         messages = _prompt_messages(record[prompt_key])

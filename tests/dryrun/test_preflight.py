@@ -145,3 +145,13 @@ def test_command_exits_non_zero_on_problems(built, tmp_path):
     assert result.returncode == 1, result.stdout[-2000:]
     assert "problem(s)" in result.stdout
     json.dumps(result.stdout)  # printable text
+
+
+def test_rows_are_streamed_up_to_max_rows_and_a_bad_file_is_one_problem(built, tmp_path):
+    workdir, outputs = built
+    report = run_preflight("karl_kvg", overrides(outputs, workdir), max_rows=5)
+    assert report.rows_checked == 10 and report.problems == []  # 5 from train_files, 5 from val_files
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
+    report = run_preflight("karl_kvg", overrides(outputs, workdir, **{"data.val_files": str(tmp_path / "bad.parquet")}))
+    found = [m for m in messages(report) if "bad.parquet" in m]
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'bad.parquet'}: not a readable parquet file")
