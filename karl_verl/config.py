@@ -291,6 +291,31 @@ class KarlConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     mastery: MasteryConfig = field(default_factory=MasteryConfig)
 
+    @staticmethod
+    def check_sections(
+        karl: Mapping[str, Any] | None, algorithm_karl: Mapping[str, Any] | None
+    ) -> tuple[RewardConfig | None, MasteryConfig | None, list[str]]:
+        """Build ``karl.reward``, ``karl.mastery`` and ``algorithm.karl`` apart, so that one error
+        hides no other: (reward or None, mastery or None, problems), each problem "key: what is wrong"."""
+        problems: list[str] = []
+        if hasattr(karl, "_metadata"):  # an OmegaConf DictConfig
+            from omegaconf import OmegaConf
+
+            karl = OmegaConf.to_container(karl, resolve=True)  # type: ignore[assignment]
+        karl = karl or {}
+        unknown = sorted(set(karl) - {"reward", "mastery"})
+        if unknown:
+            problems.append(f"karl: unknown key(s) {unknown}; expected 'reward' and/or 'mastery'")
+        built: list[Any] = []
+        for cls, data in ((RewardConfig, karl.get("reward")), (MasteryConfig, karl.get("mastery")),
+                          (AdvantageConfig, algorithm_karl)):
+            try:
+                built.append(cls.from_mapping(data))
+            except ConfigError as err:  # its message starts with the key
+                problems.append(str(err))
+                built.append(None)
+        return built[0], built[1], problems
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> KarlConfig:
         data = dict(data or {})

@@ -104,3 +104,16 @@ class TestYamlMirror:
         recipe = OmegaConf.create(self.load())
         recipe.karl.reward.default_level = "mostly incorrect"
         assert AdvantageConfig.from_mapping(recipe.algorithm.karl).default_level == "mostly incorrect"
+
+
+class TestCheckSections:
+    def test_valid_sections_build(self):
+        reward, mastery, problems = KarlConfig.check_sections({"reward": {"preset": "v1"}}, {"alpha_plus": [1] * 5})
+        assert reward == RewardConfig(preset="v1") and mastery == MasteryConfig() and problems == []
+
+    def test_one_error_per_section_and_none_hidden(self):
+        reward, mastery, problems = KarlConfig.check_sections(
+            {"reward": {"tau": "abc"}, "mastery": {"probe_mode": "guess"}, "extra": 1}, {"alpha_minus": [1, 2]})
+        assert reward is None and mastery is None
+        assert [p.split(":")[0] for p in problems] == [
+            "karl", "karl.reward.tau", "karl.mastery.probe_mode", "algorithm.karl.alpha_minus"]

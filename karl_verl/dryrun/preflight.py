@@ -192,26 +192,6 @@ def _absent(report: PreflightReport, where: str, missing: Sequence[str], what: s
                           f"(they would get the default level): {shown}")
 
 
-def check_karl_config(report: PreflightReport, config: Any) -> tuple[Any, Any]:
-    """(RewardConfig, MasteryConfig) as the trainer and reward workers will build them; None for a
-    part they would refuse (reported). The parts are built apart, so one error hides no other check."""
-    from karl_verl.config import AdvantageConfig, ConfigError, MasteryConfig, RewardConfig
-
-    karl = _select(config, "karl") or {}
-    unknown = sorted(set(karl) - {"reward", "mastery"})
-    if unknown:
-        report.add("karl", f"unknown key(s) {unknown}; expected 'reward' and/or 'mastery'")
-    built = []
-    parts = ((RewardConfig, "karl.reward"), (MasteryConfig, "karl.mastery"), (AdvantageConfig, "algorithm.karl"))
-    for cls, key in parts:
-        try:
-            built.append(cls.from_mapping(_select(config, key)))
-        except ConfigError as err:
-            report.add(key, str(err))
-            built.append(None)
-    return built[0], built[1]
-
-
 def check_mastery(report: PreflightReport, config: Any, reward: Any, mastery: Any, entities: Iterable[str]) -> None:
     from karl_verl.mastery import MasteryError, MasteryTable
     from karl_verl.probe.questions import load_probe_set
@@ -282,7 +262,11 @@ def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None
         report.add("actor_rollout_ref.model.path", f"not found: {model_path}")
     elif model_path and all_rows and max_prompt_length is not None:
         check_prompt_lengths(report, str(model_path), all_rows, max_prompt_length)
-    reward, mastery = check_karl_config(report, config)
+    from karl_verl.config import KarlConfig
+
+    reward, mastery, problems = KarlConfig.check_sections(_select(config, "karl"), _select(config, "algorithm.karl"))
+    for problem in problems:
+        report.add(*problem.split(": ", 1))
     if mastery is not None:
         check_mastery(report, config, reward, mastery, entities)
     return report

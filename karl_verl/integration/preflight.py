@@ -33,21 +33,14 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     :meth:`~karl_verl.config.MasteryConfig.missing_inputs`), run early. Only for runs whose
     ``trainer.v1.trainer_mode`` is ``karl``: other trainers never read these keys.
     """
-    from karl_verl.config import AdvantageConfig, ConfigError, KarlConfig
+    from karl_verl.config import KarlConfig
 
     if OmegaConf.select(config, "trainer.v1.trainer_mode", default=None) != "karl":
         return []
-    problems = []
-    try:
-        problem = KarlConfig.from_mapping(OmegaConf.select(config, "karl", default=None)).mastery.missing_inputs()
-        if problem:
-            problems.append(problem)
-    except ConfigError as err:
-        problems.append(str(err))
-    try:
-        AdvantageConfig.from_mapping(OmegaConf.select(config, "algorithm.karl", default=None))
-    except ConfigError as err:
-        problems.append(str(err))
+    _, mastery, problems = KarlConfig.check_sections(OmegaConf.select(config, "karl", default=None),
+                                                     OmegaConf.select(config, "algorithm.karl", default=None))
+    if mastery is not None and mastery.missing_inputs():
+        problems.append(mastery.missing_inputs())
     return problems
 
 
