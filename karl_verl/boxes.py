@@ -238,6 +238,8 @@ def _first_json_bbox(text: str) -> tuple[float, ...] | None:
 #: qwen_vl_utils): the pixel range an image is resized into before the model sees it.
 QWEN25_MIN_PIXELS = 56 * 56
 QWEN25_MAX_PIXELS = 28 * 28 * 16384
+#: (min_pixels, max_pixels) as ``qwen25_vl_abs`` readers take them.
+QWEN25_PIXELS: tuple[int, int] = (QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS)
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QWEN25_MIN_PIXELS,
@@ -268,7 +270,7 @@ def read_box(
     *,
     image_size: tuple[int, int] | None = None,
     resized_size: tuple[int, int] | None = None,
-    pixels: tuple[int, int] = (QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS),
+    pixels: tuple[int, int] = QWEN25_PIXELS,
 ) -> Box | None:
     """Read one box on the 0-1000 grid from model text; None when the text holds no box.
 

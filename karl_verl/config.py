@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from karl_verl.boxes import BOX_FORMATS, QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS
+from karl_verl.boxes import BOX_FORMATS, QWEN25_PIXELS
 from karl_verl.mastery import DEFAULT_LEVEL_NAME, DEFAULT_THRESHOLDS, NUM_LEVELS, MasteryError, parse_level
 
 _KARL_POS = (0.65, 0.85, 1.0, 1.2, 1.4)
@@ -126,7 +126,7 @@ class RewardConfig:
     box_format: str = "reference"
     #: box_format "qwen25_vl_abs": (min_pixels, max_pixels) of the Qwen2.5-VL processor the model ran
     #: with, to know the resized input its absolute pixels refer to (default: the processor's own).
-    abs_pixels: tuple[int, ...] = (QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS)
+    abs_pixels: tuple[int, ...] = QWEN25_PIXELS
     #: Level of an entity with no level in extra_info and none in the mastery table.
     default_level: str = DEFAULT_LEVEL_NAME
     #: Mastery table (JSON) for entities without ``extra_info["knowledge_level"]``; None: none.

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from karl_verl.atomic import atomic_path, atomic_write_text
-from karl_verl.boxes import Box
+from karl_verl.boxes import QWEN25_PIXELS, Box
 from karl_verl.data.schema import DataError, iter_jsonl_objects, open_parquet
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, DEFAULT_ABS_PIXELS, ground_truth_boxes, score_response
+from karl_verl.evaluation.metrics import ACC_THRESHOLD, ground_truth_boxes, score_response
 
 if TYPE_CHECKING:
     from karl_verl.backends.base import SamplingSettings, TextGenerator
@@ -175,7 +175,7 @@ class FilterSummary:
 
 
 def count_correct(responses: Sequence[str], instance: Instance, box_format: str, threshold: float,
-                  abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS) -> int:
+                  abs_pixels: tuple[int, int] = QWEN25_PIXELS) -> int:
     size = (instance.width, instance.height) if instance.width and instance.height else None
     return sum(score_response(text, instance.boxes, box_format, size, threshold, abs_pixels).correct
                for text in responses)
@@ -190,7 +190,7 @@ def filter_dataset(
     generator: TextGenerator | None = None,
     sampling: SamplingSettings | None = None,
     box_format: str = "qwen3_vl",
-    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
+    abs_pixels: tuple[int, int] = QWEN25_PIXELS,
     threshold: float = ACC_THRESHOLD,
     responses_out: str | Path | None = None,
     report: str | Path | None = None,

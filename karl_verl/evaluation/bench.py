@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from karl_verl.boxes import Box, entity_of
+from karl_verl.boxes import QWEN25_PIXELS, Box, entity_of
 from karl_verl.data import prompts
 from karl_verl.data.schema import (
     DataError,
@@ -32,7 +32,6 @@ from karl_verl.data.schema import (
 )
 from karl_verl.evaluation.metrics import (
     ACC_THRESHOLD,
-    DEFAULT_ABS_PIXELS,
     BenchMetrics,
     CaseResult,
     aggregate,
@@ -215,7 +214,7 @@ def score_cases(
     box_format: str = "qwen3_vl",
     mastery: MasteryTable | None = None,
     threshold: float = ACC_THRESHOLD,
-    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
+    abs_pixels: tuple[int, int] = QWEN25_PIXELS,
 ) -> list[CaseResult]:
     """Score every case; a case with no response is a missing prediction."""
     results = []
@@ -247,7 +246,7 @@ def evaluate(
     seen_categories: Sequence[str],
     unseen_categories: Sequence[str],
     mastery: MasteryTable | None = None,
-    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
+    abs_pixels: tuple[int, int] = QWEN25_PIXELS,
 ) -> tuple[BenchMetrics, list[CaseResult]]:
     """Score and aggregate: the figures of Table 1 (and the knowledge split with ``mastery``)."""
     results = score_cases(cases, responses, box_format=box_format, mastery=mastery, abs_pixels=abs_pixels)

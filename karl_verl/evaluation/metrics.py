@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from karl_verl.boxes import NUM, QWEN25_MAX_PIXELS, QWEN25_MIN_PIXELS, Box, answer_span, box_iou, read_box
+from karl_verl.boxes import NUM, QWEN25_PIXELS, Box, answer_span, box_iou, read_box
 from karl_verl.mastery import HIGH_KNOWLEDGE_LEVELS, NUM_LEVELS
 
 #: Acc@0.5: a prediction is correct when its IoU is at least this (inclusive).
@@ -44,18 +44,14 @@ def ground_truth_boxes(text: str) -> list[Box]:
     return [tuple(float(v) for v in match) for match in _GT_PAIR.findall(text)]  # type: ignore[misc]
 
 
-#: (min_pixels, max_pixels) of Qwen2.5-VL's processor by default (``qwen25_vl_abs`` only).
-DEFAULT_ABS_PIXELS: tuple[int, int] = (QWEN25_MIN_PIXELS, QWEN25_MAX_PIXELS)
-
-
 def add_box_arguments(parser: Any) -> None:
     """``--box-format`` and ``--abs-pixels`` for the commands that read predicted boxes."""
     parser.add_argument("--box-format", choices=EVAL_BOX_FORMATS, default="qwen3_vl",
                         help="qwen3_vl: 0-1000 (default); qwen25_vl_abs: absolute pixels of Qwen2.5-VL's resized "
                              "input; json: bbox_2d only; reference: the released reward's reader")
-    parser.add_argument("--abs-pixels", type=_pixel_pair, default=DEFAULT_ABS_PIXELS, metavar="MIN,MAX",
+    parser.add_argument("--abs-pixels", type=_pixel_pair, default=QWEN25_PIXELS, metavar="MIN,MAX",
                         help="qwen25_vl_abs: min_pixels,max_pixels of the processor the model ran with "
-                             f"(default: {DEFAULT_ABS_PIXELS[0]},{DEFAULT_ABS_PIXELS[1]}, Qwen2.5-VL's own)")
+                             f"(default: {QWEN25_PIXELS[0]},{QWEN25_PIXELS[1]}, Qwen2.5-VL's own)")
 
 
 def _pixel_pair(text: str) -> tuple[int, int]:
@@ -71,7 +67,7 @@ def _pixel_pair(text: str) -> tuple[int, int]:
 
 def prediction_box(
     response: str, box_format: str = "qwen3_vl", image_size: tuple[int, int] | None = None,
-    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
+    abs_pixels: tuple[int, int] = QWEN25_PIXELS,
 ) -> Box | None:
     """The predicted box on the 0-1000 grid, or None when the response holds none.
 
@@ -115,7 +111,7 @@ def score_response(
     box_format: str = "qwen3_vl",
     image_size: tuple[int, int] | None = None,
     threshold: float = ACC_THRESHOLD,
-    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
+    abs_pixels: tuple[int, int] = QWEN25_PIXELS,
 ) -> Score:
     """IoU and correctness of one response; ``None`` (no prediction) scores as an unparsed miss."""
     box = None if response is None else prediction_box(response, box_format, image_size, abs_pixels)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from karl_verl.boxes import QWEN25_PIXELS
 from karl_verl.evaluation import report
 from karl_verl.evaluation.bench import evaluate, load_bench, load_predictions, predict
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, DEFAULT_ABS_PIXELS, BenchMetrics
+from karl_verl.evaluation.metrics import ACC_THRESHOLD, BenchMetrics
 from karl_verl.evaluation.paper import DEFAULT_PAPER_ROWS, SEEN_CATEGORIES, UNSEEN_CATEGORIES
 from karl_verl.mastery import MasteryTable
 
@@ -70,7 +71,7 @@ def run_eval(
     prompt_style: str = "karl",
     chunk_size: int | None = None,
     box_format: str = "qwen3_vl",
-    abs_pixels: tuple[int, int] = DEFAULT_ABS_PIXELS,
+    abs_pixels: tuple[int, int] = QWEN25_PIXELS,
     mastery: str | Path | MasteryTable | None = None,
     seen_categories: Sequence[str] = SEEN_CATEGORIES,
     unseen_categories: Sequence[str] = UNSEEN_CATEGORIES,
