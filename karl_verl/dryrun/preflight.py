@@ -223,8 +223,8 @@ def check_mastery(report: PreflightReport, config: Any, reward: Any, mastery: An
             if uses_karl_trainer and not table_path:
                 probed = set().union(*per_category.values()) if per_category else set()
                 _absent(report, mastery.probe_data, sorted(entities - probed), "the probe set")
-    if uses_karl_trainer and mastery.missing_inputs():
-        report.add("karl.mastery", mastery.missing_inputs())
+    if uses_karl_trainer and (problem := mastery.missing_inputs()):
+        report.add("karl.mastery", problem)
 
 
 def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None = 2000) -> PreflightReport:

@@ -39,8 +39,8 @@ def karl_config_problems(config: DictConfig) -> list[str]:
         return []
     _, mastery, problems = KarlConfig.check_sections(OmegaConf.select(config, "karl", default=None),
                                                      OmegaConf.select(config, "algorithm.karl", default=None))
-    if mastery is not None and mastery.missing_inputs():
-        problems.append(mastery.missing_inputs())
+    if mastery is not None and (problem := mastery.missing_inputs()):
+        problems.append(problem)
     return problems
 
 
