@@ -431,7 +431,8 @@ class KarlTrainer(PPOTrainerSync):
         mode = mastery.probe_mode
         if mode == "logprob" and not getattr(backend, "supports_logprobs", True):
             self._karl_warn_once("probe_mode", "karl: probe_mode=logprob needs prompt log-probabilities, which only "
-                                 "vLLM rollout servers return; probing in generate mode instead")
+                                 "vLLM (and karl-verl's CPU) rollout servers return; probing in generate mode "
+                                 "instead")
             mode = "generate"
         try:
             result = call_with_timeout(lambda: self._karl_call_probe(questions, backend, mode, epoch),
