@@ -62,6 +62,10 @@ def activate() -> None:
     before any Hydra callback runs.
     """
     os.environ.update(environment())
+    # verl first: with the environment set, its own import loads the plugin before any verl module
+    # resolves the platform (importing the plugin first would import verl from inside the plugin).
+    import verl  # noqa: F401
+
     from karl_verl.cpu import plugin
 
     plugin.register()

@@ -14,9 +14,9 @@ the per-worker adapter, ``workers/rollout/replica.py:RolloutReplicaRegistry`` fo
   ``prompt_logprobs`` (vLLM's layout as verl's ``extract_prompt_logprobs`` builds it, so the
   probe's logprob mode runs on it). Images are turned into pixel values with the checkpoint's own
   image processor and the same ``mm_processor_kwargs`` vLLM would get.
-* Sleep and wake-up are honoured, as vLLM's level-2 sleep: ``sleep`` frees the weights, a wake-up
-  for ``weights`` allocates them again without values, and generation is refused until the next
-  weight sync fills them; ``kv_cache`` gates generation the same way. So after a training step
+* Sleep and wake-up are honoured, as vLLM's level-2 sleep: ``sleep`` frees the weights (buffers
+  such as rotary tables are kept), a wake-up for ``weights`` allocates them again without values,
+  and generation is refused until the next weight sync fills them; ``kv_cache`` gates generation the same way. So after a training step
   the server can only answer with the weights the actor just sent.
 * :class:`TransformersServerAdapter` lives in each FSDP actor worker: at every weight sync it
   drains verl's weight generator (every rank must: gathering a sharded tensor is a collective)
@@ -137,6 +137,7 @@ class TransformersRolloutServer:
         self.requests = 0
         self.aborting = False
         self._occurrences: Counter[tuple[int, ...]] = Counter()
+        self._kept_buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def _eos_token_ids(self) -> list[int]:
@@ -285,7 +286,11 @@ class TransformersRolloutServer:
     async def sleep(self, level: int | None = None) -> None:
         """Release weights and cache (vLLM's level-2 sleep): generation is refused until wake-up and sync."""
         with self._lock:
-            self.model.to("meta")
+            if self.weights_loaded:
+                # Buffers are not weights: verl syncs parameters only, and non-persistent buffers (rotary
+                # frequency tables) would come back uninitialised. They are kept, as vLLM keeps its own.
+                self._kept_buffers = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+                self.model.to("meta")
             self.weights_loaded = False
             self.kv_cache_ready = False
 
@@ -296,6 +301,9 @@ class TransformersRolloutServer:
             if "weights" in tags and not self.weights_loaded:
                 self.model.to_empty(device="cpu")
                 self.model.tie_weights()  # to_empty allocates each tied parameter separately
+                buffers = dict(self.model.named_buffers())
+                for name, kept in self._kept_buffers.items():
+                    buffers[name].copy_(kept)
                 self.weights_loaded = True
                 self.weights_synced = False
                 self.weight_version = "woken, not synced"
