@@ -1,7 +1,8 @@
 """``karl-verl dryrun``: the whole KARL loop on built-in data, or a pre-flight check of a real run.
 
 Without overrides it runs :mod:`karl_verl.dryrun.pipeline`: verl's real ``main_ppo`` with the
-``karl_kvg_cpu`` recipe on synthetic data and a tiny model, on CPU (a few minutes), then a resumed run. With Hydra overrides (``key=value`` as for ``main_ppo``) it checks that run's
+``karl_kvg_cpu`` recipe on synthetic data and a tiny model, on CPU (a few minutes), then a resumed run.
+With Hydra overrides (``key=value`` as for ``main_ppo``) it checks that run's
 configuration and data without a GPU (:mod:`karl_verl.dryrun.preflight`) and exits 1 if any
 problem is found.
 """
@@ -20,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="Hydra overrides of a real run; given any, the command runs the pre-flight check")
     parser.add_argument("--recipe", default="karl_kvg",
-                        help="recipe of the pre-flight (default: karl_kvg); the built-in run trains with "
-                             "karl_kvg_cpu, or with the recipe named here if it composes on karl_kvg_cpu")
+                        help="recipe of the pre-flight check (default: karl_kvg); the built-in run always "
+                             "trains karl_kvg_cpu")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="built-in run: where data, model, table and report go (default: a temporary folder)")
     parser.add_argument("--prompts", type=int, default=8,
@@ -46,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from karl_verl.dryrun.pipeline import CPU_RECIPE, DryRunOptions, run_dryrun
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-dryrun-"))
-    recipe = CPU_RECIPE if args.recipe == "karl_kvg" else args.recipe
     report = run_dryrun(DryRunOptions(workdir=workdir, num_prompts=args.prompts, warmup_steps=args.warmup_steps,
-                                      seed=args.seed, progress=not args.no_progress, recipe=recipe))
+                                      seed=args.seed, progress=not args.no_progress, recipe=CPU_RECIPE))
     print(report.format())
     path = atomic_write_text(Path(report.outputs["workdir"]) / "dryrun_report.json",
                              json.dumps(report.to_json(), indent=2) + "\n")

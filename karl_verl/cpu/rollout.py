@@ -16,8 +16,9 @@ the per-worker adapter, ``workers/rollout/replica.py:RolloutReplicaRegistry`` fo
   image processor and the same ``mm_processor_kwargs`` vLLM would get.
 * Sleep and wake-up are honoured, as vLLM's level-2 sleep: ``sleep`` frees the weights (buffers
   such as rotary tables are kept), a wake-up for ``weights`` allocates them again without values,
-  and generation is refused until the next weight sync fills them; ``kv_cache`` gates generation the same way. So after a training step
-  the server can only answer with the weights the actor just sent.
+  and generation is refused until the next weight sync fills them; ``kv_cache`` gates generation
+  the same way. So after a training step the server can only answer with the weights the actor
+  just sent.
 * :class:`TransformersServerAdapter` lives in each FSDP actor worker: at every weight sync it
   drains verl's weight generator (every rank must: gathering a sharded tensor is a collective)
   and the replica's leader rank sends the full tensors to its server.
@@ -264,7 +265,8 @@ class TransformersRolloutServer:
             params.update(dict(self.model.named_buffers()))
             unknown = sorted(set(state) - set(params))
             if unknown:
-                raise ValueError(f"weight sync names {len(unknown)} tensors the model does not have, e.g. {unknown[:3]}")
+                raise ValueError(f"weight sync names {len(unknown)} tensors the model does not have, "
+                                 f"e.g. {unknown[:3]}")
             updated = set()
             for name, tensor in state.items():
                 target = params[name]
@@ -344,7 +346,8 @@ class TransformersRolloutServer:
         """What the server did (tests read it): requests answered, syncs, weight version, state."""
         return {"requests": self.requests, "syncs": self.syncs, "weight_version": self.weight_version,
                 "global_steps": self.global_steps, "weights_loaded": self.weights_loaded,
-                "weights_synced": self.weights_synced, "kv_cache_ready": self.kv_cache_ready, "replica_rank": self.replica_rank, "pid": os.getpid()}
+                "weights_synced": self.weights_synced, "kv_cache_ready": self.kv_cache_ready,
+                "replica_rank": self.replica_rank, "pid": os.getpid()}
 
     async def first_parameter_sum(self) -> float:
         """A cheap fingerprint of the served weights (tests compare it with the actor's)."""

@@ -272,12 +272,12 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 
 
 def train(options: DryRunOptions, paths: dict[str, Path], name: str, overrides: list[str], expected_steps: int,
-          *, kill_after_step: int | None = None) -> RunResult:
-    """One ``main_ppo`` child with a progress bar over its logged steps."""
+          *, kill_after_step: int | None = None, env: dict[str, str] | None = None) -> RunResult:
+    """One ``main_ppo`` child with a progress bar over its logged steps (``env`` adds variables)."""
     workdir = Path(options.workdir)
     with _progress_bar(expected_steps, f"main_ppo {name}", options.progress) as bar:
         return run_main_ppo(options.recipe, overrides, metrics_path=workdir / "metrics" / f"{name}.jsonl",
-                            log_path=workdir / "logs" / f"{name}.log", env=training_environment(),
+                            log_path=workdir / "logs" / f"{name}.log", env={**training_environment(), **(env or {})},
                             timeout_s=options.timeout_s, kill_after_step=kill_after_step,
                             on_step=lambda _step: bar.update(1), cwd=workdir)
 

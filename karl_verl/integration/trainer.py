@@ -27,8 +27,9 @@ Level of a sample (driver side, when the prompt is tagged): the table's level of
 
 Metrics (verl's logger: console, wandb, ...): every step ``karl/level_k/{count, reward_mean,
 iou_mean, acc@0.5, adv_mean, adv_abs_mean}`` and ``karl/level/reward_level_mismatch`` (samples whose
-reward worker scored them at another level than the one the advantage used; always 0); at each refresh ``karl/refresh/*`` and ``karl/mastery/level_k/*``
-(see :mod:`karl_verl.mastery_state`).
+reward worker scored them at another level than the one the advantage used; always 0) and
+``karl/reward/errors`` (samples whose scoring raised and scored as a miss); at each refresh
+``karl/refresh/*`` and ``karl/mastery/level_k/*`` (see :mod:`karl_verl.mastery_state`).
 """
 
 from __future__ import annotations
@@ -620,6 +621,8 @@ class KarlTrainer(PPOTrainerSync):
         scored = [info.get("knowledge_level") for info in infos]
         self._karl_counts["reward_level_seen"] += sum(1 for ok, lv in zip(valid, scored, strict=True)
                                                      if ok and lv is not None)
+        self._karl_counts["reward_errors"] += sum(1 for ok, info in zip(valid, infos, strict=True)
+                                                  if ok and info.get("reward_error"))
         self._karl_counts["reward_level_mismatch"] += sum(
             1 for ok, lv, level in zip(valid, scored, levels, strict=True)
             if ok and lv is not None and int(lv) != int(level))
@@ -649,6 +652,7 @@ class KarlTrainer(PPOTrainerSync):
         out["karl/level/unknown_entities"] = float(len(self.karl_state.unknown_entities))
         out["karl/level/reward_level_seen"] = float(self._karl_counts["reward_level_seen"])
         out["karl/level/reward_level_mismatch"] = float(self._karl_counts["reward_level_mismatch"])
+        out["karl/reward/errors"] = float(self._karl_counts["reward_errors"])
         out.update(self._karl_pending_metrics)
         self._karl_step_stats = LevelStats()
         self._karl_counts.clear()
