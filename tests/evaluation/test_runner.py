@@ -23,7 +23,8 @@ def test_predictions_give_the_hand_computed_figures(bench, predictions, mastery,
     cases = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert [c["question_id"] for c in cases] == [f"q{i}" for i in range(1, 12)]
     assert cases[4] == {"question_id": "q5", "category": "car", "entity": "C2", "iou": 0.0, "correct": False,
-                        "parsed": False, "missing": True, "pred_box": None, "knowledge_level": 3}
+                        "parsed": False, "missing": True, "pred_box": None, "knowledge_level": 3,
+                        "knowledge_table": None, "pattern": None}
     assert (out / "kvg_bench.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "predictions.jsonl").exists()
     text = outcome.format()
