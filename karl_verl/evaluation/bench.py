@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from karl_verl.boxes import QWEN25_PIXELS, Box, entity_of
-from karl_verl.evaluation import released
-from karl_verl.evaluation.knowledge import KnowledgeTables
 from karl_verl.data import prompts
 from karl_verl.data.schema import (
     DataError,
@@ -39,6 +37,8 @@ from karl_verl.data.schema import (
     open_parquet,
     probe_image,
 )
+from karl_verl.evaluation import released
+from karl_verl.evaluation.knowledge import KnowledgeTables
 from karl_verl.evaluation.metrics import (
     ACC_THRESHOLD,
     BenchMetrics,

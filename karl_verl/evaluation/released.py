@@ -44,6 +44,8 @@ PROTOCOLS: tuple[str, ...] = (KARL_PROTOCOL, RELEASED_PROTOCOL)
 
 #: The released evaluator's correctness threshold (inclusive), applied to a float32 IoU.
 RELEASED_THRESHOLD = 0.5
+#: The released inference's vLLM context length (prompt with image tokens, plus the answer).
+RELEASED_MAX_MODEL_LEN = 17920
 
 GROUND_TRUTH_BOX = re.compile(r"<\|box_start\|>\(([0-9]*?),([0-9]*?)\),\(([0-9]*?),([0-9]*?)\)<\|box_end\|>")
 ENTITY_MARKER = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>")
@@ -200,8 +202,9 @@ def prompt_text(question: str) -> str:
     """The user text of the released inference: ``<image>`` prepended when absent (it stays in the
     text, beside the image part), two spaces, then the answer-format instruction.
 
-    >>> prompt_text("Find X")
-    '<image>Find X  Output the thinking process in <think> </think> and final answer (bounding box) in <answer> </answer> tags.'
+    >>> prompt_text("Find X")  # doctest: +NORMALIZE_WHITESPACE
+    '<image>Find X  Output the thinking process in <think> </think> and final answer (bounding box) in
+    <answer> </answer> tags.'
     """
     query = question if IMAGE_PLACEHOLDER in question else IMAGE_PLACEHOLDER + question
     return query + SUFFIX_SEPARATOR + ANSWER_FORMAT_SUFFIX

@@ -26,6 +26,10 @@ def table_columns(seen: Sequence[str], unseen: Sequence[str], other: Sequence[st
     return [*seen, SEEN_KEY, *unseen, UNSEEN_KEY, *other, OVERALL_KEY]
 
 
+#: Axis labels of the charts: categories' short names and the aggregates'.
+AXIS_LABELS = {**CATEGORY_LABELS, **AGGREGATE_LABELS}
+
+
 def _label(key: str) -> str:
     return AGGREGATE_LABELS.get(key) or CATEGORY_LABELS.get(key) or key[:6].capitalize()
 
