@@ -259,3 +259,62 @@ def test_vectorised_scoring_equals_case_by_case(batch, data):
     together = released.score_responses(batch, targets)
     one_by_one = [released.score_response(r, t) for r, t in zip(batch, targets, strict=True)]
     assert [repr(s) for s in together] == [repr(s) for s in one_by_one]  # repr: NaN coordinates compare equal
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregates and the knowledge split, case for case against the oracle.
+
+_CATEGORIES = ("aircraft", "car", "reptilia", "bird", "food", "dog", "mollusca", "mammal", "flower", "landmark")
+_SEEN = _CATEGORIES[:5]
+_LEVEL_NAMES = oracle.HIGH + oracle.LOW
+
+
+@st.composite
+def benchmarks(draw):
+    """Cases (category, entity, ground-truth answer, response) and the four knowledge tables."""
+    from karl_verl.evaluation.bench import BenchCase
+
+    size = draw(st.integers(1, 40))
+    entities = [f"E{i}" for i in range(draw(st.integers(1, 8)))]
+    rows = []
+    for _ in range(size):
+        category = draw(st.sampled_from(_CATEGORIES))
+        entity = draw(st.sampled_from(entities))
+        gt = draw(ground_truths).replace(">E<", f">{entity}<")
+        response = draw(st.one_of(responses, wrapped_responses()))
+        rows.append((category, entity, gt, response))
+    train = frozenset(draw(st.lists(st.sampled_from(entities), unique=True)))
+    tables = [{e: draw(st.sampled_from(_LEVEL_NAMES)) for e in entities} for _ in range(3)]
+    cases = [BenchCase(question_id=f"q{i}", row=i + 1, question="Find", image=b"", width=1, height=1,
+                       category=category, entity=released.ground_truth_entity(gt),
+                       boxes=(released.ground_truth_box(gt),))
+             for i, (category, _entity, gt, _response) in enumerate(rows)]
+    return rows, cases, train, tables
+
+
+@settings(max_examples=150, deadline=None)
+@given(benchmarks())
+def test_aggregates_and_knowledge_split_match_the_oracle(bench):
+    from pathlib import Path
+
+    from karl_verl.evaluation.bench import evaluate
+    from karl_verl.evaluation.knowledge import KnowledgeTables
+
+    rows, cases, train, tables = bench
+    levels = [{e: _LEVEL_NAMES.index(name) + 1 for e, name in table.items()} for table in tables]
+    knowledge = KnowledgeTables(train_entities=train, directory=Path("k"),
+                                tables=dict(zip(("train", "trainood", "testood"), levels, strict=True)))
+    responses = {case.question_id: row[3] for case, row in zip(cases, rows, strict=True)}
+    metrics, results = evaluate(cases, responses, seen_categories=_SEEN, unseen_categories=_CATEGORIES[5:],
+                                protocol="released", knowledge=knowledge)
+    scored = [oracle.score(row[3], row[2]) for row in rows]
+    expected = oracle.aggregate([(row[0], s[0], s[1]) for row, s in zip(rows, scored, strict=True)], _SEEN)
+    groups = {**metrics.categories, "seen": metrics.seen, "unseen": metrics.unseen, "all": metrics.overall}
+    for name, (num, acc, mean_iou) in expected.items():
+        assert (groups[name].n, groups[name].acc, groups[name].mean_iou) == (num, acc, mean_iou)
+    assert all(g.n == 0 for name, g in groups.items() if name not in expected)
+    split = oracle.knowledge_split([(row[0], row[1], s[1]) for row, s in zip(rows, scored, strict=True)], _SEEN,
+                                   train, *tables)
+    for (domain, band), (right, num) in split.items():
+        group = metrics.knowledge[band if domain == "all" else f"{domain} {band}"]
+        assert (group.correct, group.n) == (right, num)
