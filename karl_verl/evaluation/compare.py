@@ -167,10 +167,10 @@ def compare_group(
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     low, high = paired_bootstrap_interval(a, b, resamples=resamples, confidence=confidence, rng=rng)
     a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    acc_a = float(a.mean()) if a.size else None
-    acc_b = float(b.mean()) if b.size else None
-    return GroupComparison(name=name, n=int(a.size), acc_a=acc_a, acc_b=acc_b,
-                           difference=None if acc_a is None else acc_a - acc_b,  # type: ignore[operator]
+    n = int(a.size)
+    return GroupComparison(name=name, n=n, acc_a=float(a.sum()) / n if n else None,
+                           acc_b=float(b.sum()) / n if n else None,
+                           difference=(a_only - b_only) / n if n else None,
                            ci_low=low, ci_high=high, a_only=a_only, b_only=b_only,
                            p_value=mcnemar_exact(a_only, b_only))
 
