@@ -318,3 +318,29 @@ def test_aggregates_and_knowledge_split_match_the_oracle(bench):
     for (domain, band), (right, num) in split.items():
         group = metrics.knowledge[band if domain == "all" else f"{domain} {band}"]
         assert (group.correct, group.n) == (right, num)
+
+
+# ---------------------------------------------------------------------------------------------
+# The examples of docs/EVALUATION.md's table of differences, scored under both protocols.
+
+_TWO_BOXES = SQUARE_GT + "<|box_start|>(500,500),(600,600)<|box_end|>"
+
+
+@pytest.mark.parametrize("response, gt, karl_hit, released_hit", [
+    ("<answer>(500,500),(600,600)</answer>", _TWO_BOXES, True, False),
+    ("<think>So the answer is (500,500),(600,600)?</think><answer>\n(0,0),(100,100)\n</answer>", SQUARE_GT, True,
+     False),
+    ('<think>```json {"bbox_2d": [500, 500, 600, 600]} ```</think>\n<answer>\n(0,0),(100,100)\n</answer>',
+     SQUARE_GT, True, False),
+    ("<answer>(brown dog, left) (0, 0), (100, 100)</answer>", SQUARE_GT, True, False),
+    ("<answer>(0, 0),\n(100, 100)</answer>", SQUARE_GT, True, False),
+    ("<answer>[0,0,100,100]</answer>", SQUARE_GT, True, False),
+    ("<answer>(0,x0),(100,100)</answer>", SQUARE_GT, False, True),
+    ("<answer>(0,0),(1,2)</answer>", FULL_GT, False, True),
+    ("<answer>(0.0,0.0),(0.1,0.1)</answer>", SQUARE_GT, False, True),
+    ("<answer>(0,0),(1000,499.99999)</answer>", FULL_GT, False, True),
+    ("<answer>(0,100),(100,0)</answer>", SQUARE_GT, False, False),
+    ("<answer>(0, 0, 100, 100)</answer>", SQUARE_GT, True, True),
+])
+def test_documented_differences(response, gt, karl_hit, released_hit):
+    assert (karl_case(response, gt).correct, released_case(response, gt).correct) == (karl_hit, released_hit)

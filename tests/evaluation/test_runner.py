@@ -270,3 +270,38 @@ def test_released_protocol_rejects_a_single_mastery_table(bench, predictions, ma
     with pytest.raises(ValueError, match="knowledge folder"):
         run_eval(bench, tmp_path / "out", predictions=predictions, mastery=mastery, protocol="released",
                  progress=False)
+
+
+def test_released_protocol_sends_the_released_prompt(bench, tmp_path):
+    seen_requests = []
+
+    class Recording(FixedGenerator):
+        def generate(self, requests, sampling):
+            seen_requests.extend(requests)
+            return super().generate(requests, sampling)
+
+    run_eval(bench, tmp_path / "out", generator=Recording("<answer>(0,0),(100,100)</answer>"),
+             sampling=SamplingSettings(), protocol="released", progress=False)
+    text = seen_requests[0].messages[0]["content"][1]["text"]
+    assert text == ("<image>Find and give the bounding box of <|object_ref_start|>A1<|object_ref_end|>  Output the "
+                    "thinking process in <think> </think> and final answer (bounding box) in <answer> </answer> tags.")
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert data["prompt_style"] == "released" and data["protocol"] == "released"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "0.7"], "--temperature 0.7 (the released inference uses 0.5)"),
+    (["--max-new-tokens", "64"], "--max-new-tokens 64"),
+    (["--prompt-style", "json"], "--prompt-style json (the released inference uses its own prompt)"),
+])
+def test_released_protocol_refuses_other_inference_settings(bench, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["eval", "--bench", str(bench), "--model", str(tmp_path / "no-model"), "--out", str(out),
+                 "--protocol", "released", "--no-progress", *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_released_protocol_has_no_box_format(bench, predictions, tmp_path, capsys):
+    assert main(["eval", "--bench", str(bench), "--predictions", str(predictions), "--out", str(tmp_path / "o"),
+                 "--protocol", "released", "--box-format", "json", "--no-progress"]) == 2
+    assert "--box-format json does not apply" in capsys.readouterr().err
