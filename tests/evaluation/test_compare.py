@@ -69,6 +69,24 @@ def test_bootstrap_is_seeded_and_its_width_matches_the_normal_approximation():
     assert (first[1] - first[0]) == pytest.approx(2 * 1.96 * sd, rel=0.1)
 
 
+@pytest.mark.parametrize("n, resamples, seed", [(1, 50, 0), (7, 300, 1), (40, 1000, 2), (1336, 20, 3)])
+def test_vectorised_bootstrap_equals_a_plain_loop(n, resamples, seed, monkeypatch):
+    import karl_verl.evaluation.compare as compare
+
+    data = np.random.default_rng(seed + 100)
+    a, b = data.random(n) < 0.6, data.random(n) < 0.5
+    # A plain loop over resamples, case by case, from the same random stream.
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        picks = [int(rng.integers(0, n)) for _ in range(n)]
+        diffs.append(sum(int(a[i]) - int(b[i]) for i in picks) / n)
+    expected = tuple(float(v) for v in np.quantile(diffs, [0.025, 0.975]))
+    monkeypatch.setattr(compare, "_CHUNK_ELEMENTS", 3 * n + 1)  # several chunks, one partial
+    got = paired_bootstrap_interval(a, b, resamples=resamples, rng=np.random.default_rng(seed))
+    assert got == pytest.approx(expected, abs=1e-12)  # quantile interpolation may round the last bit apart
+
+
 def test_bootstrap_checks_its_arguments():
     with pytest.raises(ValueError, match="same cases"):
         paired_bootstrap_interval(np.ones(3), np.ones(4), rng=np.random.default_rng())
