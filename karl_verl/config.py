@@ -212,10 +212,17 @@ class MasteryConfig:
     refresh_every_epochs: int = 1
     #: Re-probe every this many steps instead (0: off).
     refresh_every_steps: int = 0
-    #: "logprob" (one forward pass) or "generate" (the paper's protocol).
-    probe_mode: str = "logprob"
+    #: "choice" (the letter the model picks in one constrained greedy token: the decision, cheapest on
+    #: rollout servers), "logprob" (the four letters' log-probabilities: the decision and the expected
+    #: accuracy) or "generate" (a free reply, parsed: the paper's protocol). choice and logprob decide alike.
+    probe_mode: str = "choice"
     #: Images per entity in the probe (the paper uses up to 50).
     probe_images_per_entity: int = 50
+    #: Questions per entity each probe asks, drawn afresh at every refresh from the entity's
+    #: probe_images_per_entity (50: all of them, the paper's protocol); fewer make a refresh cheaper.
+    refresh_questions_per_entity: int = 50
+    #: Warn at the first step when a refresh is estimated to take more than this share of an epoch.
+    max_refresh_share: float = 0.05
     #: Seconds a refresh may take before it is abandoned and the previous table kept.
     probe_timeout_s: float = 1800.0
     #: Probe requests in flight at once on the rollout servers (in-training probe only).
@@ -238,14 +245,18 @@ class MasteryConfig:
         if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in itertools.pairwise(bounds)):
             raise ConfigError(f"karl.mastery.thresholds: expected 4 strictly decreasing numbers, got {bounds}")
         object.__setattr__(self, "thresholds", bounds)
-        if self.probe_mode not in ("logprob", "generate"):
-            raise ConfigError(f"karl.mastery.probe_mode: expected 'logprob' or 'generate', got {self.probe_mode!r}")
+        if self.probe_mode not in ("choice", "logprob", "generate"):
+            raise ConfigError(f"karl.mastery.probe_mode: expected 'choice', 'logprob' or 'generate', got "
+                              f"{self.probe_mode!r}")
         if self.source not in ("probe", "online", "blend"):
             raise ConfigError(f"karl.mastery.source: expected 'probe', 'online' or 'blend', got {self.source!r}")
         for key in ("refresh_every_epochs", "refresh_every_steps"):
             if int(getattr(self, key)) < 0:
                 raise ConfigError(f"karl.mastery.{key}: expected an integer >= 0 (0: off), got {getattr(self, key)!r}")
-        for key in ("probe_images_per_entity", "probe_max_concurrency"):
+        if not 0.0 < float(self.max_refresh_share) <= 1.0:
+            raise ConfigError(f"karl.mastery.max_refresh_share: expected a share in (0, 1], got "
+                              f"{self.max_refresh_share!r}")
+        for key in ("probe_images_per_entity", "probe_max_concurrency", "refresh_questions_per_entity"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"karl.mastery.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
         if not self.probe_timeout_s > 0:

@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory or hub name (also a tiny test checkpoint directory)")
     parser.add_argument("--data", required=True, type=Path, help="probe set: .parquet or .jsonl")
     parser.add_argument("--out", required=True, type=Path, help="mastery table to write (JSON)")
-    parser.add_argument("--mode", choices=PROBE_MODES, default=defaults.probe_mode,
-                        help=f"logprob: one forward pass per question; generate: parse a reply (default: "
-                             f"{defaults.probe_mode})")
+    parser.add_argument("--mode", choices=PROBE_MODES, default="logprob",
+                        help="logprob: one forward pass per question, the decision and the expected accuracy "
+                             "(default); choice: the decision only; generate: parse a free reply")
     parser.add_argument("--per-entity", type=int, default=defaults.probe_images_per_entity,
                         help=f"images (questions) per entity at most (default: {defaults.probe_images_per_entity})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="question sampling seed (default: 0)")

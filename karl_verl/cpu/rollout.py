@@ -9,7 +9,8 @@ the per-worker adapter, ``workers/rollout/replica.py:RolloutReplicaRegistry`` fo
 * :class:`TransformersRolloutServer` (a Ray actor, one per replica) holds the policy as a
   transformers model and answers ``generate(request_id, prompt_ids, sampling_params, image_data,
   mm_processor_kwargs)`` like verl's vLLM server: ``temperature`` (0: greedy), ``top_p``, ``top_k``
-  (-1: off), ``max_tokens``, ``seed``, ``repetition_penalty``, ``ignore_eos``, ``logprobs`` (the
+  (-1: off), ``max_tokens``, ``seed``, ``repetition_penalty``, ``ignore_eos``, ``allowed_token_ids``,
+  ``logprobs`` (the
   sampled tokens' log-probabilities, processed or raw as ``rollout.logprobs_mode`` says) and
   ``prompt_logprobs`` (vLLM's layout as verl's ``extract_prompt_logprobs`` builds it, so the
   probe's logprob mode runs on it). Images are turned into pixel values with the checkpoint's own
@@ -96,6 +97,18 @@ def prompt_logprob_entries(logprobs: torch.Tensor, prompt_ids: list[int], top_k:
     ids.append([0] * width)
     values.append([0.0] * width)
     return ids, values
+
+
+class _AllowedTokens:
+    """vLLM's ``allowed_token_ids``: every other token's logit is -inf (a transformers logits processor)."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.token_ids] = scores[:, self.token_ids]
+        return masked
 
 
 class TransformersRolloutServer:
@@ -238,7 +251,13 @@ class TransformersRolloutServer:
             suppress_tokens=self.suppressed_token_ids or None,
             output_logits=True, output_scores=True, return_dict_in_generate=True,
         )
-        output = self.model.generate(**inputs, generation_config=config)
+        allowed = params.get("allowed_token_ids")
+        processors = None
+        if allowed:
+            from transformers import LogitsProcessorList
+
+            processors = LogitsProcessorList([_AllowedTokens([int(t) for t in allowed])])
+        output = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
         prompt_len = inputs["input_ids"].shape[1]
         tokens = output.sequences[0, prompt_len:].tolist()
         for i, token in enumerate(tokens):

@@ -9,20 +9,26 @@ servers on the training GPUs). The replicas hold the policy's current weights an
 step boundary, when the ``karl`` trainer refreshes mastery; there is no second copy of the model in
 GPU memory.
 
-Implements both protocols of :mod:`karl_verl.backends.base`:
+Implements the probe protocols of :mod:`karl_verl.backends.base`, asking each server only for what
+the mode uses (bytes per question measured in ``benchmarks/bench_probe_scale.py``):
 
+* :meth:`RolloutProbeBackend.choose_options` (``probe_mode="choice"``, the default): one request per
+  question, one greedy token constrained to the option letters (``allowed_token_ids``, which verl's
+  server passes to vLLM's ``SamplingParams`` unchanged): the reply is the decision, a few hundred
+  bytes whatever the prompt length.
 * :meth:`RolloutProbeBackend.option_logprobs` (``probe_mode="logprob"``). verl's servers do not
   return top-k log-probabilities of *generated* tokens (they only return the sampled token's), but
   vLLM's ``prompt_logprobs`` pass through verl's server unchanged (verl's on-policy distillation
-  relies on the same path, ``verl/experimental/teacher_loop/teacher_manager.py``). So each question
-  is sent once with the first option's token appended to the prompt and ``prompt_logprobs=20``: the
-  entry of that last prompt position holds the top-20 next-token log-probabilities right after the
-  generation prompt, where every option letter is usually found. An option outside the top 20 gets
-  one exact request of its own (its token appended, ``prompt_logprobs=0``). vLLM and karl-verl's
-  CPU rollout (``transformers``, :mod:`karl_verl.cpu.rollout`) return prompt log-probabilities in
-  this layout: on other rollout engines :attr:`supports_logprobs` is False and the trainer falls
-  back to generate mode with a warning.
+  relies on the same path, ``verl/experimental/teacher_loop/teacher_manager.py``). So each option is
+  one request with that option's token appended to the prompt and ``prompt_logprobs=0`` (only the
+  actual token's log-probability at each position, no top-k): the second-to-last entry is the
+  option's log-probability right after the generation prompt. Four requests per question, and
+  every prompt position comes back (a server cannot be asked for one position only).
 * :meth:`RolloutProbeBackend.generate` (``probe_mode="generate"``): ordinary generation.
+
+vLLM and karl-verl's CPU rollout (``transformers``, :mod:`karl_verl.cpu.rollout`) answer the first
+two; on other rollout engines :attr:`supports_logprobs` is False and the trainer falls back to
+generate mode with a warning.
 
 All requests of one call run concurrently (at most ``max_concurrency`` in flight) on a private
 event loop in a background thread, so that :meth:`cancel` (called by the trainer when a refresh
@@ -51,9 +57,7 @@ from karl_verl.backends.base import (
 
 logger = logging.getLogger(__name__)
 
-#: Top log-probabilities asked per prompt position: vLLM's default ``max_logprobs`` engine limit.
-PROMPT_TOP_K = 20
-#: Rollout engines whose servers answer ``prompt_logprobs`` in vLLM's layout.
+#: Rollout engines whose servers answer ``prompt_logprobs`` in vLLM's layout and ``allowed_token_ids``.
 PROMPT_LOGPROB_ROLLOUTS = ("vllm", "transformers")
 
 
@@ -153,7 +157,7 @@ class RolloutProbeBackend:
 
     @property
     def supports_logprobs(self) -> bool:
-        """Whether the rollout engine returns prompt log-probabilities (vLLM, karl-verl's CPU rollout)."""
+        """Whether the rollout engine answers choice and logprob mode (vLLM, karl-verl's CPU rollout)."""
         return self.rollout_name in PROMPT_LOGPROB_ROLLOUTS
 
     # ------------------------------------------------------------------ plumbing
@@ -256,25 +260,14 @@ class RolloutProbeBackend:
 
     async def _score_request(self, request: GenerationRequest, option_ids: list[int], where: str) -> list[float]:
         prompt_ids, images = await self._encode(request, where)
-        # One pass: the first option appended, top-k log-probs of the position that predicts it.
-        top = await self._appended_position(prompt_ids, images, option_ids[0], PROMPT_TOP_K, where)
-        scores = []
-        for option in option_ids:
-            if option in top:
-                scores.append(top[option])
-            else:  # outside the top k: one exact request for this option
-                exact = await self._appended_position(prompt_ids, images, option, 0, where)
-                if option not in exact:
-                    raise ShortAnswerError(f"{where}: no log-probability reported for option token {option}")
-                scores.append(exact[option])
-        return scores
+        return list(await asyncio.gather(*(self._appended_position(prompt_ids, images, option, where)
+                                           for option in option_ids)))
 
-    async def _appended_position(self, prompt_ids: list[int], images: Any, token: int, top_k: int,
-                                 where: str) -> dict[int, float]:
-        """``{token id: log-prob}`` at the position right after ``prompt_ids`` (``top_k`` 0: ``token`` only)."""
+    async def _appended_position(self, prompt_ids: list[int], images: Any, token: int, where: str) -> float:
+        """The log-probability of ``token`` right after ``prompt_ids`` (a forward pass, one token out)."""
         sequence = [*prompt_ids, token]
-        # The same sampling parameters as verl's teacher log-prob pass: a forward pass, one token out.
-        sampling = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": top_k, "detokenize": False}
+        # The same sampling parameters as verl's teacher log-prob pass, with only the actual tokens.
+        sampling = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0, "detokenize": False}
         output = await self._generate_one(sequence, images, sampling, where)
         extra = getattr(output, "extra_fields", None) or {}
         ids, logprobs = extra.get("prompt_ids"), extra.get("prompt_logprobs")
@@ -283,16 +276,40 @@ class RolloutProbeBackend:
         # this right if the server deduplicated image tokens earlier in the prompt.
         if not ids or not logprobs or len(ids) < 2 or len(ids) != len(logprobs):
             raise ShortAnswerError(f"{where}: the rollout server returned no prompt log-probabilities "
-                                   "(vLLM rollout with prompt_logprobs support is required)")
+                                   "(a vLLM or transformers rollout with prompt_logprobs support is required)")
         position_ids, position_logprobs = ids[-2], logprobs[-2]
-        if len(position_ids) != len(position_logprobs):
-            raise ShortAnswerError(f"{where}: malformed prompt log-probabilities ({len(position_ids)} token ids, "
-                                   f"{len(position_logprobs)} values)")
-        if top_k == 0 and [int(t) for t in position_ids] != [token]:
+        if [int(t) for t in position_ids if t is not None] != [token] or len(position_logprobs) != 1 \
+                or position_logprobs[0] is None:
             raise ShortAnswerError(f"{where}: prompt log-probabilities do not line up with the prompt "
                                    f"(expected token {token}, got {position_ids})")
-        return {int(t): float(lp) for t, lp in zip(position_ids, position_logprobs, strict=True)
-                if t is not None and lp is not None}
+        return float(position_logprobs[0])
+
+    # ------------------------------------------------------------------ OptionChooser
+
+    def choose_options(self, requests: Sequence[GenerationRequest], options: Sequence[str]) -> list[int]:
+        """The option each request picks: one greedy token constrained to the options' tokens."""
+        if not self.supports_logprobs:
+            raise BackendError(f"choose_options needs allowed_token_ids ({', '.join(PROMPT_LOGPROB_ROLLOUTS)} "
+                               f"rollouts); the rollout is {self.rollout_name!r}")
+        from karl_verl.backends.hf import option_token_ids
+
+        option_ids = option_token_ids(self.tokenizer, options)
+        return self._run(self._choose_all, list(requests), option_ids)
+
+    async def _choose_all(self, requests: list[GenerationRequest], option_ids: list[int]) -> list[int]:
+        return await self._gather([self._choose_one(r, option_ids, f"probe request {i}")
+                                   for i, r in enumerate(requests)])
+
+    async def _choose_one(self, request: GenerationRequest, option_ids: list[int], where: str) -> int:
+        prompt_ids, images = await self._encode(request, where)
+        sampling = {"max_tokens": 1, "temperature": 0.0, "allowed_token_ids": list(option_ids), "logprobs": False,
+                    "detokenize": False}
+        output = await self._generate_one(prompt_ids, images, sampling, where)
+        token_ids = list(getattr(output, "token_ids", None) or [])
+        if not token_ids or int(token_ids[0]) not in option_ids:
+            raise ShortAnswerError(f"{where}: the rollout server answered {token_ids[:3]} instead of one of the "
+                                   f"option tokens {option_ids}")
+        return option_ids.index(int(token_ids[0]))
 
     # ------------------------------------------------------------------ TextGenerator
 

@@ -237,6 +237,10 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_last_refresh_end: float | None = None
         self._karl_warned: set[str] = set()
         self._karl_model_type: str | None = None
+        #: The first probe's seconds per question and the first step's start (the refresh budget).
+        self._karl_seconds_per_question: float | None = None
+        self._karl_step_started: float | None = None
+        self._karl_budget_reported = False
         self._karl_check_config()
 
     # ------------------------------------------------------------------ configuration
@@ -292,6 +296,37 @@ class KarlTrainer(PPOTrainerSync):
         super().on_step_begin()
         if self.karl_schedule.is_due(self.global_steps, int(getattr(self, "steps_per_epoch", 0) or 0)):
             self.karl_refresh(self.karl_schedule.trigger)
+        self._karl_step_started = time.monotonic()
+
+    def on_step_end(self) -> None:
+        """After the first training step: the refresh budget (a refresh's estimated share of an epoch)."""
+        super().on_step_end()
+        if not self._karl_budget_reported and self._karl_step_started is not None:
+            self._karl_budget_reported = True
+            self._karl_report_budget(time.monotonic() - self._karl_step_started)
+
+    def _karl_report_budget(self, step_seconds: float) -> None:
+        mastery = self.karl_config.mastery
+        if (self._karl_seconds_per_question is None or not self.karl_schedule.enabled
+                or mastery.source == "online"):
+            return
+        questions = len(self._karl_refresh_questions(0))
+        refresh_s = questions * self._karl_seconds_per_question
+        epoch_s = step_seconds * max(int(getattr(self, "steps_per_epoch", 0) or 0), 1)
+        share = refresh_s / (refresh_s + epoch_s) if refresh_s + epoch_s > 0 else 0.0
+        self._karl_pending_metrics["karl/refresh/estimated_epoch_share"] = share
+        self._karl_pending_metrics["karl/refresh/estimated_time_s"] = refresh_s
+        message = ("karl: refresh budget: %d questions per refresh (%s), about %.0f s each at the first probe's "
+                   "%.1f ms per question; an epoch of %d steps takes about %.0f s, so a refresh is %.1f%% of it")
+        args = (questions, f"up to {mastery.refresh_questions_per_entity} per entity", refresh_s,
+                1000 * self._karl_seconds_per_question, int(getattr(self, "steps_per_epoch", 0) or 0), epoch_s,
+                100 * share)
+        if share > mastery.max_refresh_share:
+            logger.warning(message + " (above karl.mastery.max_refresh_share %.0f%%: lower "
+                           "karl.mastery.refresh_questions_per_entity or refresh less often)", *args,
+                           100 * mastery.max_refresh_share)
+        else:
+            logger.info(message, *args)
 
     # ------------------------------------------------------------------ table lifecycle
 
@@ -318,6 +353,10 @@ class KarlTrainer(PPOTrainerSync):
             table = result.table
             record.source = "probe"
             self._karl_fill_probe(record, result)
+            if result.num_questions:
+                self._karl_seconds_per_question = (time.monotonic() - start) / result.num_questions
+                logger.info("karl: the probe at train begin asked %d questions in %.1f s", result.num_questions,
+                            time.monotonic() - start)
         else:
             table = MasteryTable(meta={"source": "none"})
             logger.warning("karl: no mastery table and no probe set: every entity starts at level %d; the online "
@@ -425,16 +464,36 @@ class KarlTrainer(PPOTrainerSync):
         return run_probe(questions, backend, mode=mode, thresholds=self.karl_config.mastery.thresholds,
                          epoch=epoch, progress=False)
 
+    def _karl_refresh_questions(self, refresh_index: int) -> list[Any]:
+        """This refresh's questions: up to ``refresh_questions_per_entity`` per entity, drawn afresh per refresh.
+
+        Seeded by ``karl.mastery.seed`` and the refresh's index in the history, so a resumed run asks
+        what the uninterrupted one asked.
+        """
+        import random
+
+        questions = self._karl_probe_questions()
+        limit = int(self.karl_config.mastery.refresh_questions_per_entity)
+        by_entity: dict[str, list[Any]] = {}
+        for question in questions:
+            by_entity.setdefault(question.entity, []).append(question)
+        if all(len(group) <= limit for group in by_entity.values()):
+            return list(questions)
+        rng = random.Random(f"{self.karl_config.mastery.seed}/{refresh_index}")
+        kept = {id(q) for group in by_entity.values()
+                for q in (group if len(group) <= limit else rng.sample(group, limit))}
+        return [q for q in questions if id(q) in kept]
+
     def _karl_probe(self, epoch: int) -> Any:
         """Run the probe with the configured timeout; raise on failure, timeout or short answers."""
         mastery = self.karl_config.mastery
-        questions = self._karl_probe_questions()
+        questions = self._karl_refresh_questions(len(self.karl_state.history))
         backend = self.karl_probe_backend()
         mode = mastery.probe_mode
-        if mode == "logprob" and not getattr(backend, "supports_logprobs", True):
-            self._karl_warn_once("probe_mode", "karl: probe_mode=logprob needs prompt log-probabilities, which only "
-                                 "vLLM (and karl-verl's CPU) rollout servers return; probing in generate mode "
-                                 "instead")
+        if mode in ("logprob", "choice") and not getattr(backend, "supports_logprobs", True):
+            self._karl_warn_once("probe_mode", f"karl: probe_mode={mode} needs prompt log-probabilities or "
+                                 "allowed_token_ids, which only vLLM (and karl-verl's CPU) rollout servers "
+                                 "answer; probing in generate mode instead")
             mode = "generate"
         try:
             result = call_with_timeout(lambda: self._karl_call_probe(questions, backend, mode, epoch),

@@ -6,7 +6,11 @@ Runs wherever the backend runs: this module only builds requests, calls the back
 rollout servers. Any object with the methods of the protocols in :mod:`karl_verl.backends.base` works:
 
 * ``mode="logprob"`` (default, fast): one forward pass per question through
-  ``backend.option_logprobs(requests, ["A", "B", "C", "D"])``; the decision is the most likely letter.
+  ``backend.option_logprobs(requests, ["A", "B", "C", "D"])``; the decision is the most likely letter,
+  and the mean probability of the right letter is reported as the expected accuracy.
+* ``mode="choice"``: the same decision from ``backend.choose_options(requests, letters)`` (on rollout
+  servers one constrained greedy token per question, the cheapest request), or from the argmax of
+  ``option_logprobs`` for a backend without it; no expected accuracy.
 * ``mode="generate"`` (the paper's protocol): ``backend.generate(requests, sampling)``; the decision
   is the letter :func:`karl_verl.probe.scoring.parse_choice` reads from the reply (unreadable: wrong).
 
@@ -43,7 +47,7 @@ from karl_verl.probe.scoring import (
     per_entity_mean,
 )
 
-PROBE_MODES = ("logprob", "generate")
+PROBE_MODES = ("logprob", "choice", "generate")
 
 #: Sampling of generate mode: greedy (a mastery estimate should not hinge on sampling noise) and
 #: enough tokens for a letter with a short preamble. Pass ``sampling=`` to change it.
@@ -110,9 +114,11 @@ def run_probe(
     if mode == "generate" and sampling.n != 1:
         raise ProbeError(f"run_probe: generate mode takes one reply per question, got sampling.n={sampling.n}")
     name = type(backend).__name__
-    method = "option_logprobs" if mode == "logprob" else "generate"
-    if not callable(getattr(backend, method, None)):
-        raise ProbeError(f"run_probe: mode {mode!r} needs a backend with {method}(); {name} has none")
+    methods = {"logprob": ("option_logprobs",), "choice": ("choose_options", "option_logprobs"),
+               "generate": ("generate",)}[mode]
+    if not any(callable(getattr(backend, method, None)) for method in methods):
+        raise ProbeError(f"run_probe: mode {mode!r} needs a backend with {' or '.join(m + '()' for m in methods)}; "
+                         f"{name} has none")
 
     from tqdm.auto import tqdm
 
@@ -125,20 +131,12 @@ def run_probe(
             chunk = questions[first : first + max(1, chunk_size)]
             requests = [question_request(q) for q in chunk]
             if mode == "logprob":
-                try:
-                    scores = check_option_logprobs(
-                        backend.option_logprobs(requests, list(LETTERS)), len(chunk), len(LETTERS), backend=name
-                    )
-                except BackendError as err:
-                    raise ProbeError(str(err)) from None
-                hopeless = np.isneginf(scores).all(axis=1)
-                if hopeless.any():
-                    question_id = chunk[int(hopeless.argmax())].question_id
-                    raise ProbeError(f"{name}.option_logprobs: question {question_id!r}: every letter is -inf")
-                probabilities = letter_probabilities(scores)
+                probabilities = letter_probabilities(_checked_logprobs(backend, chunk, requests, name))
                 for question, row in zip(chunk, probabilities, strict=True):
                     choices.append(LETTERS[int(np.argmax(row))])
                     expected.append(float(row[LETTERS.index(question.answer_letter)]))
+            elif mode == "choice":
+                choices.extend(LETTERS[index] for index in _chosen_options(backend, chunk, requests, name))
             else:
                 try:
                     texts = check_generations(backend.generate(requests, sampling), len(chunk), 1, backend=name)
@@ -152,6 +150,7 @@ def run_probe(
 
     accuracy, counts = per_entity_accuracy(questions, choices)
     expected_accuracy = per_entity_mean(questions, expected) if mode == "logprob" else None
+    # "choice" and "generate" measure the decision only.
     num_unparseable = sum(choice is None for choice in choices)
     per_question_correct = [is_correct(q, c) for q, c in zip(questions, choices, strict=True)]
     meta = {
@@ -176,3 +175,34 @@ def run_probe(
         replies=replies,
     )
 
+
+
+def _checked_logprobs(backend: Any, chunk: Sequence[ProbeQuestion], requests: list[GenerationRequest],
+                      name: str) -> np.ndarray:
+    try:
+        scores = check_option_logprobs(backend.option_logprobs(requests, list(LETTERS)), len(chunk), len(LETTERS),
+                                       backend=name)
+    except BackendError as err:
+        raise ProbeError(str(err)) from None
+    hopeless = np.isneginf(scores).all(axis=1)
+    if hopeless.any():
+        question_id = chunk[int(hopeless.argmax())].question_id
+        raise ProbeError(f"{name}.option_logprobs: question {question_id!r}: every letter is -inf")
+    return scores
+
+
+def _chosen_options(backend: Any, chunk: Sequence[ProbeQuestion], requests: list[GenerationRequest],
+                    name: str) -> list[int]:
+    """Choice mode: the option index each request picks (``choose_options``, else the argmax of the log-probs)."""
+    if not callable(getattr(backend, "choose_options", None)):
+        # exact ties go to the first letter, as in logprob mode
+        return [int(np.argmax(row)) for row in _checked_logprobs(backend, chunk, requests, name)]
+    try:
+        picked = list(backend.choose_options(requests, list(LETTERS)))
+    except BackendError as err:
+        raise ProbeError(str(err)) from None
+    if len(picked) != len(requests) or any(not isinstance(i, int | np.integer) or not 0 <= i < len(LETTERS)
+                                           for i in picked):
+        raise ProbeError(f"{name}.choose_options: expected {len(requests)} option indices in 0..{len(LETTERS) - 1}, "
+                         f"got {picked[:8]!r}")
+    return [int(i) for i in picked]

@@ -31,7 +31,6 @@ from verl.workers.rollout.replica import TokenOutput
 
 from karl_verl.backends.base import BackendError, GenerationRequest, SamplingSettings
 from karl_verl.integration.rollout_probe import (
-    PROMPT_TOP_K,
     ProbeCancelled,
     RolloutProbeBackend,
     ShortAnswerError,
@@ -57,8 +56,8 @@ class FakeServer:
     """Stands in for ``LLMServerClient`` + vLLM replicas; knows the entities in ``known``.
 
     At the answer position the right letter gets log-prob -0.1 when the entity is known, else a
-    wrong letter does; the other letters get -6.0, below the 20 filler tokens of the top-k list,
-    so the backend must ask for them exactly.
+    wrong letter does; the other letters get -6.0, below 20 filler tokens. It answers
+    ``prompt_logprobs`` requests (any k) and one-token requests constrained by ``allowed_token_ids``.
     """
 
     def __init__(self, tokenizer, known=(), rollout="vllm"):
@@ -70,7 +69,7 @@ class FakeServer:
         self.reply = "B"
         self.misalign = False
         self.letter_ids = {letter: tokenizer.encode(letter, add_special_tokens=False)[0] for letter in LETTERS}
-        self.filler = [i for i in range(100, 200) if i not in self.letter_ids.values()][:PROMPT_TOP_K]
+        self.filler = [i for i in range(100, 200) if i not in self.letter_ids.values()][:20]
 
     def answer_distribution(self, prompt_ids, image):
         text = self.tokenizer.decode(prompt_ids)
@@ -87,6 +86,12 @@ class FakeServer:
                               "image_data": image_data})
         if self.hang:
             await asyncio.sleep(3600)
+        if "allowed_token_ids" in sampling_params:
+            dist = self.answer_distribution(prompt_ids, image_data[0])
+            allowed = sampling_params["allowed_token_ids"]
+            best = max(allowed, key=lambda token: dist.get(token, -20.0))
+            return TokenOutput(token_ids=[best + 1 if self.misalign else best], stop_reason=self.stop_reason,
+                               extra_fields={})
         if "prompt_logprobs" not in sampling_params:
             return TokenOutput(token_ids=self.tokenizer.encode(self.reply, add_special_tokens=False),
                                stop_reason=self.stop_reason, extra_fields={})
@@ -160,7 +165,8 @@ def test_prompt_is_built_as_the_agent_loop_builds_it(verl_config, tokenizer, pro
     assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
     assert "What is the aircraft in the image?" in text
     assert text.endswith("<|im_start|>assistant\nA")
-    assert first["sampling_params"] == {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": PROMPT_TOP_K,
+    # only the actual tokens' log-probabilities (no top-k), one request per option
+    assert first["sampling_params"] == {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0,
                                         "detokenize": False}
     assert len(first["image_data"]) == 1 and isinstance(first["image_data"][0], Image.Image)
     right = LETTERS.index(questions[0].answer_letter)
@@ -168,18 +174,39 @@ def test_prompt_is_built_as_the_agent_loop_builds_it(verl_config, tokenizer, pro
     assert np.allclose(np.delete(scores[0], right), -6.0)
 
 
-def test_options_outside_the_top_k_get_one_exact_request_each(verl_config, tokenizer, processor, questions):
+def test_logprob_mode_asks_each_option_once_and_choice_mode_one_constrained_token(
+        verl_config, tokenizer, processor, questions):
     server = FakeServer(tokenizer, known=COLORS)
     backend = make_backend(server, tokenizer, processor, verl_config)
     try:
         backend.option_logprobs([request_of(questions[0])], list(LETTERS))
+        assert sorted(tokenizer.decode(r["prompt_ids"][-1:]) for r in server.requests) == list(LETTERS)
+        assert all(r["sampling_params"]["prompt_logprobs"] == 0 for r in server.requests)
+        server.requests.clear()
+        picked = backend.choose_options([request_of(q) for q in questions], list(LETTERS))
     finally:
         backend.close()
-    top_k = [r for r in server.requests if r["sampling_params"]["prompt_logprobs"] == PROMPT_TOP_K]
-    exact = [r for r in server.requests if r["sampling_params"]["prompt_logprobs"] == 0]
-    assert len(top_k) == 1 and len(exact) == 3  # the right letter was in the top 20, the others not
-    assert sorted(tokenizer.decode(r["prompt_ids"][-1:]) for r in exact) == sorted(
-        set(LETTERS) - {questions[0].answer_letter})
+    assert picked == [LETTERS.index(q.answer_letter) for q in questions]  # every entity known
+    assert len(server.requests) == len(questions)
+    letter_ids = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in LETTERS]
+    assert all(r["sampling_params"] == {"max_tokens": 1, "temperature": 0.0, "allowed_token_ids": letter_ids,
+                                        "logprobs": False, "detokenize": False} for r in server.requests)
+    # the prompt itself ends at the generation prompt: nothing appended
+    assert tokenizer.decode(server.requests[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_choice_and_logprob_modes_give_the_same_table(verl_config, tokenizer, processor, questions):
+    tables = {}
+    for mode in ("logprob", "choice"):
+        server = FakeServer(tokenizer, known={"Su-30", "J-10"})
+        backend = make_backend(server, tokenizer, processor, verl_config)
+        try:
+            tables[mode] = run_probe(questions, backend, mode=mode, progress=False)
+        finally:
+            backend.close()
+    assert tables["logprob"].table.entries == tables["choice"].table.entries
+    assert tables["logprob"].per_entity_expected_accuracy is not None
+    assert tables["choice"].per_entity_expected_accuracy is None
 
 
 def test_run_probe_on_the_rollout_backend_builds_the_table(verl_config, tokenizer, processor, questions):
@@ -207,18 +234,19 @@ def test_generate_mode(verl_config, tokenizer, processor, questions):
     assert all(p["max_tokens"] == 16 and p["temperature"] == 0.0 and p["logprobs"] is False for p in params)
 
 
-@pytest.mark.parametrize("fault", ["aborted", "empty", "misaligned"])
+@pytest.mark.parametrize("fault", ["aborted", "empty", "misaligned", "off_option"])
 def test_short_answers_raise(verl_config, tokenizer, processor, questions, fault):
     server = FakeServer(tokenizer, known=COLORS)
     server.stop_reason = "aborted" if fault == "aborted" else "completed"
     server.reply = "" if fault == "empty" else "B"
-    server.misalign = fault == "misaligned"
+    server.misalign = fault in ("misaligned", "off_option")
     backend = make_backend(server, tokenizer, processor, verl_config)
     try:
         with pytest.raises(ShortAnswerError):
             if fault == "misaligned":
-                server.known = set()  # every letter but the right one needs an exact request
                 backend.option_logprobs([request_of(questions[0])], list(LETTERS))
+            elif fault == "off_option":  # the constrained token is not one of the options
+                backend.choose_options([request_of(questions[0])], list(LETTERS))
             elif fault == "aborted":
                 backend.option_logprobs([request_of(questions[0])], list(LETTERS))
             else:
@@ -258,6 +286,8 @@ def test_logprob_mode_needs_vllm(verl_config, tokenizer, processor, questions):
     assert not backend.supports_logprobs
     with pytest.raises(BackendError, match="prompt log-probabilities"):
         backend.option_logprobs([request_of(questions[0])], list(LETTERS))
+    with pytest.raises(BackendError, match="allowed_token_ids"):
+        backend.choose_options([request_of(questions[0])], list(LETTERS))
 
 
 def test_trainer_refresh_through_the_rollout_backend(verl_config, tokenizer, processor, questions, tmp_path):
