@@ -16,12 +16,13 @@ LAUNCH = """
 import runpy, sys
 import ray
 
+marker, *args = sys.argv[1:]
+
 def refuse(*args, **kwargs):
-    open(sys.argv[1], "w").write("ray.init called")
+    open(marker, "w").write("ray.init called")
     raise SystemExit(99)
 
 ray.init = refuse
-marker, *args = sys.argv[1:]
 sys.argv = ["main_ppo", *args]
 runpy.run_module("verl.trainer.main_ppo", run_name="__main__")
 """
@@ -122,3 +123,20 @@ def test_gpu_count_is_checked_only_for_a_local_gpu_run(inputs, overrides, enviro
     assert result.returncode == 1 and "karl.mastery.probe_data" in result.stderr
     asked = "trainer.n_gpus_per_node: 1024 GPUs asked for" in result.stderr
     assert asked == (not overrides and not environ), result.stderr[-3000:]
+
+
+def test_a_run_that_passes_keeps_hydra_output_with_its_checkpoints(inputs):
+    """The checks pass, so main_ppo reaches ray.init (trapped here); Hydra wrote under default_local_dir."""
+    workdir = inputs / "cwd"
+    workdir.mkdir()
+    marker = inputs / "ray-started"
+    args = ["+recipe=karl_kvg", *(f"{k}={v}" for k, v in good_overrides(inputs).items()), "trainer.device=cpu",
+            "trainer.n_gpus_per_node=1"]
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "RAY_"))}
+    result = subprocess.run([sys.executable, "-c", LAUNCH, str(marker), *args], cwd=workdir,
+                            env={**environment, "HOME": str(inputs / "home")}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 99 and marker.exists(), result.stderr[-3000:]
+    assert list(workdir.iterdir()) == []
+    (run_dir,) = (inputs / "ckpt" / "hydra").iterdir()
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
