@@ -90,6 +90,7 @@ def _read_options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
+    from karl_verl.commands.usage import first_line
     from karl_verl.data.schema import DataError
 
     try:
@@ -115,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
                                       progress=not args.no_progress)
         else:
             summary = _run_filter(args)
-    except (DataError, BackendError, ValueError) as err:
+    except (DataError, BackendError, ValueError) as err:  # UsageError is a ValueError
         print(f"karl-verl data {args.data_command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unreadable input, an output that cannot be written, a Hub id offline
+        print(f"karl-verl data {args.data_command}: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(summary.format())
     return 0
@@ -127,8 +131,10 @@ def _run_filter(args: argparse.Namespace):
 
     generator = sampling = None
     if args.model is not None:
+        from karl_verl.commands.usage import check_model_options
         from karl_verl.evaluation.inference import generator_from_args
 
+        check_model_options(args.model, args.backend, args.device)
         generator, sampling = generator_from_args(args, n=args.k)
     return filter_dataset(
         args.data, args.out, k=args.k, responses=args.responses, generator=generator, sampling=sampling,

@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
+    from karl_verl.commands.usage import first_line
     from karl_verl.data.schema import DataError
     from karl_verl.evaluation.runner import run_eval
     from karl_verl.mastery import MasteryError
@@ -67,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         generator = sampling = None
         if args.model is not None:
+            from karl_verl.commands.usage import check_model_options
             from karl_verl.evaluation.inference import generator_from_args
 
+            check_model_options(args.model, args.backend, args.device)
             generator, sampling = generator_from_args(args, n=1)
         outcome = run_eval(
             args.bench,
@@ -88,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
             context={"model": args.model, "backend": args.backend if args.model else None},
             progress=not args.no_progress,
         )
-    except (DataError, MasteryError, BackendError, ValueError) as err:
+    except (DataError, MasteryError, BackendError, ValueError) as err:  # UsageError is a ValueError
         print(f"karl-verl eval: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unreadable input, an output that cannot be written, a Hub id offline
+        print(f"karl-verl eval: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(outcome.format())
     return 0

@@ -61,12 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
+    from karl_verl.commands.usage import first_line
     from karl_verl.mastery import MasteryError
 
     try:
         result, out = _probe(args)
-    except (BackendError, MasteryError, ValueError) as err:  # ProbeError is a ValueError
+    except (BackendError, MasteryError, ValueError) as err:  # ProbeError and UsageError are ValueErrors
         print(f"karl-verl probe: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a Hub id that cannot be downloaded, an output folder that cannot be written
+        print(f"karl-verl probe: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(format_summary(result, out))
     return 0
@@ -75,17 +79,22 @@ def run(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
     import dataclasses
 
+    from karl_verl.commands.usage import check_model_options
     from karl_verl.config import MasteryConfig
     from karl_verl.probe.questions import ProbeError, build_questions, load_probe_set
     from karl_verl.probe.runner import DEFAULT_PROBE_SAMPLING, run_probe
 
     if args.batch_size < 1 or args.per_entity < 1:
         raise ProbeError("--batch-size and --per-entity must be >= 1")
+    if args.max_new_tokens < 1:
+        raise ProbeError("--max-new-tokens must be >= 1")
     # Read and check the probe set before loading a model: bad data fails in a second.
     questions = build_questions(
         load_probe_set(args.data), per_entity=args.per_entity, seed=args.seed,
         on_small_category=args.on_small_category,
     )
+    # Then the model options, before minutes of loading.
+    check_model_options(args.model, args.backend, args.device, args.dtype)
     progress = not args.no_progress
     if args.backend == "vllm":
         from karl_verl.backends.vllm_backend import VLLMBackend
