@@ -58,6 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _paper_rows(args: argparse.Namespace) -> list[str]:
+    """The paper's rows to print beside ours: none when --seen / --unseen are not the paper's split.
+
+    The paper's seen, unseen and overall figures average its own category split; beside another split
+    they compare different things.
+    """
+    from karl_verl.evaluation.paper import SEEN_CATEGORIES, UNSEEN_CATEGORIES
+
+    rows = [row.strip() for row in args.paper_rows.split(",") if row.strip()]
+    if rows and (set(args.seen) != set(SEEN_CATEGORIES) or set(args.unseen) != set(UNSEEN_CATEGORIES)):
+        print("karl-verl eval: note: the paper's rows are left out: --seen/--unseen are not the paper's split "
+              f"(seen {','.join(SEEN_CATEGORIES)}; unseen {','.join(UNSEEN_CATEGORIES)})", file=sys.stderr)
+        return []
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
     from karl_verl.commands.usage import first_line
@@ -87,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             seen_categories=args.seen,
             unseen_categories=args.unseen,
             name=args.name,
-            paper_rows=[row.strip() for row in args.paper_rows.split(",") if row.strip()],
+            paper_rows=_paper_rows(args),
             context={"model": args.model, "backend": args.backend if args.model else None},
             progress=not args.no_progress,
         )

@@ -102,10 +102,10 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
         )
     except SmallCategoryError as err:
         raise ProbeError(f"{args.data}: {err.explain('--on-small-category global')}") from None
-    if thin := thin_entities(questions):
-        print(f"karl-verl probe: warning: {format_thin_entities(thin, args.per_entity)}", file=sys.stderr)
     # Then the model options, before minutes of loading.
     check_model_options(args.model, args.backend, args.device, args.dtype)
+    if thin := thin_entities(questions):
+        print(f"karl-verl probe: warning: {format_thin_entities(thin, args.per_entity)}", file=sys.stderr)
     progress = not args.no_progress
     if args.backend == "vllm":
         from karl_verl.backends.vllm_backend import VLLMBackend
