@@ -75,7 +75,8 @@ def test_every_problem_is_reported_at_once(built, tmp_path):
     assert "actor_rollout_ref.actor.optim.learning_rate: no such key" in found
     assert "reward.reward_model.rollout.name" not in found  # a "???" value in verl's config: the key exists
     assert "karl.reward.tau: expected a number, got 'abc'" in found
-    assert "broken.parquet row 1: 2 <image> placeholder(s)" in found
+    assert ("broken.parquet row 1: <image> placeholders in field 'prompt' differ from the images in field "
+            "'images': 2 vs 1") in found
     assert "broken.parquet row 2: ground truth has no readable" in found
     assert "broken.parquet row 3: ground truth has no <|object_ref_start|>" in found
     assert "broken.parquet row 4: ground truth has no <|object_ref_start|>" in found
