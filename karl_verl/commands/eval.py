@@ -35,12 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         UNSEEN_CATEGORIES,
     )
 
-    parser.add_argument("--bench", required=True, type=Path, help="KVG-Bench parquet (released format)")
+    parser.epilog = ("Reads the benchmark parquet, predictions JSONL and a mastery table; writes metrics.json, "
+                     "cases.jsonl and a chart: docs/DATA_FORMATS.md ('Benchmark parquet', 'Predictions', "
+                     "'Mastery table', 'metrics.json and cases.jsonl').")
+    parser.add_argument("--bench", required=True, type=Path,
+                        help="KVG-Bench parquet in the released format: question_id, question, image, answer, category")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, help='JSONL of {"question_id": ..., "response": ...}')
     source.add_argument("--model", help="checkpoint to run on the benchmark instead")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--mastery", type=Path, help="mastery table (JSON): adds the high (1-3) vs low (4-5) split")
+    parser.add_argument("--mastery", type=Path,
+                        help="mastery table (JSON, released or karl-verl format): adds the high (1-3) vs low (4-5) "
+                             "split")
     add_box_arguments(parser)
     parser.add_argument("--seen", type=_categories, default=SEEN_CATEGORIES, metavar="CATS",
                         help=f"seen categories, comma list (default: {','.join(SEEN_CATEGORIES)})")

@@ -36,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = MasteryConfig()
     parser.add_argument("--model", required=True,
                         help="checkpoint directory or hub name (also a tiny test checkpoint directory)")
-    parser.add_argument("--data", required=True, type=Path, help="probe set: .parquet or .jsonl")
-    parser.add_argument("--out", required=True, type=Path, help="mastery table to write (JSON)")
+    parser.epilog = ("Reads a probe set (entity, category, image per row), writes a mastery table (JSON) and a PNG "
+                     "histogram beside it: docs/DATA_FORMATS.md ('Probe set', 'Mastery table').")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="probe set: .parquet or .jsonl with entity, category, image (docs/DATA_FORMATS.md)")
+    parser.add_argument("--out", required=True, type=Path, help="mastery table to write (JSON, karl-verl format)")
     parser.add_argument("--mode", choices=PROBE_MODES, default=defaults.probe_mode,
                         help=f"logprob: one forward pass per question; generate: parse a reply (default: "
                              f"{defaults.probe_mode})")
