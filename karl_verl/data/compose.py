@@ -1,6 +1,6 @@
 """``karl-verl data compose``: multi-entity composite images from single-entity images.
 
-KARL_METHOD.md section 4: sample k images of k different entities of one category, k drawn from
+docs/METHOD.md section 4: sample k images of k different entities of one category, k drawn from
 a distribution over [2, 6], and paste them into one image with one of four layouts; every box is
 remapped to its place in the composite.
 

@@ -1,4 +1,4 @@
-"""The probe set and the 4-choice recognition questions built from it (KARL_METHOD.md section 2).
+"""The probe set and the 4-choice recognition questions built from it (docs/METHOD.md section 2).
 
 Pure module (no torch, no verl, no Ray; pyarrow only to read parquet): runs anywhere, CPU.
 
