@@ -125,3 +125,14 @@ def test_verl_import_notices_do_not_reach_the_user(tmp_path):
     for notice in ("No supported accelerator detected", "is registered but not available", "engine is not available"):
         assert notice not in result.stdout + result.stderr
     assert Path(tmp_path).is_dir() and list(tmp_path.iterdir()) == []
+
+
+def test_info_on_a_broken_verl_is_one_line(tmp_path):
+    fake = tmp_path / "site" / "verl"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libcuda.so.1: cannot open shared object file')\n")
+    result = subprocess.run([sys.executable, "-m", "karl_verl", "info", "--no-recipes"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env={"PYTHONPATH": str(fake.parent), "PATH": ""})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "karl-verl info: verl cannot be imported here (ImportError: libcuda.so.1" in result.stderr

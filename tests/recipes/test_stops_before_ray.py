@@ -78,7 +78,7 @@ MISTAKES = {
     "probe_set": ({"karl.mastery.probe_data": "/no/such/probe.parquet"}, {},
                   "karl.mastery.probe_data: probe set /no/such/probe.parquet does not exist"),
     "wandb": ({"trainer.logger": "[console,wandb]"}, {}, "wandb has no credentials"),
-    "karl_value": ({"karl.reward.tau": "1.5", "+karl.reward.tua": "0.5"}, {},
+    "karl_value": ({"karl.reward.tau": "1.5", "karl.reward.tua": "0.5"}, {},
                    "karl.reward.tau: expected a number in (0.0, 1.0], got 1.5"),
     "unset": ({"data.val_files": None}, {}, "  data.val_files=..."),
 }
