@@ -206,3 +206,13 @@ def test_hydra_output_goes_under_the_checkpoint_folder(installed, tmp_path):
     hydra = yaml.safe_load(result.stdout)["hydra"]
     assert hydra["run"]["dir"].startswith("${trainer.default_local_dir}/")
     assert hydra["sweep"]["dir"].startswith("${trainer.default_local_dir}/")
+
+
+@pytest.mark.parametrize(("recipe", "overrides"), [
+    ("karl_kvg_grpo", ["karl/reward=uniform", "algorithm.adv_estimator=grpo", "trainer.v1.trainer_mode=sync",
+                       "karl.mastery.refresh_every_epochs=0"]),
+    ("karl_kvg_v1", ["karl/reward=v1"]),
+])
+def test_an_ablation_is_the_command_line_the_readme_gives(composed, installed, tmp_path, recipe, overrides):
+    by_hand = compose(installed, tmp_path, "karl_kvg", *overrides, f"trainer.experiment_name={recipe}")
+    assert by_hand == composed[recipe]
