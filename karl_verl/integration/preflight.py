@@ -79,11 +79,9 @@ def _select(config: DictConfig, key: str) -> Any:
 
 
 def _paths(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, ListConfig)):
-        return [str(v) for v in value if v is not None]
-    return [str(value)]
+    """The paths a key holds; empty ones are left to the unset-key and config checks."""
+    values = value if isinstance(value, (list, tuple, ListConfig)) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip() not in ("", "???")]
 
 
 def _is_remote(path: str) -> bool:

@@ -192,3 +192,10 @@ def test_callback_checks_at_run_start_before_hydra_makes_its_output_folder(input
     with pytest.raises(SystemExit, match="data.val_files: validation data /no/val.parquet does not exist"):
         RequiredKeysCallback(REQUIRED).on_run_start(run_config(inputs, **{"data.val_files": "/no/val.parquet",
                                                                           "trainer.device": "cpu"}))
+
+
+def test_empty_paths_are_left_to_the_unset_key_check(inputs):
+    cfg = run_config(inputs, **{"data.val_files": "", "actor_rollout_ref.model.path": "???"})
+    assert path_problems(cfg) == []
+    assert unset_keys(cfg, ["data.val_files", "actor_rollout_ref.model.path"]) == [
+        "data.val_files", "actor_rollout_ref.model.path"]
