@@ -29,8 +29,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff"],
-    # Real training on GPU nodes: vLLM rollouts (verl pins its own torch there) and flash-attn.
-    "gpu": ["verl[vllm]>=0.9.1,<0.10", "flash-attn"],
+    # Real training on GPU nodes: vLLM rollouts (verl pins its own torch there) and flash-attn at the
+    # version verl 0.9.1's own extra (flash-attn-cu130torch211, pulled in by verl[fsdp]) pins.
+    "gpu": ["verl[vllm]>=0.9.1,<0.10", "flash-attn==2.8.3"],
 }
 
 setup(
@@ -55,6 +56,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
+        # verl only imports this entry point (it never calls it): importing karl_verl.integration
+        # runs karl_verl/__init__.py, which registers the parts while verl's own import finishes.
         "verl.plugins": ["karl = karl_verl.integration:register_all"],
         "console_scripts": ["karl-verl = karl_verl.cli:main"],
     },

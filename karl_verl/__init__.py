@@ -8,9 +8,10 @@ Where things are:
   * the ``karl_grpo`` advantage: :mod:`karl_verl.advantage`
   * verl glue (reward manager, estimator and trainer registration): :mod:`karl_verl.integration`
 
-Importing the package registers karl-verl's parts into verl's registries (the ``verl.plugins``
-entry point does the same in every verl process): at once when verl is already imported, else
-when verl's import finishes. So ``import karl_verl.reward`` alone imports neither verl nor torch.
+Importing the package registers karl-verl's parts into verl's registries: at once when verl is
+already imported, else when verl's import finishes. This import is also how every verl process gets
+them: verl imports (never calls) the ``verl.plugins`` entry point, ``karl_verl.integration``, whose
+parent package is this one. ``import karl_verl.reward`` alone imports neither verl nor torch.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Mastery-weighted GRPO advantage (``karl_grpo``). Pure torch: no Ray, no verl.
 
-Why weight after normalisation (KARL_METHOD.md section 5): all samples of a GRPO group share one
+Why weight after normalisation (docs/METHOD.md section 5): all samples of a GRPO group share one
 entity and so one mastery level. Inside a group the reward scales s+/s- then mostly cancel under
 mean/std normalisation: an all-success group is rescaled back, an all-failure group gets zero
 advantage whatever s- is. Multiplying the normalised advantage by a per-level weight is the lever

@@ -5,7 +5,7 @@ Pure module: no Ray, no verl, no torch.
 Two readers:
 
 * :func:`read_box_reference` reproduces the released KARL reward's box reading exactly
-  (KARL_METHOD.md section 3): four forms tried in order, first form that matches anywhere wins,
+  (docs/METHOD.md section 3): four forms tried in order, first form that matches anywhere wins,
   last match of that form, x1000 when the four values sum below 4, (0, 0, 0, 0) when nothing
   matches. Form 1 (``(x1,y1),(x2,y2)`` with a lazy ``.*?`` inside) is computed by a linear-time
   scanner instead of the regex, because the regex backtracks quadratically on long lines; the

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 #: subcommand -> module; the module's HELP is shown in ``karl-verl --help``.
@@ -34,7 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropVerlPlatformNotices(logging.Filter):
+    """verl's platform layer warns on every CPU-only machine that it falls back to CUDA."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("No supported accelerator detected")
+                    or "is registered but not available" in message)
+
+
+def quiet_verl_import_notices() -> None:
+    """Keep verl's import-time notices (accelerator fallback, optional engines missing) from the user.
+
+    They say nothing about what a karl-verl command does, and on a CPU machine they are all the user
+    would otherwise see. A logging filter, not a level: verl sets its loggers' levels when imported.
+    """
+    platform_logger = logging.getLogger("verl.plugin.platform.platform_manager")
+    if not any(isinstance(f, _DropVerlPlatformNotices) for f in platform_logger.filters):
+        platform_logger.addFilter(_DropVerlPlatformNotices())
+    warnings.filterwarnings("ignore", message=r"\w+ engine is not available", category=UserWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_verl_import_notices()
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 

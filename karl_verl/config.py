@@ -1,11 +1,11 @@
 """Configuration of KARL: one dataclass per concern, the single source of every number.
 
-Pure module. The YAML recipes (``recipes/recipe/karl_kvg*.yaml``) mirror these dataclasses key
-for key under ``karl.reward``, ``karl.mastery`` and ``algorithm.karl``; a test keeps the two in
-step. Per-level tables are indexed by mastery level 1..5 (see :mod:`karl_verl.mastery`), highest
-mastery first.
+Pure module. The recipes (``recipes/recipe/karl_kvg*.yaml``) write no KARL number: Hydra config
+nodes built from these dataclasses (:func:`hydra_default_nodes`) give ``karl.reward``,
+``karl.mastery`` and ``algorithm.karl`` their values. Per-level tables are indexed by mastery
+level 1..5 (see :mod:`karl_verl.mastery`), highest mastery first.
 
-Reward presets (KARL_METHOD.md section 3; paper Tables 4 and 6):
+Reward presets (paper Tables 4 and 6; ``docs/METHOD.md``):
 
 ==========  ====================================  ==========================================
 preset      s+ (levels 1..5)                      s- (levels 1..5)
@@ -22,9 +22,10 @@ uniform     1.0 x5                                0.0 x5        (vanilla GRPO: I
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,29 +49,76 @@ REWARD_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and what was expected."""
+    """Configuration values are wrong; each problem names its key and what was expected.
+
+    ``problems`` lists every problem found (all fields of a section are checked before raising).
+    """
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 def _float_table(value: Any, key: str) -> tuple[float, ...]:
-    try:
-        table = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {NUM_LEVELS} numbers (levels 1..5), got {value!r}") from None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{key}: expected {NUM_LEVELS} numbers (levels 1..5), got {value!r}")
+    table = tuple(_number(v, key) for v in value)
     if len(table) != NUM_LEVELS:
         raise ConfigError(f"{key}: expected {NUM_LEVELS} numbers (levels 1..5), got {len(table)}: {table}")
-    if not all(math.isfinite(v) for v in table):
-        raise ConfigError(f"{key}: expected finite numbers, got {table}")
     return table
 
 
-def _number(value: Any, key: str) -> float:
+def _number(value: Any, key: str, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False) -> float:
+    """A finite number, optionally in [low, high] (or (low, high] with ``low_open``)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(number):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    too_low = low is not None and (number <= low if low_open else number < low)
+    if too_low or (high is not None and number > high):
+        bounds = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{key}: expected a number in {bounds}, got {value!r}")
     return number
+
+
+def _integer(value: Any, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if not (isinstance(value, float) and value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer >= {low}, got {value!r}")
+    if int(value) < low:
+        raise ConfigError(f"{key}: expected an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _choice(value: Any, key: str, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ConfigError(f"{key}: expected one of {list(options)}, got {value!r}")
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _optional_path(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a file path or null, got {value!r}")
+    return value
+
+
+def _level_name(value: Any, key: str) -> str:
+    try:
+        parse_level(value)
+    except MasteryError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return value
 
 
 def pixel_bounds(value: Any, key: str) -> tuple[int, int]:
@@ -84,8 +132,48 @@ def pixel_bounds(value: Any, key: str) -> tuple[int, int]:
     return low, high
 
 
+def _thresholds(value: Any, key: str) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{key}: expected {NUM_LEVELS - 1} strictly decreasing numbers in [0, 1], got {value!r}")
+    bounds = tuple(_number(v, key, 0.0, 1.0) for v in value)
+    if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in itertools.pairwise(bounds)):
+        raise ConfigError(f"{key}: expected {NUM_LEVELS - 1} strictly decreasing numbers in [0, 1], got {bounds}")
+    return bounds
+
+
+def _beta_prior(value: Any, key: str) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{key}: expected two numbers > 0 (alpha, beta), got {value!r}")
+    prior = tuple(_number(v, key, 0.0, low_open=True) for v in value)
+    if len(prior) != 2:
+        raise ConfigError(f"{key}: expected two numbers > 0 (alpha, beta), got {prior}")
+    return prior
+
+
+def _check_fields(config: Any, prefix: str, checks: Mapping[str, Callable[[Any, str], Any]]) -> None:
+    """Run every field's check, store the normalised values, and raise one ConfigError listing all problems."""
+    problems: list[str] = []
+    for name, check in checks.items():
+        try:
+            object.__setattr__(config, name, check(getattr(config, name), f"{prefix}.{name}"))
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _unknown_key_problem(prefix: str, key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {prefix}.{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return f"{prefix}.{key}: unknown key; {hint}"
+
+
 def _from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping (plain dict or OmegaConf), refusing unknown keys."""
+    """Build dataclass ``cls`` from a mapping (plain dict or OmegaConf), refusing unknown keys.
+
+    Null values take the field's default. Unknown keys (each with the closest known key) and bad
+    values are reported together in one :class:`ConfigError`.
+    """
     if data is None:
         return cls()
     if hasattr(data, "_metadata"):  # an OmegaConf DictConfig
@@ -94,11 +182,15 @@ def _from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any
         data = OmegaConf.to_container(data, resolve=True)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}: unknown key(s) {unknown}; expected some of {sorted(names)}")
-    return cls(**{key: value for key, value in data.items() if value is not None})
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [_unknown_key_problem(prefix, key, names) for key in data if key not in names]
+    try:
+        built = cls(**{key: value for key, value in data.items() if key in names and value is not None})
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    return built
 
 
 @dataclass(frozen=True)
@@ -133,26 +225,23 @@ class RewardConfig:
     mastery_path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.preset not in REWARD_PRESETS:
-            raise ConfigError(f"karl.reward.preset: expected one of {sorted(REWARD_PRESETS)}, got {self.preset!r}")
-        for key in ("tau", "cap", "format_tags_weight", "format_box_weight"):
-            object.__setattr__(self, key, _number(getattr(self, key), f"karl.reward.{key}"))
-        if not isinstance(self.inclusive_threshold, bool):
-            raise ConfigError(
-                f"karl.reward.inclusive_threshold: expected true or false, got {self.inclusive_threshold!r}"
-            )
-        pos_default, neg_default = REWARD_PRESETS[self.preset]
-        object.__setattr__(self, "pos_scale", _float_table(
-            pos_default if self.pos_scale is None else self.pos_scale, "karl.reward.pos_scale"))
-        object.__setattr__(self, "neg_scale", _float_table(
-            neg_default if self.neg_scale is None else self.neg_scale, "karl.reward.neg_scale"))
-        if self.box_format not in BOX_FORMATS:
-            raise ConfigError(f"karl.reward.box_format: expected one of {BOX_FORMATS}, got {self.box_format!r}")
-        object.__setattr__(self, "abs_pixels", pixel_bounds(self.abs_pixels, "karl.reward.abs_pixels"))
-        try:
-            parse_level(self.default_level)
-        except MasteryError as err:
-            raise ConfigError(f"karl.reward.default_level: {err}") from None
+        # None takes the preset's table (the karl preset's when the preset itself is wrong, so that
+        # the bad preset is the one problem reported).
+        pos_default, neg_default = REWARD_PRESETS.get(self.preset, REWARD_PRESETS["karl"])
+        _check_fields(self, "karl.reward", {
+            "preset": lambda v, k: _choice(v, k, list(REWARD_PRESETS)),
+            "tau": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
+            "inclusive_threshold": _boolean,
+            "pos_scale": lambda v, k: _float_table(pos_default if v is None else v, k),
+            "neg_scale": lambda v, k: _float_table(neg_default if v is None else v, k),
+            "cap": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "format_tags_weight": lambda v, k: _number(v, k, 0.0),
+            "format_box_weight": lambda v, k: _number(v, k, 0.0),
+            "box_format": lambda v, k: _choice(v, k, BOX_FORMATS),
+            "abs_pixels": pixel_bounds,
+            "default_level": _level_name,
+            "mastery_path": _optional_path,
+        })
 
     @property
     def default_level_number(self) -> int:
@@ -182,12 +271,11 @@ class AdvantageConfig:
     default_level: str = DEFAULT_LEVEL_NAME
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha_plus", _float_table(self.alpha_plus, "algorithm.karl.alpha_plus"))
-        object.__setattr__(self, "alpha_minus", _float_table(self.alpha_minus, "algorithm.karl.alpha_minus"))
-        try:
-            parse_level(self.default_level)
-        except MasteryError as err:
-            raise ConfigError(f"algorithm.karl.default_level: {err}") from None
+        _check_fields(self, "algorithm.karl", {
+            "alpha_plus": _float_table,
+            "alpha_minus": _float_table,
+            "default_level": _level_name,
+        })
 
     @property
     def is_identity(self) -> bool:
@@ -202,7 +290,7 @@ class AdvantageConfig:
 class MasteryConfig:
     """How mastery is measured and refreshed (``karl.mastery``)."""
 
-    #: Lower ACC_avg bounds of levels 1..4 (KARL_METHOD.md section 2).
+    #: Lower ACC_avg bounds of levels 1..4 (paper Sec. 3.1).
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     #: Table loaded at train begin; None: probe at train begin.
     table_path: str | None = None
@@ -241,40 +329,25 @@ class MasteryConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bounds = tuple(float(t) for t in self.thresholds)
-        if len(bounds) != NUM_LEVELS - 1 or any(a <= b for a, b in itertools.pairwise(bounds)):
-            raise ConfigError(f"karl.mastery.thresholds: expected 4 strictly decreasing numbers, got {bounds}")
-        object.__setattr__(self, "thresholds", bounds)
-        if self.probe_mode not in ("choice", "logprob", "generate"):
-            raise ConfigError(f"karl.mastery.probe_mode: expected 'choice', 'logprob' or 'generate', got "
-                              f"{self.probe_mode!r}")
-        if self.source not in ("probe", "online", "blend"):
-            raise ConfigError(f"karl.mastery.source: expected 'probe', 'online' or 'blend', got {self.source!r}")
-        for key in ("refresh_every_epochs", "refresh_every_steps"):
-            if int(getattr(self, key)) < 0:
-                raise ConfigError(f"karl.mastery.{key}: expected an integer >= 0 (0: off), got {getattr(self, key)!r}")
-        if not 0.0 < float(self.max_refresh_share) <= 1.0:
-            raise ConfigError(f"karl.mastery.max_refresh_share: expected a share in (0, 1], got "
-                              f"{self.max_refresh_share!r}")
-        for key in ("probe_images_per_entity", "probe_max_concurrency", "refresh_questions_per_entity"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"karl.mastery.{key}: expected an integer >= 1, got {getattr(self, key)!r}")
-        if not self.probe_timeout_s > 0:
-            raise ConfigError(
-                f"karl.mastery.probe_timeout_s: expected a number of seconds > 0, got {self.probe_timeout_s!r}"
-            )
-        if not 0.0 <= self.online_weight <= 1.0:
-            raise ConfigError(f"karl.mastery.online_weight: expected a number in [0, 1], got {self.online_weight!r}")
-        if not 0.0 < self.online_decay <= 1.0:
-            raise ConfigError(f"karl.mastery.online_decay: expected a number in (0, 1], got {self.online_decay!r}")
-        prior = tuple(float(v) for v in self.online_prior)
-        if len(prior) != 2 or min(prior) <= 0:
-            raise ConfigError(f"karl.mastery.online_prior: expected two numbers > 0 (alpha, beta), got {prior}")
-        object.__setattr__(self, "online_prior", prior)
-        if self.online_min_evidence < 0:
-            raise ConfigError(
-                f"karl.mastery.online_min_evidence: expected a number >= 0, got {self.online_min_evidence!r}"
-            )
+        _check_fields(self, "karl.mastery", {
+            "thresholds": _thresholds,
+            "table_path": _optional_path,
+            "probe_data": _optional_path,
+            "refresh_every_epochs": lambda v, k: _integer(v, k, 0),
+            "refresh_every_steps": lambda v, k: _integer(v, k, 0),
+            "probe_mode": lambda v, k: _choice(v, k, ("choice", "logprob", "generate")),
+            "probe_images_per_entity": lambda v, k: _integer(v, k, 1),
+            "refresh_questions_per_entity": lambda v, k: _integer(v, k, 1),
+            "max_refresh_share": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
+            "probe_timeout_s": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "probe_max_concurrency": lambda v, k: _integer(v, k, 1),
+            "source": lambda v, k: _choice(v, k, ("probe", "online", "blend")),
+            "online_weight": lambda v, k: _number(v, k, 0.0, 1.0),
+            "online_decay": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
+            "online_prior": _beta_prior,
+            "online_min_evidence": lambda v, k: _number(v, k, 0.0),
+            "seed": lambda v, k: _integer(v, k, 0),
+        })
 
     def missing_inputs(self) -> str | None:
         """Why this configuration cannot set up a first table, or None when it can.
@@ -306,31 +379,75 @@ class KarlConfig:
     def check_sections(
         karl: Mapping[str, Any] | None, algorithm_karl: Mapping[str, Any] | None
     ) -> tuple[RewardConfig | None, MasteryConfig | None, list[str]]:
-        """Build ``karl.reward``, ``karl.mastery`` and ``algorithm.karl`` apart, so that one error
-        hides no other: (reward or None, mastery or None, problems), each problem "key: what is wrong"."""
+        """Build ``karl.reward``, ``karl.mastery`` and ``algorithm.karl`` apart, so that no error
+        hides another: (reward or None, mastery or None, problems), each problem "key: what is wrong"."""
         problems: list[str] = []
         if hasattr(karl, "_metadata"):  # an OmegaConf DictConfig
             from omegaconf import OmegaConf
 
             karl = OmegaConf.to_container(karl, resolve=True)  # type: ignore[assignment]
         karl = karl or {}
-        unknown = sorted(set(karl) - {"reward", "mastery"})
-        if unknown:
-            problems.append(f"karl: unknown key(s) {unknown}; expected 'reward' and/or 'mastery'")
+        problems.extend(_unknown_key_problem("karl", key, ("reward", "mastery"))
+                        for key in karl if key not in ("reward", "mastery"))
+        if (mismatch := _preset_mismatch(karl.get("reward"))) is not None:
+            problems.append(mismatch)
         built: list[Any] = []
         for cls, data in ((RewardConfig, karl.get("reward")), (MasteryConfig, karl.get("mastery")),
                           (AdvantageConfig, algorithm_karl)):
             try:
                 built.append(cls.from_mapping(data))
-            except ConfigError as err:  # its message starts with the key
-                problems.append(str(err))
+            except ConfigError as err:  # each problem starts with its key
+                problems.extend(err.problems)
                 built.append(None)
         return built[0], built[1], problems
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> KarlConfig:
         data = dict(data or {})
-        unknown = sorted(set(data) - {"reward", "mastery"})
+        unknown = [_unknown_key_problem("karl", key, ("reward", "mastery")) for key in data
+                   if key not in ("reward", "mastery")]
         if unknown:
-            raise ConfigError(f"karl: unknown key(s) {unknown}; expected 'reward' and/or 'mastery'")
+            raise ConfigError(unknown)
         return cls(RewardConfig.from_mapping(data.get("reward")), MasteryConfig.from_mapping(data.get("mastery")))
+
+
+def _preset_mismatch(reward: Any) -> str | None:
+    """A ``karl.reward.preset`` changed on its own while the scale tables still hold another preset's.
+
+    The recipes write out the chosen preset's tables (so that the printed configuration shows them);
+    changing only the name would silently keep the old tables.
+    """
+    if not isinstance(reward, Mapping) or reward.get("preset") not in REWARD_PRESETS:
+        return None
+    try:
+        tables = (tuple(float(v) for v in reward["pos_scale"]), tuple(float(v) for v in reward["neg_scale"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    preset = reward["preset"]
+    if tables == REWARD_PRESETS[preset]:
+        return None
+    for other, other_tables in REWARD_PRESETS.items():
+        if tables == other_tables:
+            return (f"karl.reward.preset: {preset!r}, but karl.reward.pos_scale and neg_scale are preset {other!r}'s "
+                    f"tables; choose a preset with karl/reward={preset} (it sets the preset's tables too), or set "
+                    "karl.reward.pos_scale=null karl.reward.neg_scale=null")
+    return None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def hydra_default_nodes() -> dict[str, dict[str, Any]]:
+    """KARL's defaults as Hydra config nodes, ``{"group/name": node}``, built from the dataclasses.
+
+    The recipes select them in their defaults list (``/karl/reward: karl``, ``/karl/mastery: default``,
+    ``/karl/advantage@algorithm.karl: default``), so a composed configuration (``--cfg job``, the
+    experiment tracker) shows every value a run uses while the numbers stay here. One
+    ``karl/reward`` node per preset, with that preset's scale tables written out.
+    """
+    nodes = {f"karl/reward/{preset}": RewardConfig(preset=preset) for preset in REWARD_PRESETS}
+    nodes["karl/mastery/default"] = MasteryConfig()
+    nodes["karl/advantage/default"] = AdvantageConfig()
+    return {name: {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+            for name, config in nodes.items()}

@@ -1,7 +1,7 @@
 """Knowledge mastery: the five levels, the ACC -> level thresholds, and the mastery table on disk.
 
 Pure module: no Ray, no verl. This is the one place where level names, their order and the
-accuracy thresholds of KARL (arXiv 2503.12797, Sec. 3.1; see KARL_METHOD.md section 2) live.
+accuracy thresholds of KARL (arXiv 2503.12797, Sec. 3.1; see docs/METHOD.md section 1) live.
 
 Levels are numbered 1..5 from the highest mastery ("completely correct") to the lowest
 ("completely incorrect"); every per-level table in the package (reward scales, advantage

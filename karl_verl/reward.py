@@ -1,7 +1,7 @@
 """The KARL reward: knowledge-aware IoU (KA-IoU) plus format reward. The formula lives here.
 
 Paper: KARL, arXiv 2503.12797, Sec. 3.2 and 5.1; behaviour of the released reward in
-KARL_METHOD.md section 3. Pure module: no Ray, no verl.
+docs/METHOD.md section 3. Pure module: no Ray, no verl.
 
     R = R_KA-IoU + R_format
 

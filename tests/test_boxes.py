@@ -12,7 +12,7 @@ from karl_verl.boxes import box_iou, find_box_reference, read_box, read_box_refe
 
 
 class TestReferenceReader:
-    # (text, expected box) — each row pins one rule of KARL_METHOD.md section 3.
+    # (text, expected box) — each row pins one rule of the released box reader (docs/METHOD.md section 3).
     CASES = [
         ("(12,40),(300,520)", (12.0, 40.0, 300.0, 520.0)),  # form 1
         ("(12, 40),(300,520)", (12.0, 40.0, 300.0, 520.0)),  # spaces allowed inside the first pair

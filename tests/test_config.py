@@ -1,4 +1,4 @@
-"""Configuration dataclasses (karl_verl/config.py) and their YAML mirror in the recipes."""
+"""Configuration dataclasses (karl_verl/config.py) and the Hydra nodes the recipes take from them."""
 
 import dataclasses
 from pathlib import Path
@@ -13,6 +13,7 @@ from karl_verl.config import (
     KarlConfig,
     MasteryConfig,
     RewardConfig,
+    hydra_default_nodes,
 )
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "recipe" / "karl_kvg.yaml"
@@ -48,7 +49,7 @@ class TestRewardConfig:
 
     def test_from_mapping_rejects_unknown_keys_and_skips_nulls(self):
         assert RewardConfig.from_mapping({"tau": None, "preset": "v2"}) == RewardConfig(preset="v2")
-        with pytest.raises(ConfigError, match=r"unknown key\(s\) \['tua'\]"):
+        with pytest.raises(ConfigError, match=r"karl.reward.tua: unknown key; did you mean karl.reward.tau\?"):
             RewardConfig.from_mapping({"tua": 0.5})
 
 
@@ -71,39 +72,72 @@ class TestOtherConfigs:
         assert karl.reward.preset == "no_pos" and karl.mastery.probe_mode == "generate"
 
 
-class TestYamlMirror:
-    """The base recipe lists every dataclass field (one source of truth: values stay in code)."""
+class TestHydraDefaultNodes:
+    """The recipes' karl.* values come from these nodes, built from the dataclasses (no YAML copy)."""
 
-    def load(self):
-        return yaml.safe_load(RECIPE.read_text())
+    def test_one_reward_node_per_preset_with_its_tables(self):
+        nodes = hydra_default_nodes()
+        for preset, (pos, neg) in REWARD_PRESETS.items():
+            node = nodes[f"karl/reward/{preset}"]
+            assert node["preset"] == preset and node["pos_scale"] == list(pos) and node["neg_scale"] == list(neg)
+            assert RewardConfig.from_mapping(node) == RewardConfig(preset=preset)
 
-    @pytest.mark.parametrize(
-        ("path", "cls"),
-        [
-            (("karl", "reward"), RewardConfig),
-            (("karl", "mastery"), MasteryConfig),
-            (("algorithm", "karl"), AdvantageConfig),
-        ],
-    )
-    def test_keys_match_fields(self, path, cls):
-        node = self.load()
-        for key in path:
-            node = node[key]
-        assert list(node) == [field.name for field in dataclasses.fields(cls)]
+    @pytest.mark.parametrize(("name", "cls"), [("karl/reward/karl", RewardConfig),
+                                               ("karl/mastery/default", MasteryConfig),
+                                               ("karl/advantage/default", AdvantageConfig)])
+    def test_every_field_with_its_default(self, name, cls):
+        node = hydra_default_nodes()[name]
+        assert list(node) == [f.name for f in dataclasses.fields(cls)]
+        assert cls.from_mapping(node) == cls()
+        assert yaml.safe_load(yaml.safe_dump(node)) == node  # plain YAML types: lists, not tuples
 
-    def test_recipe_builds_the_default_configs(self):
-        from omegaconf import OmegaConf
+    def test_recipe_writes_no_karl_number(self):
+        recipe = yaml.safe_load(RECIPE.read_text())
+        assert "karl" not in recipe
+        assert recipe["algorithm"]["karl"] == {"default_level": "${karl.reward.default_level}"}
 
-        recipe = OmegaConf.create(self.load())
-        assert KarlConfig.from_mapping(recipe.karl) == KarlConfig()
-        assert AdvantageConfig.from_mapping(recipe.algorithm.karl) == AdvantageConfig()
 
-    def test_advantage_default_level_follows_the_reward_default_level(self):
-        from omegaconf import OmegaConf
+class TestEveryProblemAtOnce:
+    def test_all_bad_fields_of_a_section(self):
+        with pytest.raises(ConfigError) as raised:
+            MasteryConfig(probe_mode="guess", seed=-1, online_decay=0, refresh_every_epochs=1.5)
+        keys = [problem.split(":")[0] for problem in raised.value.problems]
+        assert keys == ["karl.mastery.refresh_every_epochs", "karl.mastery.probe_mode",
+                        "karl.mastery.online_decay", "karl.mastery.seed"]
 
-        recipe = OmegaConf.create(self.load())
-        recipe.karl.reward.default_level = "mostly incorrect"
-        assert AdvantageConfig.from_mapping(recipe.algorithm.karl).default_level == "mostly incorrect"
+    @pytest.mark.parametrize("tau", [1.5, 0, -0.1, float("nan"), "abc", True])
+    def test_tau_in_zero_one(self, tau):
+        with pytest.raises(ConfigError, match="karl.reward.tau"):
+            RewardConfig(tau=tau)
+
+    def test_tau_of_one_is_allowed(self):
+        assert RewardConfig(tau=1).tau == 1.0
+
+    @pytest.mark.parametrize("table", [[1, 2, 3, 4], [1, 2, 3, 4, float("inf")], [1, 2, 3, 4, "x"], "12345", 5])
+    def test_five_finite_scales(self, table):
+        with pytest.raises(ConfigError, match="karl.reward.pos_scale"):
+            RewardConfig(pos_scale=table)
+
+    @pytest.mark.parametrize(("key", "value"), [("probe_images_per_entity", 0), ("probe_max_concurrency", -1),
+                                                ("probe_images_per_entity", "ten"), ("refresh_every_steps", -1),
+                                                ("probe_timeout_s", 0), ("thresholds", [0.7, 0.45, 0.3, 1.5])])
+    def test_positive_counts_and_ranges(self, key, value):
+        with pytest.raises(ConfigError, match=f"karl.mastery.{key}"):
+            MasteryConfig(**{key: value})
+
+    def test_level_names(self):
+        with pytest.raises(ConfigError, match="algorithm.karl.default_level"):
+            AdvantageConfig(default_level="novice")
+
+    def test_unknown_key_gets_the_closest_known_one_beside_the_bad_values(self):
+        with pytest.raises(ConfigError) as raised:
+            RewardConfig.from_mapping({"tua": 0.5, "cap": -1})
+        assert raised.value.problems == ["karl.reward.tua: unknown key; did you mean karl.reward.tau?",
+                                         "karl.reward.cap: expected a number in (0.0, inf], got -1"]
+
+    def test_unknown_key_far_from_any_lists_the_known_ones(self):
+        with pytest.raises(ConfigError, match="known keys: .*probe_data"):
+            MasteryConfig.from_mapping({"zzzzzz": 1})
 
 
 class TestCheckSections:
@@ -111,9 +145,21 @@ class TestCheckSections:
         reward, mastery, problems = KarlConfig.check_sections({"reward": {"preset": "v1"}}, {"alpha_plus": [1] * 5})
         assert reward == RewardConfig(preset="v1") and mastery == MasteryConfig() and problems == []
 
-    def test_one_error_per_section_and_none_hidden(self):
+    def test_every_error_of_every_section(self):
         reward, mastery, problems = KarlConfig.check_sections(
-            {"reward": {"tau": "abc"}, "mastery": {"probe_mode": "guess"}, "extra": 1}, {"alpha_minus": [1, 2]})
+            {"reward": {"tau": "abc", "cap": 0}, "mastery": {"probe_mode": "guess", "seed": -2}, "mastry": 1},
+            {"alpha_minus": [1, 2], "default_level": 9})
         assert reward is None and mastery is None
         assert [p.split(":")[0] for p in problems] == [
-            "karl", "karl.reward.tau", "karl.mastery.probe_mode", "algorithm.karl.alpha_minus"]
+            "karl.mastry", "karl.reward.tau", "karl.reward.cap", "karl.mastery.probe_mode", "karl.mastery.seed",
+            "algorithm.karl.alpha_minus", "algorithm.karl.default_level"]
+        assert "did you mean karl.mastery?" in problems[0]
+
+    def test_a_preset_renamed_alone_is_reported(self):
+        """karl.reward.preset=v1 on the command line keeps the karl node's written-out tables."""
+        node = dict(hydra_default_nodes()["karl/reward/karl"], preset="v1")
+        _, _, problems = KarlConfig.check_sections({"reward": node}, None)
+        assert len(problems) == 1 and "karl/reward=v1" in problems[0]
+        assert KarlConfig.check_sections({"reward": hydra_default_nodes()["karl/reward/v1"]}, None)[2] == []
+        own_tables = dict(node, pos_scale=[1, 1, 1, 1, 2])
+        assert KarlConfig.check_sections({"reward": own_tables}, None)[2] == []

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     def reading(p: argparse.ArgumentParser) -> None:
         p.add_argument("inputs", nargs="+", type=Path, metavar="ANNOTATIONS",
-                       help="annotation files (.jsonl, .csv, .parquet) or folders written by datasets' save_to_disk")
+                       help="annotation files (.jsonl, .csv, .parquet) or folders written by datasets' save_to_disk: "
+                            "image, entity, category, boxes, coords (docs/DATA_FORMATS.md, 'Annotations')")
         p.add_argument("--coords", choices=COORDINATE_SYSTEMS,
                        help="coordinate system of the boxes, for rows without a 'coords' field")
         p.add_argument("--split", default=None,
@@ -42,13 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     convert = sub.add_parser("convert", help="annotations -> verl RL parquet",
-                             description="Annotations -> verl RL parquet (the schema verl's RLHFDataset reads).")
+                             description="Annotations -> verl RL parquet (the schema verl's RLHFDataset reads).",
+                             epilog="Reads annotations, writes RL parquet; both formats, with examples: "
+                                    "docs/DATA_FORMATS.md ('Annotations', 'RL parquet').")
     reading(convert)
     convert.add_argument("--out", required=True, type=Path, help="output parquet file")
 
     compose = sub.add_parser("compose", help="single-entity images -> multi-entity composites",
                              description="Compose multi-entity images from single-entity ones; writes "
-                                         "grounding.parquet (verl RL rows) and probe.parquet (the probe set).")
+                                         "grounding.parquet (verl RL rows) and probe.parquet (the probe set).",
+                             epilog="Reads a single-entity set (annotations whose boxes may be missing), writes RL "
+                                    "parquet and a probe set: docs/DATA_FORMATS.md ('Single-entity set', "
+                                    "'RL parquet', 'Probe set').")
     reading(compose)
     compose.add_argument("--out", required=True, type=Path, help="output folder")
     compose.add_argument("--num-images", type=int, default=1000, help="composites to make (default: 1000)")
@@ -66,10 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     filt = sub.add_parser("filter", help="keep instances with 1..k-1 of k responses correct",
                           description="Keep RL instances with between 1 and k-1 of k sampled responses correct "
-                                      "(IoU >= 0.5); report those dropped as trivial or too hard.")
+                                      "(IoU >= 0.5); report those dropped as trivial or too hard.",
+                          epilog="Reads RL parquet and responses JSONL ({\"index\": N, \"responses\": [...]}, keyed "
+                                 "by extra_info.index), writes RL parquet: docs/DATA_FORMATS.md ('RL parquet', "
+                                 "'Responses').")
     filt.add_argument("data", type=Path, help="verl RL parquet (from convert or compose)")
     source = filt.add_mutually_exclusive_group(required=True)
-    source.add_argument("--responses", type=Path, help="JSONL of sampled responses keyed by extra_info.index")
+    source.add_argument("--responses", type=Path,
+                        help="JSONL of sampled responses keyed by extra_info.index (docs/DATA_FORMATS.md, 'Responses')")
     source.add_argument("--model", help="checkpoint to sample the responses with")
     filt.add_argument("--out", required=True, type=Path, help="output parquet file (kept rows)")
     filt.add_argument("-k", "--k", type=int, default=4, help="responses per instance (default: 4)")
@@ -90,6 +100,7 @@ def _read_options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
+    from karl_verl.commands.usage import first_line
     from karl_verl.data.schema import DataError
 
     try:
@@ -115,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
                                       progress=not args.no_progress)
         else:
             summary = _run_filter(args)
-    except (DataError, BackendError, ValueError) as err:
+    except (DataError, BackendError, ValueError) as err:  # UsageError is a ValueError
         print(f"karl-verl data {args.data_command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unreadable input, an output that cannot be written, a Hub id offline
+        print(f"karl-verl data {args.data_command}: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(summary.format())
     return 0
@@ -127,8 +141,10 @@ def _run_filter(args: argparse.Namespace):
 
     generator = sampling = None
     if args.model is not None:
+        from karl_verl.commands.usage import check_model_options
         from karl_verl.evaluation.inference import generator_from_args
 
+        check_model_options(args.model, args.backend, args.device)
         generator, sampling = generator_from_args(args, n=args.k)
     return filter_dataset(
         args.data, args.out, k=args.k, responses=args.responses, generator=generator, sampling=sampling,

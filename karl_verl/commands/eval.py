@@ -43,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     from karl_verl.evaluation.released import PROTOCOLS
 
+    parser.epilog = ("Reads the benchmark parquet, predictions JSONL and a mastery table; writes metrics.json, "
+                     "cases.jsonl and a chart: docs/DATA_FORMATS.md ('Benchmark parquet', 'Predictions', "
+                     "'Mastery table', 'metrics.json and cases.jsonl'); scoring protocols: docs/EVALUATION.md.")
     parser.add_argument("--bench", type=Path,
-                        help="KVG-Bench parquet (released format); needed except when comparing two --out folders")
+                        help="KVG-Bench parquet in the released format: question_id, question, image, answer, "
+                             "category; needed except when comparing two --out folders")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, help='JSONL of {"question_id": ..., "response": ...}')
     source.add_argument("--model", help="checkpoint to run on the benchmark instead")
@@ -57,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--compare, the default is the protocol the --out folders were scored with")
     knowledge = parser.add_mutually_exclusive_group()
     knowledge.add_argument("--mastery", type=Path,
-                           help="one mastery table (JSON): adds the high (1-3) vs low (4-5) split (karl protocol)")
+                           help="one mastery table (JSON, released or karl-verl format): adds the high (1-3) vs low "
+                                "(4-5) split (karl protocol)")
     knowledge.add_argument("--knowledge-dir", type=Path, metavar="DIR",
                            help=f"the released knowledge split: a folder with {', '.join(KNOWLEDGE_FILES)}")
     add_box_arguments(parser)
@@ -96,8 +101,25 @@ def released_inference_conflicts(args: argparse.Namespace) -> list[str]:
             for key, value in expected.items() if getattr(args, key) != value]
 
 
+def _paper_rows(args: argparse.Namespace) -> list[str]:
+    """The paper's rows to print beside ours: none when --seen / --unseen are not the paper's split.
+
+    The paper's seen, unseen and overall figures average its own category split; beside another split
+    they compare different things.
+    """
+    from karl_verl.evaluation.paper import SEEN_CATEGORIES, UNSEEN_CATEGORIES
+
+    rows = [row.strip() for row in args.paper_rows.split(",") if row.strip()]
+    if rows and (set(args.seen) != set(SEEN_CATEGORIES) or set(args.unseen) != set(UNSEEN_CATEGORIES)):
+        print("karl-verl eval: note: the paper's rows are left out: --seen/--unseen are not the paper's split "
+              f"(seen {','.join(SEEN_CATEGORIES)}; unseen {','.join(UNSEEN_CATEGORIES)})", file=sys.stderr)
+        return []
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
+    from karl_verl.commands.usage import first_line
     from karl_verl.data.schema import DataError
     from karl_verl.evaluation import released
     from karl_verl.mastery import MasteryError
@@ -121,8 +143,10 @@ def run(args: argparse.Namespace) -> int:
                              "reader is the released one")
         generator = sampling = None
         if args.model is not None:
+            from karl_verl.commands.usage import check_model_options
             from karl_verl.evaluation.inference import generator_from_args
 
+            check_model_options(args.model, args.backend, args.device)
             vllm_kwargs = None
             if protocol == released.RELEASED_PROTOCOL:
                 conflicts = released_inference_conflicts(args)
@@ -150,12 +174,15 @@ def run(args: argparse.Namespace) -> int:
             seen_categories=args.seen,
             unseen_categories=args.unseen,
             name=args.name,
-            paper_rows=[row.strip() for row in args.paper_rows.split(",") if row.strip()],
+            paper_rows=_paper_rows(args),
             context={"model": args.model, "backend": args.backend if args.model else None},
             progress=not args.no_progress,
         )
-    except (DataError, MasteryError, BackendError, ValueError) as err:
+    except (DataError, MasteryError, BackendError, ValueError) as err:  # UsageError is a ValueError
         print(f"karl-verl eval: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unreadable input, an output that cannot be written, a Hub id offline
+        print(f"karl-verl eval: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(outcome.format())
     return 0

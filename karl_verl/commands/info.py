@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import sys
 
 HELP = "show versions and check that karl-verl is registered in verl (exit 1 if not)"
 
@@ -65,7 +66,12 @@ def recipe_status() -> list[tuple[str, bool]]:
 
 def run(args: argparse.Namespace) -> int:
     policy = os.environ.get("VERL_USE_EXTERNAL_PLUGINS", "auto")
-    import verl  # noqa: F401  (loads the verl.plugins entry points, as every verl process does)
+    try:
+        import verl  # noqa: F401  (loads the verl.plugins entry points, as every verl process does)
+    except Exception as err:  # noqa: BLE001 - a broken install is what this command reports
+        print(f"karl-verl info: verl cannot be imported here ({type(err).__name__}: {err}); install karl-verl with "
+              "its dependencies (pip install . in a checkout) in this environment", file=sys.stderr)
+        return 1
 
     from karl_verl.integration import registration_status
 
@@ -81,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{'ok' if registered else 'MISSING'}] {name!r:<12} {registry}")
     if not args.no_recipes:
         print("Hydra recipes (+recipe=NAME):")
-        for recipe, visible in recipe_status():
+        try:
+            recipes = recipe_status()
+        except Exception as err:  # noqa: BLE001 - Hydra's plugin scan failing is itself the finding
+            recipes = [(f"{name} (Hydra's search path cannot be read: {type(err).__name__}: {err})", False)
+                       for name in RECIPES]
+        for recipe, visible in recipes:
             ok &= visible
             print(f"  [{'ok' if visible else 'MISSING'}] {recipe}")
     print("all parts registered" if ok else "some parts are MISSING: see above (is karl-verl installed in this env?)")

@@ -3,8 +3,8 @@
     karl-verl probe --model PATH --data PROBE_SET --out mastery.json [--mode logprob|generate]
                     [--per-entity 50] [--batch-size 8] [--device cpu|cuda] [--seed 0] [--epoch N]
 
-Builds the 4-choice questions of KARL_METHOD.md section 2 from the probe set (parquet or JSONL,
-see :mod:`karl_verl.probe.questions`), asks them (``logprob``: one forward pass per question;
+Builds the 4-choice questions of docs/METHOD.md section 2 from the probe set (parquet or JSONL;
+its columns: docs/DATA_FORMATS.md, "Probe set"), asks them (``logprob``: one forward pass per question;
 ``generate``: the paper's protocol, a reply parsed for its letter), writes the table atomically
 and a PNG histogram of per-entity accuracies beside it (``mastery.png`` for ``mastery.json``), and
 prints the level distribution. Runs on CPU (slowly, or with the tiny test checkpoint written by
@@ -36,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = MasteryConfig()
     parser.add_argument("--model", required=True,
                         help="checkpoint directory or hub name (also a tiny test checkpoint directory)")
-    parser.add_argument("--data", required=True, type=Path, help="probe set: .parquet or .jsonl")
-    parser.add_argument("--out", required=True, type=Path, help="mastery table to write (JSON)")
+    parser.epilog = ("Reads a probe set (entity, category, image per row), writes a mastery table (JSON) and a PNG "
+                     "histogram beside it: docs/DATA_FORMATS.md ('Probe set', 'Mastery table').")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="probe set: .parquet or .jsonl with entity, category, image (docs/DATA_FORMATS.md)")
+    parser.add_argument("--out", required=True, type=Path, help="mastery table to write (JSON, karl-verl format)")
     parser.add_argument("--mode", choices=PROBE_MODES, default="logprob",
                         help="logprob: one forward pass per question, the decision and the expected accuracy "
                              "(default); choice: the decision only; generate: parse a free reply")
@@ -61,12 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from karl_verl.backends.base import BackendError
+    from karl_verl.commands.usage import first_line
     from karl_verl.mastery import MasteryError
 
     try:
         result, out = _probe(args)
-    except (BackendError, MasteryError, ValueError) as err:  # ProbeError is a ValueError
+    except (BackendError, MasteryError, ValueError) as err:  # ProbeError and UsageError are ValueErrors
         print(f"karl-verl probe: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a Hub id that cannot be downloaded, an output folder that cannot be written
+        print(f"karl-verl probe: error: {first_line(err)}", file=sys.stderr)
         return 2
     print(format_summary(result, out))
     return 0
@@ -75,17 +82,33 @@ def run(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
     import dataclasses
 
+    from karl_verl.commands.usage import check_model_options
     from karl_verl.config import MasteryConfig
-    from karl_verl.probe.questions import ProbeError, build_questions, load_probe_set
+    from karl_verl.probe.questions import (
+        ProbeError,
+        SmallCategoryError,
+        build_questions,
+        load_probe_set,
+        thin_entities,
+    )
     from karl_verl.probe.runner import DEFAULT_PROBE_SAMPLING, run_probe
 
     if args.batch_size < 1 or args.per_entity < 1:
         raise ProbeError("--batch-size and --per-entity must be >= 1")
+    if args.max_new_tokens < 1:
+        raise ProbeError("--max-new-tokens must be >= 1")
     # Read and check the probe set before loading a model: bad data fails in a second.
-    questions = build_questions(
-        load_probe_set(args.data), per_entity=args.per_entity, seed=args.seed,
-        on_small_category=args.on_small_category,
-    )
+    try:
+        questions = build_questions(
+            load_probe_set(args.data), per_entity=args.per_entity, seed=args.seed,
+            on_small_category=args.on_small_category,
+        )
+    except SmallCategoryError as err:
+        raise ProbeError(f"{args.data}: {err.explain('--on-small-category global')}") from None
+    # Then the model options, before minutes of loading.
+    check_model_options(args.model, args.backend, args.device, args.dtype)
+    if thin := thin_entities(questions):
+        print(f"karl-verl probe: warning: {format_thin_entities(thin, args.per_entity)}", file=sys.stderr)
     progress = not args.no_progress
     if args.backend == "vllm":
         from karl_verl.backends.vllm_backend import VLLMBackend
@@ -114,6 +137,28 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
     write_histogram(result.per_entity_accuracy, out.with_suffix(".png"), thresholds=MasteryConfig().thresholds,
                     title=f"{Path(str(args.model)).name}: probe accuracy per entity ({args.mode})")
     return result, out
+
+
+def format_thin_entities(thin: Mapping[str, int], per_entity: int) -> str:
+    """One line: how many entities have too few questions for a meaningful level, the first five."""
+    from karl_verl.probe.questions import MIN_QUESTIONS_PER_ENTITY
+
+    shown = ", ".join(f"{entity} ({count})" for entity, count in list(thin.items())[:5])
+    more = f" and {len(thin) - 5} more" if len(thin) > 5 else ""
+    if per_entity < MIN_QUESTIONS_PER_ENTITY:
+        way_out = f"raise --per-entity (now {per_entity})"
+    else:
+        way_out = "add images of them to the probe set"
+    return (f"{len(thin)} entities have fewer than {MIN_QUESTIONS_PER_ENTITY} questions, so their level is mostly "
+            f"noise: {shown}{more}; {way_out}")
+
+
+def level_bands(thresholds: Sequence[float]) -> list[tuple[float, float, str]]:
+    """(low, high, label) of the five accuracy bands, level 1 (highest accuracy) first."""
+    from karl_verl.mastery import LEVEL_NAMES
+
+    edges = [1.0, *thresholds, 0.0]
+    return [(edges[i + 1], edges[i], f"{i + 1} {LEVEL_NAMES[i]}") for i in range(len(LEVEL_NAMES))]
 
 
 def format_level_table(table: MasteryTable) -> str:
@@ -159,11 +204,16 @@ def write_histogram(
         axes.hist(list(accuracy.values()), bins=20, range=(0.0, 1.0), color="#4c72b0", edgecolor="white")
         for bound in thresholds:
             axes.axvline(bound, color="#c44e52", linestyle="--", linewidth=1)
+        # Headroom above the bars for the band labels (level number over its name, one word a line).
+        axes.set_ylim(0, axes.get_ylim()[1] * 1.4)
+        for low, high, label in level_bands(thresholds):
+            axes.text((low + high) / 2, 0.98, label.replace(" ", "\n"), transform=axes.get_xaxis_transform(),
+                      ha="center", va="top", fontsize=7, color="#555555", linespacing=1.1)
         axes.axvline(0.25, color="grey", linestyle=":", linewidth=1, label="chance (0.25)")
-        axes.set_xlabel("probe accuracy (ACC_avg); dashed: level thresholds")
+        axes.set_xlabel("probe accuracy (ACC_avg); dashed: level thresholds, labels: the five levels")
         axes.set_ylabel("entities")
         axes.set_title(title, fontsize=10)
-        axes.legend(loc="upper right", fontsize=8)
+        axes.legend(loc="center left", bbox_to_anchor=(0.0, 0.62), fontsize=7)
         figure.tight_layout()
         with atomic_path(path) as tmp:
             figure.savefig(tmp, format="png", dpi=100)

@@ -1,6 +1,6 @@
 """``karl-verl data compose``: multi-entity composite images from single-entity images.
 
-KARL_METHOD.md section 4: sample k images of k different entities of one category, k drawn from
+docs/METHOD.md section 4: sample k images of k different entities of one category, k drawn from
 a distribution over [2, 6], and paste them into one image with one of four layouts; every box is
 remapped to its place in the composite.
 
@@ -263,6 +263,11 @@ class ComposeSummary:
     per_k: Counter = field(default_factory=Counter)
     per_layout: Counter = field(default_factory=Counter)
     skipped_categories: list[str] = field(default_factory=list)
+    #: Largest k asked for (a positive weight in ``k_weights``).
+    max_k: int = 0
+    #: Categories (composed from) with fewer entities than ``max_k``: category -> its entity count.
+    #: Composites there never reach the larger k, so the k mix drifts from the one asked for.
+    k_out_of_reach: dict[str, int] = field(default_factory=dict)
 
     def format(self) -> str:
         def counts(counter: Counter) -> str:
@@ -278,6 +283,11 @@ class ComposeSummary:
         ]
         if self.skipped_categories:
             lines.append(f"  skipped (too few entities for the smallest k): {', '.join(self.skipped_categories)}")
+        if self.k_out_of_reach:
+            listing = ", ".join(f"{name} ({count})" for name, count in sorted(self.k_out_of_reach.items()))
+            lines.append(f"  warning: k up to {self.max_k} was asked for, but these categories have fewer entities "
+                         f"(count in brackets), so their composites stop below it: {listing}; add entities or "
+                         "narrow --k-dist")
         if self.multi_box_sources:
             lines.append(f"  {self.multi_box_sources} source images have several boxes of their entity")
         if self.whole_image_sources:
@@ -328,6 +338,8 @@ def compose_dataset(
     min_k = min(k for k, weight in config.k_weights.items() if weight > 0)
     categories = sorted(name for name, entities in pools.items() if len(entities) >= min_k)
     summary.skipped_categories = sorted(set(pools) - set(categories))
+    summary.max_k = max(k for k, weight in config.k_weights.items() if weight > 0)
+    summary.k_out_of_reach = {name: len(pools[name]) for name in categories if len(pools[name]) < summary.max_k}
     if not categories:
         raise ValueError(f"no category has single-entity images of at least {min_k} different entities")
     category_weights = [sum(len(images) for images in pools[name].values()) for name in categories]

@@ -1,6 +1,6 @@
 """``karl-verl data filter``: keep RL instances the model solves sometimes, but not always.
 
-KARL_METHOD.md section 4: sample k responses per instance (the paper: k = 4 from the stage-1
+docs/METHOD.md section 4: sample k responses per instance (the paper: k = 4 from the stage-1
 model), count the correct ones (IoU >= 0.5, scored as the evaluator scores,
 :func:`karl_verl.evaluation.metrics.score_response`), drop instances with k/k correct (trivial)
 and 0/k correct (too hard), keep 1..k-1.

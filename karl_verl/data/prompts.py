@@ -2,7 +2,7 @@
 
 The single place where the query wording, the answer-format suffix and the ground-truth string
 live; :mod:`karl_verl.data.convert`, :mod:`karl_verl.data.compose` and the evaluator all build
-their text here (KARL_METHOD.md section 1).
+their text here (examples: docs/DATA_FORMATS.md, "RL parquet").
 
 The released inference code joins question and suffix with two spaces
 (``"{Question}  Output the thinking process ..."``); :func:`grounding_prompt` does the same so that
@@ -19,7 +19,7 @@ BOX_START = "<|box_start|>"
 BOX_END = "<|box_end|>"
 IMAGE_PLACEHOLDER = "<image>"
 
-#: Verbatim answer-format suffix used at training and evaluation time (KARL_METHOD.md section 1).
+#: Verbatim answer-format suffix used at training and evaluation time (the released prompts).
 ANSWER_FORMAT_SUFFIX = (
     "Output the thinking process in <think> </think> and final answer (bounding box) in <answer> </answer> tags."
 )

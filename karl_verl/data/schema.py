@@ -6,7 +6,7 @@ Every check that names a file, a row and a field lives here, so ``convert``, ``c
     annotations.jsonl row 17, field 'boxes': expected 4 numbers, got [1, 2, 3]
 
 Boxes inside this package are ``(x1, y1, x2, y2)`` floats in pixels of their image until they are
-written out; output rows carry integers on Qwen's 0-1000 grid (KARL_METHOD.md section 1).
+written out; output rows carry integers on Qwen's 0-1000 grid (docs/DATA_FORMATS.md).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ class Annotation:
 
 
 def rl_schema(extra_info_fields: Sequence[tuple[str, Any]] = ()) -> Any:
-    """pyarrow schema of verl's RL parquet as ``RLHFDataset`` reads it (VERL_INTEGRATION.md).
+    """pyarrow schema of verl's RL parquet as ``RLHFDataset`` reads it (docs/DATA_FORMATS.md, "RL parquet").
 
     ``extra_info`` always has ``entity``, ``category``, ``image_width``, ``image_height``,
     ``split``, ``index`` and ``boxes`` (every ground-truth box on the 0-1000 grid; the

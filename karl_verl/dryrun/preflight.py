@@ -32,9 +32,19 @@ _MISSING = object()
 class Problem:
     where: str
     message: str
+    #: Row problems: the file, the row number, what kind of problem (rows of one kind in one file are
+    #: reported together) and the row's own detail.
+    file: str | None = None
+    row: int | None = None
+    kind: str | None = None
+    detail: str = ""
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
+
+
+#: Rows listed by name in a grouped problem line; the rest are counted.
+ROWS_SHOWN = 5
 
 
 @dataclass
@@ -45,14 +55,51 @@ class PreflightReport:
     entities: int = 0
 
     def add(self, where: str, message: str) -> None:
-        self.problems.append(Problem(where, message))
+        problem = Problem(where, message)
+        if all((p.where, p.message) != (where, message) for p in self.problems):
+            self.problems.append(problem)
+
+    def add_row(self, file: str, row: int, kind: str, detail: str = "") -> None:
+        """A problem of one data row; each (file, row, kind) is kept once (a file read twice repeats none)."""
+        if any((p.file, p.row, p.kind) == (file, row, kind) for p in self.problems if p.kind is not None):
+            return
+        message = f"{kind}: {detail}" if detail else kind
+        self.problems.append(Problem(f"{file} row {row}", message, file=file, row=row, kind=kind, detail=detail))
+
+    def problem_lines(self) -> list[str]:
+        """One line per problem, except that the row problems of one kind in one file share a line:
+        their count and the first :data:`ROWS_SHOWN` rows."""
+        groups: dict[tuple[str, str], list[Problem]] = {}
+        lines: list[str | tuple[str, str]] = []
+        for problem in self.problems:
+            if problem.kind is None:
+                lines.append(str(problem))
+                continue
+            key = (str(problem.file), problem.kind)
+            if key not in groups:
+                groups[key] = []
+                lines.append(key)
+            groups[key].append(problem)
+        out = []
+        for line in lines:
+            if isinstance(line, str):
+                out.append(line)
+                continue
+            members = groups[line]
+            if len(members) == 1:
+                out.append(str(members[0]))
+                continue
+            shown = ", ".join(f"row {p.row}" + (f" ({p.detail})" if p.detail else "") for p in members[:ROWS_SHOWN])
+            more = f", and {len(members) - ROWS_SHOWN} more" if len(members) > ROWS_SHOWN else ""
+            out.append(f"{line[0]}: {line[1]}: {len(members)} rows: {shown}{more}")
+        return out
 
     def format(self) -> str:
         lines = ["", f"karl-verl pre-flight: {self.rows_checked} data rows, {self.entities} entities checked"]
         lines += [f"  note: {note}" for note in self.notes]
         if self.problems:
             lines.append(f"{len(self.problems)} problem(s):")
-            lines += [f"  - {problem}" for problem in self.problems]
+            lines += [f"  - {line}" for line in self.problem_lines()]
         else:
             lines.append("no problems found")
         return "\n".join(lines)
@@ -93,7 +140,8 @@ def _prompt_messages(prompt: Any) -> list[dict]:
 
 def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: str, max_rows: int | None
                ) -> tuple[list[tuple[str, int, list[dict], list[Any]]], list[str]]:
-    """Image-count, ground-truth and entity checks of one parquet; returns rows for the length check.
+    """Image-count, ground-truth and entity checks of one parquet; returns (file, row number, messages,
+    images) of each row for the length check, and the entities.
 
     Streams the file in batches and stops after ``max_rows`` rows: a large training set with its
     images is never loaded whole.
@@ -116,18 +164,17 @@ def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: s
             return [], []
     records = (record for batch in parquet.iter_batches(batch_size=64) for record in batch.to_pylist())
     for number, record in enumerate(itertools.islice(records, max_rows), start=1):
-        where = f"{path} row {number}"
         report.rows_checked += 1
         messages = _prompt_messages(record[prompt_key])
         placeholders = sum(str(m.get("content", "")).count("<image>") for m in messages)
         images = record.get(image_key)
         num_images = 0 if images is None else len(images)
         if placeholders != num_images:
-            report.add(where, f"{placeholders} <image> placeholder(s) in field {prompt_key!r} but {num_images} "
-                              f"image(s) in field {image_key!r}")
+            report.add_row(path, number, f"<image> placeholders in field {prompt_key!r} differ from the images in "
+                                         f"field {image_key!r}", f"{placeholders} vs {num_images}")
         ground_truth = (record.get("reward_model") or {}).get("ground_truth")
         if not isinstance(ground_truth, str):
-            report.add(where, "field 'reward_model.ground_truth' is missing or not a string")
+            report.add_row(path, number, "field 'reward_model.ground_truth' is missing or not a string")
             continue
         marked = entity_of(ground_truth)
         extra = record.get("extra_info") or {}
@@ -135,13 +182,13 @@ def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: s
         # The reward reads the marker itself: without it KA-IoU is 0 for every sample of the row,
         # whatever extra_info says.
         if marked is None:
-            report.add(where, "ground truth has no <|object_ref_start|>entity<|object_ref_end|> (KA-IoU would "
-                              f"be 0 for every response): {ground_truth[:80]!r}")
+            report.add_row(path, number, "ground truth has no <|object_ref_start|>entity<|object_ref_end|> (KA-IoU "
+                                         "would be 0 for every response)", repr(ground_truth[:80]))
         if entity is not None:
             entities.append(entity)
         if find_box_reference(ground_truth) is None:
-            report.add(where, f"ground truth has no readable (x1,y1),(x2,y2) box: {ground_truth[:80]!r}")
-        rows_for_length.append((where, number, messages, list(images) if images is not None else []))
+            report.add_row(path, number, "ground truth has no readable (x1,y1),(x2,y2) box", repr(ground_truth[:80]))
+        rows_for_length.append((path, number, messages, list(images) if images is not None else []))
     return rows_for_length, entities
 
 
@@ -171,18 +218,19 @@ def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequenc
         report.notes.append(f"processor of {model_path} built part by part (no torchvision here)")
     from tqdm import tqdm
 
-    for where, _, messages, images in tqdm(rows, desc="prompt lengths", unit="row", leave=False):
+    for path, number, messages, images in tqdm(rows, desc="prompt lengths", unit="row", leave=False):
+        where = f"{path} row {number}"
         try:
             decoded = [load_image(image, where=f"{where}, field 'images'") for image in images]
             structured = structured_messages(GenerationRequest(messages=messages, images=decoded), where=where)
             text = processor.apply_chat_template(structured, add_generation_prompt=True, tokenize=False)
             length = processor(text=[text], images=decoded or None, return_tensors="pt")["input_ids"].shape[1]
         except Exception as err:  # noqa: BLE001 - a row the processor cannot read is itself a problem
-            report.add(where, f"the processor cannot encode this prompt: {err}")
+            report.add_row(path, number, "the processor cannot encode this prompt", str(err))
             continue
         if length > max_prompt_length:
-            report.add(where, f"prompt is {length} tokens after image expansion, above data.max_prompt_length="
-                              f"{max_prompt_length}")
+            report.add_row(path, number, f"prompt above data.max_prompt_length={max_prompt_length} after image "
+                                         "expansion", f"{length} tokens")
 
 
 def _absent(report: PreflightReport, where: str, missing: Sequence[str], what: str) -> None:

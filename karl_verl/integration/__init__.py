@@ -1,10 +1,14 @@
 """Glue between the pure KARL method and verl 0.9: registrations into verl's own registries.
 
-``register_all`` is the ``verl.plugins`` entry point (verl calls it in every process that
-imports verl) and is also called by ``import karl_verl``: at once when verl is already imported,
-else as soon as verl's own import finishes (:func:`register_when_verl_loads`), so that importing
-karl-verl's pure modules or its command line costs no verl, torch or Ray import. It only touches
-verl's registries, which are per-process, and is idempotent: registering again is a no-op.
+What registers the parts: ``karl_verl/__init__.py`` calls :func:`register_when_verl_loads`, which
+runs :func:`register_all` at once when verl is already imported (or being imported), else right
+after verl's own import finishes. The ``verl.plugins`` entry point names ``register_all``, but verl
+0.9.1 only *loads* entry points (``entry_point.load()`` at the end of ``import verl``, in every
+process that imports verl, its exceptions swallowed): it never calls them. Loading it imports this
+module, hence the ``karl_verl`` package first, and that import is what registers. So importing
+karl-verl's pure modules or its command line costs no verl, torch or Ray import, and every verl
+process (driver, TaskRunner, reward workers) gets the parts. ``register_all`` only touches verl's
+registries, which are per-process, and is idempotent: registering again is a no-op.
 """
 
 from __future__ import annotations

@@ -1,19 +1,47 @@
-"""Hydra callback that stops a run at once when a key the recipe requires is unset.
+"""Hydra callback that stops a run before Ray starts when a cheap check already shows it cannot work.
 
-Runs in the driver, inside Hydra, before verl's ``main`` (and so before Ray starts): without it
-a missing model path surfaces minutes later inside a Ray actor. The recipe lists its required
-keys (``hydra.callbacks.karl_required_keys.keys``) and sets them to null. For the ``karl`` trainer
-the callback also runs the trainer's own checks of ``karl.*`` (e.g. neither a mastery table nor a
-probe set), which would otherwise fail inside the TaskRunner after Ray has started.
+Runs in the driver, inside Hydra, before verl's ``main`` (and so before Ray starts): without it a
+missing model path surfaces minutes later inside a Ray actor, and wandb without credentials kills
+the run once the GPUs are up. The recipes list their required keys
+(``hydra.callbacks.karl_required_keys.keys``) and set them to null. The callback reports, in one
+message, every problem of:
+
+* required keys left unset;
+* data, model, mastery-table and probe-set paths that do not exist or cannot be read (a model
+  directory without ``config.json``);
+* ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
+  once) and, for the ``karl`` trainer, no way to a first mastery table;
+* ``wandb`` in ``trainer.logger`` without credentials, unless ``WANDB_MODE`` is offline or disabled;
+* fewer local GPUs than ``trainer.n_gpus_per_node`` on a single-node run that starts its own Ray
+  (not when a Ray address is given, nor with ``trainer.device=cpu``).
+
+It checks at ``on_run_start``, before Hydra creates its output folder (the recipes put that under
+``trainer.default_local_dir``, which may be the unset key).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import netrc
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+#: File inputs a run reads in the driver or its workers: key -> what it is.
+FILE_KEYS: dict[str, str] = {
+    "data.train_files": "training data",
+    "data.val_files": "validation data",
+    "karl.mastery.table_path": "mastery table",
+    "karl.reward.mastery_path": "mastery table",
+    "karl.mastery.probe_data": "probe set",
+}
+MODEL_KEYS: tuple[str, ...] = ("actor_rollout_ref.model.path",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def unset_keys(config: DictConfig, keys: Iterable[str]) -> list[str]:
@@ -27,42 +55,162 @@ def unset_keys(config: DictConfig, keys: Iterable[str]) -> list[str]:
 
 
 def karl_config_problems(config: DictConfig) -> list[str]:
-    """What in ``karl.*`` / ``algorithm.karl`` would stop the ``karl`` trainer at construction.
+    """What in ``karl.*`` / ``algorithm.karl`` would stop the run once it reads them.
 
-    The same checks the trainer runs (the config dataclasses and
-    :meth:`~karl_verl.config.MasteryConfig.missing_inputs`), run early. Only for runs whose
-    ``trainer.v1.trainer_mode`` is ``karl``: other trainers never read these keys.
+    The checks of the config dataclasses (every section, every value), run early, whenever the run
+    uses a KARL part (the ``karl`` trainer, reward manager or estimator); and for the ``karl``
+    trainer, :meth:`~karl_verl.config.MasteryConfig.missing_inputs`.
     """
     from karl_verl.config import KarlConfig
 
-    if OmegaConf.select(config, "trainer.v1.trainer_mode", default=None) != "karl":
+    uses_karl_trainer = _select(config, "trainer.v1.trainer_mode") == "karl"
+    uses_karl = (uses_karl_trainer or _select(config, "reward.reward_manager.name") == "karl"
+                 or _select(config, "algorithm.adv_estimator") == "karl_grpo")
+    if not uses_karl:
         return []
-    _, mastery, problems = KarlConfig.check_sections(OmegaConf.select(config, "karl", default=None),
-                                                     OmegaConf.select(config, "algorithm.karl", default=None))
-    if mastery is not None and (problem := mastery.missing_inputs()):
+    _, mastery, problems = KarlConfig.check_sections(_select(config, "karl"), _select(config, "algorithm.karl"))
+    if uses_karl_trainer and mastery is not None and (problem := mastery.missing_inputs()):
         problems.append(problem)
     return problems
+
+
+def _select(config: DictConfig, key: str) -> Any:
+    return OmegaConf.select(config, key, default=None, throw_on_missing=False)
+
+
+def _paths(value: Any) -> list[str]:
+    """The paths a key holds; empty ones are left to the unset-key and config checks."""
+    values = value if isinstance(value, (list, tuple, ListConfig)) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip() not in ("", "???")]
+
+
+def _is_remote(path: str) -> bool:
+    return bool(urlparse(path).scheme) and "://" in path
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be read, or None."""
+    if not path.exists():
+        return "does not exist"
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        return "is not readable"
+    return None
+
+
+def path_problems(config: DictConfig) -> list[str]:
+    """Input paths that do not exist or cannot be read; remote URLs and Hub model ids are left alone."""
+    problems = []
+    for key, what in FILE_KEYS.items():
+        for path in _paths(_select(config, key)):
+            if not _is_remote(path) and (why := _unreadable(Path(path).expanduser())):
+                problems.append(f"{key}: {what} {path} {why}")
+    for key in MODEL_KEYS:
+        for path in _paths(_select(config, key)):
+            local = Path(path).expanduser()
+            if _is_remote(path) or (not local.exists() and _HUB_ID.match(path)):
+                continue  # verl downloads those itself
+            if why := _unreadable(local):
+                problems.append(f"{key}: model {path} {why}")
+            elif not local.is_dir() or not (local / "config.json").is_file():
+                problems.append(f"{key}: {path} is not a Hugging Face model directory (no config.json in it)")
+    return problems
+
+
+def _loggers(config: DictConfig) -> list[str]:
+    value = _select(config, "trainer.logger")
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value or []]
+
+
+def wandb_has_credentials(environ: Mapping[str, str]) -> bool:
+    """An API key in the environment, or a ``wandb login`` entry in the netrc file wandb reads."""
+    if environ.get("WANDB_API_KEY", "").strip():
+        return True
+    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    netrc_path = Path(environ.get("NETRC", Path(environ.get("HOME", "~")).expanduser() / ".netrc"))
+    try:
+        return netrc.netrc(str(netrc_path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_problem(config: DictConfig, environ: Mapping[str, str]) -> str | None:
+    if "wandb" not in _loggers(config):
+        return None
+    if environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun"):
+        return None
+    if wandb_has_credentials(environ):
+        return None
+    return ("trainer.logger: includes wandb, but wandb has no credentials (no WANDB_API_KEY, no `wandb login`); "
+            "run `wandb login` (or export WANDB_API_KEY=...), or log without it: trainer.logger=[console] "
+            "or WANDB_MODE=offline")
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_problem(config: DictConfig, environ: Mapping[str, str], count_gpus: Any = local_gpu_count) -> str | None:
+    """Too few local GPUs for a single-node run that starts its own Ray (None when not checkable)."""
+    if str(_select(config, "trainer.device") or "cuda") == "cpu":
+        return None
+    if _select(config, "ray_kwargs.ray_init.address") or environ.get("RAY_ADDRESS"):
+        return None  # an existing cluster: its GPUs are not this machine's
+    nnodes, wanted = _select(config, "trainer.nnodes"), _select(config, "trainer.n_gpus_per_node")
+    if nnodes != 1 or not isinstance(wanted, int) or isinstance(wanted, bool):
+        return None
+    available = count_gpus()
+    if available >= wanted:
+        return None
+    return (f"trainer.n_gpus_per_node: {wanted} GPUs asked for, {available} visible on this machine; "
+            f"set trainer.n_gpus_per_node={available}" if available else
+            f"trainer.n_gpus_per_node: {wanted} GPUs asked for, none visible on this machine (CUDA_VISIBLE_DEVICES, "
+            "drivers); run on a GPU node, or give an existing Ray cluster with RAY_ADDRESS")
+
+
+def run_problems(config: DictConfig, required: Iterable[str], environ: Mapping[str, str] | None = None,
+                 count_gpus: Any = local_gpu_count) -> tuple[list[str], list[str]]:
+    """(unset required keys, other problems) of a composed run configuration."""
+    environ = os.environ if environ is None else environ
+    problems = path_problems(config) + karl_config_problems(config)
+    problems += [p for p in (wandb_problem(config, environ), gpu_problem(config, environ, count_gpus)) if p]
+    return unset_keys(config, required), problems
+
+
+def format_problems(unset: list[str], problems: list[str]) -> str:
+    lines = []
+    if unset:
+        listing = "\n".join(f"  {key}=..." for key in unset)
+        lines.append(
+            f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
+            "e.g. python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
+            "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
+            "trainer.default_local_dir=/ckpt/karl_kvg karl.mastery.probe_data=/data/probe.parquet"
+        )
+    if problems:
+        lines.append(f"karl-verl: {len(problems)} problem(s) would stop this run after Ray starts:\n"
+                     + "\n".join(f"  {p}" for p in problems))
+    return "\n".join(lines)
 
 
 class RequiredKeysCallback(Callback):
     def __init__(self, keys: Iterable[str] = ()) -> None:
         self.keys = list(keys)
+        self._checked = False
+
+    def _check(self, config: DictConfig) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        unset, problems = run_problems(config, self.keys)
+        if unset or problems:
+            # SystemExit, not an exception: Hydra logs and swallows exceptions raised by callbacks.
+            raise SystemExit(format_problems(unset, problems))
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        unset = unset_keys(config, self.keys)
-        problems = karl_config_problems(config)
-        if not unset and not problems:
-            return
-        lines = []
-        if unset:
-            listing = "\n".join(f"  {key}=..." for key in unset)
-            lines.append(
-                f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
-                "e.g. python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
-                "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
-                "trainer.default_local_dir=/ckpt/karl_kvg karl.mastery.probe_data=/data/probe.parquet"
-            )
-        if problems:
-            lines.append("karl-verl: the KARL settings cannot work:\n" + "\n".join(f"  {p}" for p in problems))
-        # SystemExit, not an exception: Hydra logs and swallows exceptions raised by callbacks.
-        raise SystemExit("\n".join(lines))
+        # Multirun jobs (and callers that only send job events) are checked here.
+        self._check(config)

@@ -1,4 +1,4 @@
-"""The knowledge probe (KARL_METHOD.md section 2): 4-choice recognition questions -> mastery table.
+"""The knowledge probe (docs/METHOD.md section 2): 4-choice recognition questions -> mastery table.
 
 * :mod:`karl_verl.probe.questions`: probe set loading and question building (pure);
 * :mod:`karl_verl.probe.scoring`: reading a chosen letter, accuracies, the table (pure);

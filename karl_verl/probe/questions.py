@@ -1,4 +1,4 @@
-"""The probe set and the 4-choice recognition questions built from it (KARL_METHOD.md section 2).
+"""The probe set and the 4-choice recognition questions built from it (docs/METHOD.md section 2).
 
 Pure module (no torch, no verl, no Ray; pyarrow only to read parquet): runs anywhere, CPU.
 
@@ -60,6 +60,36 @@ SMALL_CATEGORY_POLICIES = ("error", "global")
 
 class ProbeError(ValueError):
     """The probe set or a probe run is unusable; the message names the file, row, field or entity."""
+
+
+class SmallCategoryError(ProbeError):
+    """Categories with fewer than 4 entities, under ``on_small_category="error"``.
+
+    ``categories`` maps each to its entities; :meth:`explain` words the way out for the caller
+    (a Python argument, a command-line flag).
+    """
+
+    def __init__(self, categories: Mapping[str, list[str]], way_out: str = "on_small_category='global'") -> None:
+        self.categories = dict(categories)
+        super().__init__(self.explain(way_out))
+
+    def explain(self, way_out: str) -> str:
+        listing = "; ".join(f"{c!r} has {len(n)}: {n}" for c, n in self.categories.items())
+        return (f"categories with fewer than {NUM_OPTIONS} entities cannot give {NUM_OPTIONS - 1} same-category "
+                f"distractors: {listing}. Add entities, or pass {way_out} to draw the missing distractors from "
+                "other categories.")
+
+
+#: Fewer questions than this give an entity a level that is mostly noise (2 answers: ACC 0, 0.5 or 1).
+MIN_QUESTIONS_PER_ENTITY = 10
+
+
+def thin_entities(questions: Iterable[ProbeQuestion], minimum: int = MIN_QUESTIONS_PER_ENTITY) -> dict[str, int]:
+    """Entities with fewer than ``minimum`` questions -> their question count, fewest first."""
+    counts: dict[str, int] = defaultdict(int)
+    for question in questions:
+        counts[question.entity] += 1
+    return dict(sorted(((e, n) for e, n in counts.items() if n < minimum), key=lambda item: (item[1], item[0])))
 
 
 @dataclass(frozen=True)
@@ -274,12 +304,7 @@ def build_questions(
 
     small = {c: names for c, names in sorted(entities_of.items()) if len(names) < NUM_OPTIONS}
     if small and on_small_category == "error":
-        listing = "; ".join(f"{c!r} has {len(n)}: {n}" for c, n in small.items())
-        raise ProbeError(
-            f"categories with fewer than {NUM_OPTIONS} entities cannot give {NUM_OPTIONS - 1} same-category "
-            f"distractors: {listing}. Add entities, or pass on_small_category='global' to draw the missing "
-            "distractors from other categories."
-        )
+        raise SmallCategoryError(small)
     if len(by_entity) < NUM_OPTIONS:
         raise ProbeError(
             f"the probe set has {len(by_entity)} entities {sorted(by_entity)}; {NUM_OPTIONS}-choice questions need "

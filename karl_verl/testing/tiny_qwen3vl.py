@@ -173,7 +173,7 @@ def build_tiny_model(
 ) -> Qwen3VLForConditionalGeneration:
     """A randomly initialised ``Qwen3VLForConditionalGeneration`` (~0.25M parameters, float32, eval mode, CPU).
 
-    Sizes follow VERL_INTEGRATION.md; special token ids and the vocabulary size come from
+    Sizes are tiny, for CPU tests; special token ids and the vocabulary size come from
     ``tokenizer`` (default: :func:`build_tiny_tokenizer`). The same seed gives the same weights.
     """
     import torch

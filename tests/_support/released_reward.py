@@ -1,6 +1,6 @@
 """An independent, literal transcription of the released KARL reward's behaviour (test oracle).
 
-Written straight from KARL_METHOD.md section 3 with plain ``re`` calls (including the
+Written straight from the released reward's rules (docs/METHOD.md section 3) with plain ``re`` calls (including the
 quadratic form-1 regex), deliberately sharing no code with karl_verl, so that tests can compare
 karl_verl's linear-time reader and reward against it on generated adversarial text.
 """

@@ -82,8 +82,10 @@ def test_k_entities_distinct_and_from_one_category(single_entity_set, tmp_path):
     rows = pq.read_table(tmp_path / "out" / "grounding.parquet").to_pylist()
     assert set(summary.per_k) <= {2, 3, 4} and sum(summary.per_k.values()) == 30
     assert summary.whole_image_sources == 0 and "had no box" not in summary.format()
-    # car has 3 entities: never k = 4 there.
+    # car has 3 entities: never k = 4 there, and the summary says so.
     assert all(r["extra_info"]["num_entities"] <= 3 for r in rows if r["extra_info"]["category"] == "car")
+    assert summary.max_k == 4 and summary.k_out_of_reach.get("car") == 3
+    assert "warning: k up to 4 was asked for" in summary.format() and "car (3)" in summary.format()
     assert len(rows) == 30  # one query per composite by default
     for row in rows:
         extra = row["extra_info"]
@@ -98,6 +100,7 @@ def test_k_distribution_is_followed(single_entity_set, tmp_path):
     summary = compose_dataset([single_entity_set.annotations], tmp_path / "out", config, progress=False)
     assert set(summary.per_k) == {2, 3}
     assert 0.65 < summary.per_k[2] / 200 < 0.85  # 3:1 -> 0.75
+    assert summary.k_out_of_reach == {} and "warning" not in summary.format()
 
 
 def test_same_seed_same_output(single_entity_set, tmp_path):

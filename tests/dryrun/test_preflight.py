@@ -88,7 +88,8 @@ def test_every_problem_is_reported_at_once(built, tmp_path):
     assert "actor_rollout_ref.actor.optim.learning_rate: no such key" in found
     assert "reward.reward_model.rollout.name" not in found  # a "???" value in verl's config: the key exists
     assert "karl.reward.tau: expected a number, got 'abc'" in found
-    assert "broken.parquet row 1: 2 <image> placeholder(s)" in found
+    assert ("broken.parquet row 1: <image> placeholders in field 'prompt' differ from the images in field "
+            "'images': 2 vs 1") in found
     assert "broken.parquet row 2: ground truth has no readable" in found
     assert "broken.parquet row 3: ground truth has no <|object_ref_start|>" in found
     assert "broken.parquet row 4: ground truth has no <|object_ref_start|>" in found
@@ -117,7 +118,7 @@ def test_no_mastery_source(built):
 def test_unknown_karl_key_is_a_problem_not_a_crash(built):
     workdir, outputs = built
     report = run_preflight("karl_kvg", overrides(outputs, workdir) + ["+karl.reward.tauu=1"])
-    assert any("unknown key(s) ['tauu']" in m for m in messages(report)), report.format()
+    assert any("unknown key; did you mean karl.reward.tau?" in m for m in messages(report)), report.format()
 
 
 def test_entities_absent_from_the_probe_set_when_there_is_no_table(built, tmp_path):

@@ -1,5 +1,7 @@
 """The recipe's Hydra callback (karl_verl/integration/preflight.py), called directly."""
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -66,5 +68,134 @@ def test_callback_reports_unset_keys_and_karl_problems_together():
     assert "karl.mastery.table_path" in message
 
 
-def test_callback_passes_a_complete_config():
-    RequiredKeysCallback(REQUIRED).on_job_start(config(probe_data="/p.parquet"))
+
+
+# ---- paths, wandb and GPUs (karl_verl.integration.preflight.run_problems) ----
+
+from karl_verl.integration.preflight import gpu_problem, path_problems, run_problems, wandb_problem  # noqa: E402
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    """A run's input files that exist: data, a model directory with config.json, a table, a probe set."""
+    for name in ("train.parquet", "val.parquet", "mastery.json", "probe.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    return tmp_path
+
+
+def run_config(inputs, **overrides):
+    cfg = OmegaConf.create({
+        "data": {"train_files": [str(inputs / "train.parquet")], "val_files": str(inputs / "val.parquet")},
+        "actor_rollout_ref": {"model": {"path": str(inputs / "model")}},
+        "trainer": {"v1": {"trainer_mode": "karl"}, "logger": ["console"], "nnodes": 1, "n_gpus_per_node": 8,
+                    "device": "cuda", "default_local_dir": str(inputs / "ckpt")},
+        "reward": {"reward_manager": {"name": "karl"}},
+        "karl": {"mastery": {"table_path": str(inputs / "mastery.json"), "probe_data": str(inputs / "probe.parquet")}},
+    })
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_existing_inputs_have_no_path_problem(inputs):
+    assert path_problems(run_config(inputs)) == []
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("data.train_files", ["/no/train.parquet"], "data.train_files: training data /no/train.parquet does not exist"),
+    ("data.val_files", "/no/val.parquet", "data.val_files: validation data /no/val.parquet does not exist"),
+    ("karl.mastery.table_path", "/no/m.json", "karl.mastery.table_path: mastery table /no/m.json does not exist"),
+    ("karl.reward.mastery_path", "/no/m.json", "karl.reward.mastery_path: mastery table /no/m.json does not exist"),
+    ("karl.mastery.probe_data", "/no/p.parquet", "karl.mastery.probe_data: probe set /no/p.parquet does not exist"),
+    ("actor_rollout_ref.model.path", "/no/model", "actor_rollout_ref.model.path: model /no/model does not exist"),
+])
+def test_each_missing_path_is_named(inputs, key, value, expected):
+    assert path_problems(run_config(inputs, **{key: value})) == [expected]
+
+
+def test_a_model_directory_without_config_json(inputs):
+    (inputs / "model" / "config.json").unlink()
+    model = inputs / "model"
+    assert path_problems(run_config(inputs)) == [
+        f"actor_rollout_ref.model.path: {model} is not a Hugging Face model directory (no config.json in it)"]
+
+
+def test_an_unreadable_file(inputs):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    (inputs / "val.parquet").chmod(0)
+    expected = f"data.val_files: validation data {inputs / 'val.parquet'} is not readable"
+    assert path_problems(run_config(inputs)) == [expected]
+
+
+def test_hub_ids_and_remote_paths_are_left_to_verl(inputs):
+    cfg = run_config(inputs, **{"actor_rollout_ref.model.path": "Qwen/Qwen3-VL-8B-Instruct",
+                                "data.train_files": ["hdfs://cluster/train.parquet"]})
+    assert path_problems(cfg) == []
+
+
+@pytest.mark.parametrize(("environ", "stops"), [
+    ({}, True), ({"WANDB_MODE": "offline"}, False), ({"WANDB_MODE": "disabled"}, False),
+    ({"WANDB_API_KEY": "k" * 40}, False), ({"WANDB_MODE": "online"}, True),
+])
+def test_wandb_without_credentials(inputs, tmp_path, environ, stops):
+    cfg = run_config(inputs, **{"trainer.logger": ["console", "wandb"]})
+    problem = wandb_problem(cfg, {"HOME": str(tmp_path), **environ})
+    assert (problem is not None) == stops
+    if stops:
+        assert "wandb login" in problem and "WANDB_MODE=offline" in problem and "trainer.logger=[console]" in problem
+
+
+def test_wandb_login_in_netrc_is_credentials(inputs, tmp_path):
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    cfg = run_config(inputs, **{"trainer.logger": ["console", "wandb"]})
+    assert wandb_problem(cfg, {"HOME": str(tmp_path)}) is None
+
+
+def test_console_only_needs_no_wandb(inputs, tmp_path):
+    assert wandb_problem(run_config(inputs), {"HOME": str(tmp_path)}) is None
+
+
+@pytest.mark.parametrize(("overrides", "environ", "gpus", "stops"), [
+    ({}, {}, 0, True), ({}, {}, 4, True), ({}, {}, 8, False),
+    ({"trainer.device": "cpu"}, {}, 0, False),
+    ({}, {"RAY_ADDRESS": "10.0.0.1:6379"}, 0, False),
+    ({"ray_kwargs.ray_init.address": "auto"}, {}, 0, False),
+    ({"trainer.nnodes": 2}, {}, 0, False),
+])
+def test_too_few_gpus(inputs, overrides, environ, gpus, stops):
+    problem = gpu_problem(run_config(inputs, **overrides), environ, count_gpus=lambda: gpus)
+    assert (problem is not None) == stops
+    if stops:
+        assert problem.startswith("trainer.n_gpus_per_node: 8 GPUs asked for")
+
+
+def test_run_problems_lists_everything_at_once(inputs, tmp_path):
+    cfg = run_config(inputs, **{"data.val_files": "/no/val.parquet", "trainer.logger": ["wandb"],
+                                "karl.reward": {"tau": 1.5}, "trainer.default_local_dir": None})
+    unset, problems = run_problems(cfg, ["trainer.default_local_dir"], {"HOME": str(tmp_path)}, count_gpus=lambda: 0)
+    assert unset == ["trainer.default_local_dir"]
+    assert [p.split(":")[0] for p in problems] == [
+        "data.val_files", "karl.reward.tau", "trainer.logger", "trainer.n_gpus_per_node"]
+
+
+def test_callback_passes_a_complete_config(inputs):
+    callback = RequiredKeysCallback(REQUIRED)
+    callback.on_run_start(run_config(inputs, **{"trainer.device": "cpu"}))
+    callback.on_job_start(run_config(inputs, **{"trainer.device": "cpu"}))
+
+
+def test_callback_checks_at_run_start_before_hydra_makes_its_output_folder(inputs):
+    with pytest.raises(SystemExit, match="data.val_files: validation data /no/val.parquet does not exist"):
+        RequiredKeysCallback(REQUIRED).on_run_start(run_config(inputs, **{"data.val_files": "/no/val.parquet",
+                                                                          "trainer.device": "cpu"}))
+
+
+def test_empty_paths_are_left_to_the_unset_key_check(inputs):
+    cfg = run_config(inputs, **{"data.val_files": "", "actor_rollout_ref.model.path": "???"})
+    assert path_problems(cfg) == []
+    assert unset_keys(cfg, ["data.val_files", "actor_rollout_ref.model.path"]) == [
+        "data.val_files", "actor_rollout_ref.model.path"]

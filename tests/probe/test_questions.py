@@ -239,3 +239,23 @@ def test_reads_the_probe_set_written_by_data_compose(tmp_path, probe_kit):
     rows[0]["co_entities"] = "BMW M3"
     with pytest.raises(ProbeError, match="row 1, field 'co_entities'"):
         probe_items_from_records(rows)
+
+
+def test_thin_entities_counts_questions_per_entity():
+    from karl_verl.probe.questions import thin_entities
+
+    questions = build_questions(_items(), per_entity=50)
+    counts = {}
+    for question in questions:
+        counts[question.entity] = counts.get(question.entity, 0) + 1
+    assert thin_entities(questions, minimum=10**6) == dict(sorted(counts.items(), key=lambda kv: (kv[1], kv[0])))
+    assert thin_entities(questions, minimum=1) == {}
+
+
+def test_small_category_error_carries_the_categories():
+    from karl_verl.probe.questions import SmallCategoryError
+
+    with pytest.raises(SmallCategoryError) as raised:
+        build_questions(_items({"dog": ["Beagle", "Pug"], "car": ["a", "b", "c", "d"]}))
+    assert raised.value.categories == {"dog": ["Beagle", "Pug"]}
+    assert "pass --flag" in raised.value.explain("--flag")

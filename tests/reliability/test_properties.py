@@ -2,7 +2,7 @@
 
 On arbitrary text the box reader, the reward, the probe's answer parser and the evaluator's
 prediction parser never raise and always return values in their documented ranges; on generated
-well-formed responses the reward follows the documented formula (KARL_METHOD.md section 3) exactly,
+well-formed responses the reward follows the documented formula (docs/METHOD.md section 3) exactly,
 checked both against a direct formula in exact arithmetic and against the independent oracle
 ``tests/_support/released_reward.py``.
 
@@ -200,7 +200,7 @@ gaps = st.sampled_from(["", " ", "\n", "\n\n  \t"])
 
 
 def _released_scaling(box: tuple[int, ...]) -> tuple[Fraction, ...]:
-    # KARL_METHOD.md section 3: four values summing below 4 are taken as 0-1 and multiplied by 1000.
+    # The released reader: four values summing below 4 are taken as 0-1 and multiplied by 1000.
     return tuple(Fraction(v) * (1000 if sum(box) < 4 else 1) for v in box)
 
 
