@@ -88,7 +88,7 @@ class DryRunReport:
         lines = ["", "karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe karl_kvg_cpu, tiny "
                  "Qwen3-VL warmed up on the answer format)", ""]
         lines += format_steps(self.summary)
-        lines += ["", "mastery refreshes (probe on the rollout server, logprob mode):"]
+        lines += ["", "mastery refreshes (the probe on the rollout server):"]
         lines += format_refreshes(self.summary) or ["  none logged"]
         if self.resumed_from_step is not None:
             continued = {True: "the same mastery table and its history", False: "a DIFFERENT mastery table",
