@@ -12,18 +12,11 @@ import torch
 
 from karl_verl.cpu import environment
 
-
-def _run_fresh(code: str, env: dict[str, str]) -> dict:
-    """Run ``code`` in a new interpreter; its last stdout line is a JSON object."""
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 PLATFORM_FACTS = """
 import json
 from verl.plugin.platform.platform_manager import PlatformRegistry, get_platform
 from verl.utils.device import get_device_name, get_torch_device
+from verl.workers.rollout.replica import RolloutReplicaRegistry
 from karl_verl.cpu.platform import DEVICE_MODULE, CpuPlatform
 platform = get_platform()
 print(json.dumps({
@@ -35,7 +28,20 @@ print(json.dumps({
     "current_device": platform.current_device(),
     "comm": platform.communication_backend_name(),
     "ray_resource": platform.ray_resource_name(),
+    "rollout_registered": RolloutReplicaRegistry.get("transformers") is not None,
 }))
+"""
+
+ACTIVATE_AFTER_MAIN_PPO = """
+import json, os
+import verl.trainer.main_ppo
+from verl.plugin.platform.platform_manager import get_platform
+before = type(get_platform()).__name__
+import karl_verl.cpu
+karl_verl.cpu.activate()
+after = get_platform()
+print(json.dumps({"before": before, "after": type(after).__name__, "device": after.device_name,
+                  "env": os.environ["VERL_PLATFORM"]}))
 """
 
 
@@ -49,12 +55,41 @@ def _without_cpu_layer() -> dict[str, str]:
     return env
 
 
-def test_plugin_registers_cpu_platform_and_verl_resolves_it():
-    """A process of a CPU run: verl's own import loads the plugin (VERL_USE_EXTERNAL_MODULES)."""
-    env = _without_cpu_layer()
-    env.update(environment(env))
-    facts = _run_fresh("import verl\nimport karl_verl.cpu.plugin\n" + PLATFORM_FACTS, env)
-    assert facts == {
+@pytest.fixture(scope="module")
+def fresh_interpreters():
+    """Programs run each in a new interpreter, all started at once (importing verl takes seconds each);
+    ``result(name)`` is the JSON object on the last line of that program's stdout."""
+    cpu_env = _without_cpu_layer()
+    cpu_env.update(environment(cpu_env))
+    programs = {
+        # A verl process of a CPU run: verl's own import loads the plugin (VERL_USE_EXTERNAL_MODULES).
+        "verl first": ("import verl\nimport karl_verl.cpu.plugin\n" + PLATFORM_FACTS, cpu_env),
+        # A Ray worker whose first import is the rollout server's class (unpickling the actor).
+        "rollout first": ("import karl_verl.cpu.rollout\nimport karl_verl.cpu.plugin\n" + PLATFORM_FACTS, cpu_env),
+        # The Hydra callback: main_ppo's import already resolved a platform, without the CPU layer.
+        "activate": (ACTIVATE_AFTER_MAIN_PPO, _without_cpu_layer()),
+    }
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, (code, env) in programs.items()
+    }
+
+    def result(name: str) -> dict:
+        stdout, stderr = processes[name].communicate(timeout=180)
+        assert processes[name].returncode == 0, stderr[-3000:]
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    yield result
+    for process in processes.values():
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.parametrize("first_import", ["verl first", "rollout first"])
+def test_plugin_registers_cpu_platform_and_verl_resolves_it(fresh_interpreters, first_import):
+    assert fresh_interpreters(first_import) == {
         "registered": True,
         "platform": "CpuPlatform",
         "device_name": "cpu",
@@ -63,24 +98,12 @@ def test_plugin_registers_cpu_platform_and_verl_resolves_it():
         "current_device": "cpu",
         "comm": "gloo",
         "ray_resource": "GPU",
+        "rollout_registered": True,
     }
 
 
-def test_activate_replaces_a_platform_main_ppo_already_resolved():
-    """``import verl.trainer.main_ppo`` resolves the platform (nvidia here) before any Hydra callback runs."""
-    code = (
-        "import json\n"
-        "import verl.trainer.main_ppo\n"
-        "from verl.plugin.platform.platform_manager import get_platform\n"
-        "before = type(get_platform()).__name__\n"
-        "import karl_verl.cpu\n"
-        "karl_verl.cpu.activate()\n"
-        "import os\n"
-        "after = get_platform()\n"
-        "print(json.dumps({'before': before, 'after': type(after).__name__, 'device': after.device_name,\n"
-        "                  'env': os.environ['VERL_PLATFORM']}))\n"
-    )
-    facts = _run_fresh(code, _without_cpu_layer())
+def test_activate_replaces_a_platform_main_ppo_already_resolved(fresh_interpreters):
+    facts = fresh_interpreters("activate")
     assert facts["before"] != "CpuPlatform"
     assert facts == {"before": facts["before"], "after": "CpuPlatform", "device": "cpu", "env": "cpu"}
 
