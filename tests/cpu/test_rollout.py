@@ -156,11 +156,13 @@ def test_greedy_with_an_image_equals_transformers_greedy(server, reference_model
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
-    served = server._generate(prompt, {"max_tokens": 8, **GREEDY}, [image], {})
+    served = server._generate(prompt, {"max_tokens": 8, "logprobs": True, **GREEDY}, [image], {})
     reference = {key: value for key, value in inputs.items() if key != "attention_mask"}
     assert served.token_ids == _greedy(reference_models[0], server.tokenizer, prompt, 8, **reference)
     # The picture matters: the same tokens with other pixels give other logits.
-    other = server._generate(prompt, {"max_tokens": 8, **GREEDY}, [Image.new("RGB", (64, 96), (0, 0, 0))], {})
+    other = server._generate(
+        prompt, {"max_tokens": 8, "logprobs": True, **GREEDY}, [Image.new("RGB", (64, 96), (0, 0, 0))], {}
+    )
     assert other.token_ids != served.token_ids or other.log_probs != served.log_probs
 
 
