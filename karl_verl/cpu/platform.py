@@ -43,7 +43,10 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    # The kernel updates its high-water mark lazily, so it can trail the resident set read just now;
+    # a peak below the current figure would make verl's memory logs contradict themselves.
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    return max(peak, _rss_bytes())
 
 
 def _host_memory() -> tuple[int, int]:

@@ -286,17 +286,17 @@ class TransformersRolloutServer:
             if unknown:
                 raise ValueError(f"weight sync names {len(unknown)} tensors the model does not have, "
                                  f"e.g. {unknown[:3]}")
-            updated = set()
+            # Everything is checked before anything is copied: a refused sync leaves the served weights whole.
             for name, tensor in state.items():
-                target = params[name]
-                if tuple(target.shape) != tuple(tensor.shape):
+                if tuple(params[name].shape) != tuple(tensor.shape):
                     raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, the model "
-                                     f"{tuple(target.shape)}")
-                target.data.copy_(tensor.to(target.dtype))
-                updated.add(target.data_ptr())
+                                     f"{tuple(params[name].shape)}")
+            updated = {params[name].data_ptr() for name in state}
             stale = [name for name, p in self.model.named_parameters() if p.data_ptr() not in updated]
             if stale:
                 raise ValueError(f"weight sync left {len(stale)} parameters unset, e.g. {stale[:3]}")
+            for name, tensor in state.items():
+                params[name].data.copy_(tensor.to(params[name].dtype))
             self.syncs += 1
             self.global_steps = global_steps
             self.weight_version = f"sync{self.syncs}@step{global_steps}"

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ["karl_kvg", "karl_kvg_cpu", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2"]
+RECIPES = ["karl_kvg", "karl_kvg_cpu", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1",
+           "karl_kvg_v2"]
 
 
 @pytest.fixture(scope="module")
