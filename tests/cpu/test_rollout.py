@@ -535,3 +535,18 @@ def test_rollout_is_registered_with_verl():
     assert rollout.is_registered()
     assert _ROLLOUT_REGISTRY[("transformers", "async")] == "karl_verl.cpu.rollout.TransformersServerAdapter"
     assert RolloutReplicaRegistry.get("transformers") is rollout.TransformersReplica
+
+
+def test_allowed_token_ids_pick_the_most_likely_allowed_token(server, reference_models):
+    """vLLM's allowed_token_ids (what the probe's choice mode sends): greedy over those tokens only."""
+    prompt = _prompt(server)
+    letters = [server.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ABCD"]
+    with torch.no_grad():
+        logits = reference_models[0](input_ids=torch.tensor([prompt])).logits[0, -1]
+    expected = letters[int(torch.argmax(logits[letters]))]
+    answer = _ask(server, prompt, max_tokens=1, temperature=0.0, allowed_token_ids=letters)
+    assert answer.token_ids == [expected]
+    # sampled too: never outside the allowed set
+    for seed in range(8):
+        sampled = _ask(server, prompt, max_tokens=3, temperature=1.0, seed=seed, allowed_token_ids=letters[1:3])
+        assert set(sampled.token_ids) <= set(letters[1:3])
