@@ -1,0 +1,234 @@
+"""What one mastery refresh costs as the probe set grows, through the code path a GPU run takes.
+
+The in-training probe builds every question's prompt with verl's agent-loop machinery in the
+TaskRunner (:class:`~karl_verl.integration.rollout_probe.RolloutProbeBackend`) and sends it to the
+rollout servers; each answer comes back as the server's ``TokenOutput``, shaped by verl's own
+conversion (for ``prompt_logprobs``: ``extract_prompt_logprobs``'s layout, which the CPU rollout
+server reproduces). Here the server is karl-verl's transformers rollout server on the tiny
+Qwen3-VL, called in process (what Ray would ship is the pickled ``TokenOutput``, whose size is
+measured). Per request kind:
+
+* ``top20``: the former logprob request (top-20 log-probabilities at every prompt position);
+* ``logprob``: today's logprob mode (one request per option, ``prompt_logprobs=0``);
+* ``choice``: choice mode (one greedy token constrained to the option letters).
+
+For 1,000 and 10,000 questions (probe sets built by ``karl-verl data compose`` style code) it
+measures, in a fresh process each: loading the probe set and building the questions, the
+TaskRunner's peak memory, and the refresh wall time in choice mode; then extrapolates linearly to
+the paper's scale (2,000 entities x 50 images = 100,000 questions).
+
+    python benchmarks/bench_probe_scale.py                  # about 5 minutes on 2 cores
+    python benchmarks/bench_probe_scale.py --sizes 200 1000 # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PAPER_QUESTIONS = 2000 * 50
+
+
+def write_probe_set(path: Path, num_questions: int, *, seed: int = 0) -> Path:
+    """A probe set of ``num_questions`` rows, 5 entities per category, 10 categories.
+
+    Each image is a 256x256 noisy PNG of about 190 KB, the order of a real probe photo, so that a
+    loader holding every image shows in memory.
+    """
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    rows = {"entity": [], "category": [], "image": [], "image_id": []}
+    for i in range(num_questions):
+        category = f"category{i % 10}"
+        entity = f"{category} entity {(i // 10) % 5}"
+        image = Image.frombytes("RGB", (256, 256), rng.randbytes(256 * 256 * 3))
+        ImageDraw.Draw(image).ellipse((32, 32, 224, 224), fill=tuple(rng.randrange(256) for _ in range(3)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows["entity"].append(entity)
+        rows["category"].append(category)
+        rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows["image_id"].append(f"img{i}")
+    pq.write_table(pa.table(rows), path, row_group_size=256)
+    return path
+
+
+def _config(model_dir: Path):
+    from karl_verl.dryrun.pipeline import compose_recipe
+
+    return compose_recipe("karl_kvg_cpu", [f"actor_rollout_ref.model.path={model_dir}", "data.train_files=/x",
+                                           "data.val_files=/x", "trainer.default_local_dir=/tmp/x"])
+
+
+class InProcessClient:
+    """``LLMServerClient.generate`` against a server object in this process; records answer sizes."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.sizes: list[int] = []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, **kwargs):
+        output = await self.server.generate(request_id=request_id, prompt_ids=prompt_ids,
+                                            sampling_params=sampling_params, image_data=image_data, **kwargs)
+        self.sizes.append(len(pickle.dumps(output, protocol=5)))
+        return output
+
+
+def measure_request_kinds(model_dir: Path, probe_path: Path, num_questions: int) -> dict:
+    """Bytes per question and seconds per question of each request kind, on ``num_questions`` questions."""
+    from karl_verl.cpu import activate
+
+    activate()
+    from karl_verl.cpu.rollout import TransformersRolloutServer
+    from karl_verl.integration.rollout_probe import RolloutProbeBackend
+    from karl_verl.probe.questions import LETTERS, build_questions, load_probe_set
+    from karl_verl.probe.runner import question_request
+
+    config = _config(model_dir)
+    server = TransformersRolloutServer(str(model_dir), replica_rank=0, response_length=48, prompt_length=1024,
+                                       max_model_len=None, seed=0)
+    questions = build_questions(load_probe_set(probe_path), per_entity=10**6, seed=0)[:num_questions]
+    requests = [question_request(q) for q in questions]
+    out = {}
+    for kind in ("top20", "logprob", "choice"):
+        client = InProcessClient(server)
+        backend = RolloutProbeBackend(client, tokenizer=server.tokenizer, processor=server.processor, config=config,
+                                      hf_model_type="qwen3_vl", max_concurrency=8)
+        start = time.perf_counter()
+        try:
+            if kind == "choice":
+                backend.choose_options(requests, list(LETTERS))
+            elif kind == "logprob":
+                backend.option_logprobs(requests, list(LETTERS))
+            else:
+                backend._run(_top20_all, backend, requests)
+        finally:
+            backend.close()
+        seconds = time.perf_counter() - start
+        out[kind] = {"bytes_per_question": sum(client.sizes) / len(requests),
+                     "requests_per_question": len(client.sizes) / len(requests),
+                     "seconds_per_question": seconds / len(requests)}
+    return out
+
+
+async def _top20_all(backend, requests):
+    """The former logprob request: the first option appended, top-20 log-probabilities of every position."""
+    from karl_verl.backends.hf import option_token_ids
+
+    option = option_token_ids(backend.tokenizer, ["A"])[0]
+
+    async def one(index, request):
+        prompt_ids, images = await backend._encode(request, f"request {index}")
+        sampling = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 20, "detokenize": False}
+        return await backend._generate_one([*prompt_ids, option], images, sampling, f"request {index}")
+
+    return await backend._gather([one(i, r) for i, r in enumerate(requests)])
+
+
+def measure_refresh(model_dir: Path, probe_path: Path) -> dict:
+    """One refresh as the trainer runs it (questions built, then run_probe in choice mode); time and memory."""
+    import resource
+
+    from karl_verl.cpu import activate
+
+    activate()
+    from karl_verl.cpu.rollout import TransformersRolloutServer
+    from karl_verl.integration.rollout_probe import RolloutProbeBackend
+    from karl_verl.probe.questions import build_questions, load_probe_set
+    from karl_verl.probe.runner import run_probe
+
+    config = _config(model_dir)
+    server = TransformersRolloutServer(str(model_dir), replica_rank=0, response_length=48, prompt_length=1024,
+                                       max_model_len=None, seed=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    questions = build_questions(load_probe_set(probe_path), per_entity=10**6, seed=0)
+    load_s = time.perf_counter() - start
+    backend = RolloutProbeBackend(InProcessClient(server), tokenizer=server.tokenizer, processor=server.processor,
+                                  config=config, hf_model_type="qwen3_vl", max_concurrency=64)
+    start = time.perf_counter()
+    try:
+        result = run_probe(questions, backend, mode="choice", progress=False)
+    finally:
+        backend.close()
+    probe_s = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"questions": result.num_questions, "load_s": load_s, "probe_s": probe_s,
+            "peak_rss_mib": after / 1024, "rss_growth_mib": (after - before) / 1024}
+
+
+def _child(argv: list[str]) -> dict:
+    result = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--sample", type=int, default=64, help="questions per request-kind measurement")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--child", choices=["kinds", "refresh"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child == "kinds":
+        print(json.dumps(measure_request_kinds(args.model, args.probe, args.sample)))
+        return 0
+    if args.child == "refresh":
+        print(json.dumps(measure_refresh(args.model, args.probe)))
+        return 0
+
+    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-bench-probe-"))
+    model_dir = save_tiny_checkpoint(workdir / "model", seed=0)
+    probes = {n: write_probe_set(workdir / f"probe_{n}.parquet", n) for n in args.sizes}
+    kinds = _child(["--child", "kinds", "--model", str(model_dir), "--probe", str(probes[min(args.sizes)]),
+                    "--sample", str(args.sample)])
+    refreshes = {n: _child(["--child", "refresh", "--model", str(model_dir), "--probe", str(path)])
+                 for n, path in probes.items()}
+
+    print(f"\nrequests per question kind (tiny Qwen3-VL, {args.sample} questions, prompt ~90 tokens)")
+    print(f"{'kind':<10}{'requests/q':>12}{'bytes/q':>12}{'ms/q':>10}{'bytes vs top20':>16}")
+    for kind, figures in kinds.items():
+        print(f"{kind:<10}{figures['requests_per_question']:>12.1f}{figures['bytes_per_question']:>12,.0f}"
+              f"{1000 * figures['seconds_per_question']:>10.1f}"
+              f"{kinds['top20']['bytes_per_question'] / figures['bytes_per_question']:>15.0f}x")
+    print("\none refresh in choice mode (a fresh process each; TaskRunner side + in-process server)")
+    print(f"{'questions':>10}{'load+build s':>14}{'probe s':>10}{'peak RSS MiB':>14}{'growth MiB':>12}")
+    for figures in refreshes.values():
+        print(f"{figures['questions']:>10,}{figures['load_s']:>14.2f}{figures['probe_s']:>10.1f}"
+              f"{figures['peak_rss_mib']:>14.0f}{figures['rss_growth_mib']:>12.0f}")
+    largest = refreshes[max(refreshes)]
+    scale = PAPER_QUESTIONS / largest["questions"]
+    print(f"\nextrapolated linearly to {PAPER_QUESTIONS:,} questions (2,000 entities x 50 images):")
+    for kind, figures in kinds.items():
+        print(f"  {kind:<8} {figures['bytes_per_question'] * PAPER_QUESTIONS / 2**30:8.2f} GiB returned per refresh "
+              "(grows with prompt length: a real image is ~1,000 prompt tokens, not ~90)" if kind != "choice" else
+              f"  {kind:<8} {figures['bytes_per_question'] * PAPER_QUESTIONS / 2**20:8.1f} MiB returned per refresh "
+              "(independent of prompt length)")
+    print(f"  load+build {largest['load_s'] * scale:.0f} s and refresh {largest['probe_s'] * scale / 60:.0f} min on "
+          f"this tiny CPU model; peak TaskRunner memory growth ~{largest['rss_growth_mib'] * scale / 1024:.1f} GiB "
+          "if it grows linearly")
+    print(f"(inputs in {workdir}; machine: {os.cpu_count()} cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
