@@ -88,6 +88,13 @@ def load_image(image: Any, *, where: str = "image") -> Image.Image:
     """Decode one image (PIL image, encoded bytes, ``{"bytes": ...}`` / ``{"path": ...}`` dict, or path) to RGB."""
     from PIL import Image, UnidentifiedImageError
 
+    read = getattr(image, "read", None)
+    if callable(read) and not isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
+        # A lazily read image (karl_verl.probe.questions.ParquetImage): its own errors name the file and row.
+        try:
+            return load_image(read(), where=getattr(image, "where", where))
+        except ValueError as err:
+            raise BackendError(str(err)) from None
     try:
         if isinstance(image, Image.Image):
             return image if image.mode == "RGB" else image.convert("RGB")

@@ -444,7 +444,8 @@ class KarlTrainer(PPOTrainerSync):
             from karl_verl.probe.questions import build_questions, load_probe_set
 
             mastery = self.karl_config.mastery
-            items = load_probe_set(mastery.probe_data)
+            # Lazily: a question keeps where its image is, not the image (memory stays flat in the set's size).
+            items = load_probe_set(mastery.probe_data, lazy=True)
             self._karl_questions = build_questions(items, per_entity=mastery.probe_images_per_entity,
                                                    seed=mastery.seed)
         return self._karl_questions
@@ -478,11 +479,14 @@ class KarlTrainer(PPOTrainerSync):
         for question in questions:
             by_entity.setdefault(question.entity, []).append(question)
         if all(len(group) <= limit for group in by_entity.values()):
-            return list(questions)
-        rng = random.Random(f"{self.karl_config.mastery.seed}/{refresh_index}")
-        kept = {id(q) for group in by_entity.values()
-                for q in (group if len(group) <= limit else rng.sample(group, limit))}
-        return [q for q in questions if id(q) in kept]
+            kept = list(questions)
+        else:
+            rng = random.Random(f"{self.karl_config.mastery.seed}/{refresh_index}")
+            chosen = {id(q) for group in by_entity.values()
+                      for q in (group if len(group) <= limit else rng.sample(group, limit))}
+            kept = [q for q in questions if id(q) in chosen]
+        # In file order: lazily read images then come row group by row group, each read once.
+        return sorted(kept, key=lambda q: (getattr(q.image, "path", ""), getattr(q.image, "index", 0)))
 
     def _karl_probe(self, epoch: int) -> Any:
         """Run the probe with the configured timeout; raise on failure, timeout or short answers."""

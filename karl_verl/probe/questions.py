@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 import random
@@ -138,8 +139,75 @@ def format_prompt(category: str, options: Sequence[str]) -> str:
 # Loading
 
 
-def load_probe_set(path: str | os.PathLike[str]) -> list[ProbeItem]:
-    """Read a probe set from ``.parquet`` or ``.jsonl`` / ``.json`` (one JSON object per line)."""
+@dataclass(frozen=True)
+class ParquetImage:
+    """The image of one row of a parquet probe set, read only when a question is asked.
+
+    The in-training probe keeps these instead of the encoded images, so the TaskRunner's memory does
+    not grow with the probe set; a row whose image cannot be read fails the refresh then, naming
+    the file and the row (rows count from 1, as everywhere in karl-verl's messages).
+    """
+
+    path: str
+    #: 0-based row in the file.
+    index: int
+    column: str = "image"
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}: row {self.index + 1}, field {self.column!r}"
+
+    def read(self) -> bytes | str:
+        """The row's encoded image bytes, or an absolute image path."""
+        group, within = _row_group_of(self.path, self.index)
+        value = _parquet_row_group(self.path, os.stat(self.path).st_mtime_ns, group, self.column)[within]
+        try:
+            return _image_field(value, self.where.rsplit(", field", 1)[0], Path(self.path).parent)
+        except ProbeError:
+            raise
+        except Exception as err:  # a malformed cell: whatever it is, it is not an image
+            raise ProbeError(f"{self.where}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group_starts(path: str, mtime_ns: int) -> tuple[int, ...]:
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    starts, total = [], 0
+    for group in range(metadata.num_row_groups):
+        starts.append(total)
+        total += metadata.row_group(group).num_rows
+    starts.append(total)
+    return tuple(starts)
+
+
+def _row_group_of(path: str, index: int) -> tuple[int, int]:
+    """(row group, row within it) of the file's 0-based row ``index``."""
+    import bisect
+
+    starts = _row_group_starts(path, os.stat(path).st_mtime_ns)
+    group = bisect.bisect_right(starts, index) - 1
+    if not 0 <= index < starts[-1]:
+        raise ProbeError(f"{path}: row {index + 1} does not exist (the file has {starts[-1]} rows)")
+    return group, index - starts[group]
+
+
+# Two row groups at most are held decoded (per process): questions are asked in file order, so each
+# group is read once per refresh.
+@functools.lru_cache(maxsize=2)
+def _parquet_row_group(path: str, mtime_ns: int, group: int, column: str) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column).to_pylist()
+
+
+def load_probe_set(path: str | os.PathLike[str], *, lazy: bool = False) -> list[ProbeItem]:
+    """Read a probe set from ``.parquet`` or ``.jsonl`` / ``.json`` (one JSON object per line).
+
+    ``lazy`` (parquet only): keep a :class:`ParquetImage` per row instead of the image, which is read
+    (and checked) when its question is asked; without it every image is decoded and checked now.
+    """
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"{path}: probe set not found (expected a .parquet or .jsonl file)")
@@ -148,7 +216,16 @@ def load_probe_set(path: str | os.PathLike[str]) -> list[ProbeItem]:
         import pyarrow.parquet as pq
 
         try:
-            records = pq.read_table(path).to_pylist()
+            if lazy:
+                columns = [name for name in pq.read_schema(path).names if name != "image"]
+                records = pq.read_table(path, columns=columns).to_pylist()
+                source = str(path.resolve())
+                for index, record in enumerate(records):
+                    record["image"] = ParquetImage(source, index)
+            else:
+                records = pq.read_table(path).to_pylist()
+        except ProbeError:
+            raise
         except Exception as err:  # pyarrow raises several unrelated types for a bad file
             raise ProbeError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from None
     elif suffix in (".jsonl", ".json"):
@@ -234,6 +311,8 @@ def _decodable(image: bytes | Path, where: str) -> Any:
 
 def _image_field(value: Any, where: str, base_dir: str | os.PathLike[str] | None) -> Any:
     """Check an image field and normalise it: bytes stay bytes, paths become absolute existing files."""
+    if isinstance(value, ParquetImage):
+        return value  # read and checked when its question is asked
     where = f"{where}, field 'image'"
     if isinstance(value, (bytes, bytearray)):
         if not value:
