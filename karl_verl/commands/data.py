@@ -2,7 +2,9 @@
 
 * ``convert``: annotations (JSONL, CSV, parquet or a ``datasets`` folder) -> verl RL parquet;
 * ``compose``: single-entity images -> multi-entity composites (grounding set + probe set);
-* ``filter``: keep instances with 1..k-1 of k sampled responses correct.
+* ``filter``: keep instances with 1..k-1 of k sampled responses correct;
+* ``sft-convert``: LLaMA-Factory sharegpt CoT-SFT files -> the parquet verl's SFT trainer reads;
+* ``cot``: knowledge-guided CoT rationales from a teacher model, kept when their box is right.
 
 Bad input exits with status 2 and one line naming the file, row and field; no output is left
 behind.
@@ -14,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "build KVG training data: convert annotations, compose multi-entity images, filter by difficulty"
+HELP = ("build KVG training data: convert annotations, compose multi-entity images, filter by difficulty, "
+        "make and convert CoT-SFT data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +83,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(filt, temperature=FILTER_TEMPERATURE, max_new_tokens=4096, seed=20)
     filt.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    _add_sft_convert(sub)
+
+
+def _add_sft_convert(sub: argparse._SubParsersAction) -> None:
+    from karl_verl.data.sft import IMAGE_MAX_PIXELS
+
+    sft = sub.add_parser("sft-convert", help="sharegpt CoT-SFT files -> parquet for verl's SFT trainer",
+                         description="LLaMA-Factory sharegpt files (messages role/content, or conversations "
+                                     "from/value; <image> placeholders; images relative to --images-dir) -> the "
+                                     "parquet verl's MultiTurnSFTDataset reads. Every row is checked first; any "
+                                     "problem stops the conversion with nothing written, unless --skip-bad.")
+    sft.add_argument("inputs", nargs="+", type=Path, metavar="SHAREGPT",
+                     help="sharegpt files: .json (an array of records) or .jsonl")
+    sft.add_argument("--images-dir", type=Path,
+                     help="folder the 'images' paths are relative to (default: each file's own folder)")
+    sft.add_argument("--out", required=True, type=Path, help="output parquet file")
+    sft.add_argument("--max-pixels", type=int, default=IMAGE_MAX_PIXELS,
+                     help=f"max_pixels of every image: the resize bound at training time "
+                          f"(default: {IMAGE_MAX_PIXELS}, the released stage-1 value)")
+    sft.add_argument("--image-paths", action="store_true",
+                     help="store each image's absolute path instead of its bytes (a smaller parquet; the "
+                          "images must then be readable at that path on every training node)")
+    sft.add_argument("--skip-bad", action="store_true", help="drop bad rows (and say how many) instead of stopping")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bars")
+
 
 def _read_options(args: argparse.Namespace):
     from karl_verl.data.annotations import ReadOptions, parse_field_map
@@ -113,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
             )
             summary = compose_dataset(args.inputs, args.out, config, _read_options(args),
                                       progress=not args.no_progress)
+        elif args.data_command == "sft-convert":
+            from karl_verl.data.sft import convert_sharegpt
+
+            summary = convert_sharegpt(args.inputs, args.out, images_dir=args.images_dir, max_pixels=args.max_pixels,
+                                       embed_images=not args.image_paths, skip_bad=args.skip_bad,
+                                       progress=not args.no_progress)
         else:
             summary = _run_filter(args)
     except (DataError, BackendError, ValueError) as err:
