@@ -44,9 +44,18 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     return problems
 
 
+#: The example command of the stop message, unless the recipe gives its own (``example``).
+MAIN_PPO_EXAMPLE = (
+    "python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
+    "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
+    "trainer.default_local_dir=/ckpt/karl_kvg karl.mastery.probe_data=/data/probe.parquet"
+)
+
+
 class RequiredKeysCallback(Callback):
-    def __init__(self, keys: Iterable[str] = ()) -> None:
+    def __init__(self, keys: Iterable[str] = (), example: str | None = None) -> None:
         self.keys = list(keys)
+        self.example = example or MAIN_PPO_EXAMPLE
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         unset = unset_keys(config, self.keys)
@@ -57,10 +66,7 @@ class RequiredKeysCallback(Callback):
         if unset:
             listing = "\n".join(f"  {key}=..." for key in unset)
             lines.append(
-                f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
-                "e.g. python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
-                "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
-                "trainer.default_local_dir=/ckpt/karl_kvg karl.mastery.probe_data=/data/probe.parquet"
+                f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\ne.g. {self.example}"
             )
         if problems:
             lines.append("karl-verl: the KARL settings cannot work:\n" + "\n".join(f"  {p}" for p in problems))
