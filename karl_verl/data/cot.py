@@ -17,8 +17,9 @@ the kept reply cut after its first ``</answer>``; images are written beside the 
 Crash safety: every finished instance (kept or rejected) is appended, fsynced, to a journal
 ``<out>.progress.jsonl`` as one line. A killed run restarts from the journal: finished instances
 are not asked again, an instance in flight at the kill is asked again, a torn last line is
-dropped. The output itself is written atomically from the journal at the end of each run. An
-instance whose teacher calls failed (after retries) is not journaled: the next run retries it.
+dropped. The output itself is rewritten atomically from the journal every minute and when the run
+ends (normally or by an exception), so it never holds a partial record. An instance whose teacher
+calls failed (after retries) is not journaled: the next run retries it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import os
 import string
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -55,6 +57,8 @@ COT_MAX_NEW_TOKENS = 1024
 DEFAULT_CONCURRENCY = 8
 #: Consecutive instances whose teacher calls all failed before the run stops (the endpoint is down).
 MAX_CONSECUTIVE_FAILURES = 16
+#: Seconds between rewrites of the output from the journal while a run goes on.
+FLUSH_EVERY_S = 60.0
 
 JOURNAL_FORMAT = "karl-verl cot journal"
 JOURNAL_VERSION = 1
@@ -69,8 +73,8 @@ REJECT_REASONS: tuple[str, ...] = (REJECT_FORMAT, REJECT_NO_BOX, REJECT_LOW_IOU)
 TEACHER_TEMPLATE = """\
 The image shows several {category} objects that look alike. Which one is the {entity}?
 
-First recall what distinguishes the {entity} from other {category}s: the visual features an expert \
-would check, such as overall shape, proportions, distinctive parts, markings and colours. Then \
+First recall what distinguishes the {entity} from other kinds of {category}: the visual features an \
+expert would check, such as overall shape, proportions, distinctive parts, markings and colours. Then \
 compare the candidates in the image one by one against those features ({candidates}), and decide \
 which one is the {entity}.
 
@@ -372,13 +376,15 @@ def generate_cot(
     sampling: SamplingSettings | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     teacher_name: str = "teacher",
+    flush_every_s: float = FLUSH_EVERY_S,
     progress: bool = True,
 ) -> CotSummary:
     """Ask ``teacher`` for rationales of every instance of ``data``; write the kept ones to ``out``.
 
     ``out`` ends in ``.json`` (a JSON array, LLaMA-Factory's layout) or ``.jsonl``. Resumes from
     ``<out>.progress.jsonl`` when it exists (see the module docstring). ``concurrency``: instances
-    asked at once (threads); 1 for a local model, which is not thread-safe.
+    asked at once (threads); 1 for a local model, which is not thread-safe. ``out`` is rewritten
+    from the journal every ``flush_every_s`` seconds and when the run ends, also by an exception.
     """
     from tqdm import tqdm
 
@@ -414,13 +420,14 @@ def generate_cot(
         summary.add(entry)
 
     consecutive_failures = 0
+    last_flush = time.monotonic()
     bar = tqdm(total=total, initial=len(journal.entries), desc="cot", unit="instance", disable=not progress)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="karl-cot") as pool:
         in_flight: dict[Future, CotInstance] = {}
 
-        def collect(block: bool) -> None:
-            nonlocal consecutive_failures
-            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED, timeout=None if block else 0)
+        def collect() -> None:
+            nonlocal consecutive_failures, last_flush
+            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
             for future in done:
                 instance = in_flight.pop(future)
                 try:
@@ -432,6 +439,9 @@ def generate_cot(
                 consecutive_failures = 0
                 finish(instance, kept, verdicts)
                 bar.update(1)
+            if done and time.monotonic() - last_flush >= flush_every_s:
+                write_output(journal, out)
+                last_flush = time.monotonic()
 
         try:
             for instance in iter_instances(data):
@@ -442,16 +452,16 @@ def generate_cot(
                     break
                 in_flight[pool.submit(_ask, instance, teacher, settings, sampling)] = instance
                 while len(in_flight) >= 2 * concurrency:
-                    collect(block=True)
+                    collect()
             while in_flight:
-                collect(block=True)
+                collect()
         except BaseException:
             for future in in_flight:
                 future.cancel()
             raise
         finally:
             bar.close()
-    write_output(journal, out)
+            write_output(journal, out)
     return summary
 
 
