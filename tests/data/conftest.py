@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,3 +220,45 @@ def builtin_cot(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("builtin_cot")
     return write_builtin_cot_set(root, num_images=6)
+
+
+# ---------------------------------------------------------------------------------------------
+# verl's MultiTurnSFTDataset on CPU
+
+
+@pytest.fixture
+def fetch_image_calls(monkeypatch):
+    """verl's process_image imports qwen_vl_utils.fetch_image, whose module imports torchvision (absent on
+    CPU machines); this stand-in resizes as it does (smart_resize bounded by the dict's max_pixels) and
+    records every dict verl hands it, so verl's own dataset code runs unchanged around it."""
+    from PIL import Image
+
+    from karl_verl.boxes import smart_resize
+
+    calls = []
+
+    def fetch_image(ele, image_patch_size=14):
+        calls.append(dict(ele))
+        image = ele["image"] if isinstance(ele["image"], Image.Image) else Image.open(ele["image"])
+        height, width = smart_resize(image.height, image.width, factor=image_patch_size * 2, min_pixels=32 * 32,
+                                     max_pixels=ele["max_pixels"])
+        return image.convert("RGB").resize((width, height))
+
+    monkeypatch.setitem(sys.modules, "qwen_vl_utils", types.SimpleNamespace(fetch_image=fetch_image))
+    return calls
+
+
+@pytest.fixture
+def sft_dataset():
+    """Factory: verl's MultiTurnSFTDataset over a parquet, with the tiny Qwen3-VL tokenizer and processor."""
+    return _sft_dataset
+
+
+def _sft_dataset(path):
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+
+    from karl_verl.testing.tiny_qwen3vl import build_tiny_processor, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = {"max_length": 1024, "pad_mode": "no_padding", "truncation": "error"}
+    return MultiTurnSFTDataset(str(path), tokenizer, config, processor=build_tiny_processor(tokenizer)), tokenizer

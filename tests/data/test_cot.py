@@ -292,7 +292,7 @@ def test_local_tiny_model_teacher(grounding, instances, tiny_checkpoint, tmp_pat
     assert len(entries) == len(instances) and all(e["tries"] == 1 and e["reasons"] for e in entries)
 
 
-def test_builtin_set_is_valid_sft_data(builtin_cot, grounding, instances, tmp_path):
+def test_builtin_set_is_valid_sft_data(builtin_cot, grounding, instances, tmp_path, fetch_image_calls, sft_dataset):
     records = json.loads(builtin_cot.read_text(encoding="utf-8"))
     assert len(records) == len(instances)
     for record, instance in zip(records, instances, strict=True):
@@ -301,3 +301,6 @@ def test_builtin_set_is_valid_sft_data(builtin_cot, grounding, instances, tmp_pa
     summary = convert_sharegpt([builtin_cot], tmp_path / "sft.parquet", progress=False)
     assert summary.rows == len(instances)
     assert pq.read_table(tmp_path / "sft.parquet").num_rows == len(instances)
+    dataset, tokenizer = sft_dataset(tmp_path / "sft.parquet")  # what the stage-1 trainer reads
+    item = dataset[0]
+    assert tokenizer.decode(item["input_ids"][item["loss_mask"].bool()]).startswith(f"<think>The {instances[0].entity}")

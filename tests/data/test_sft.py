@@ -1,8 +1,6 @@
 """``karl-verl data sft-convert``: sharegpt CoT-SFT files -> the parquet verl's MultiTurnSFTDataset reads."""
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,40 +37,8 @@ def released_layout(tmp_path):
     return tmp_path, data, images
 
 
-@pytest.fixture
-def fetch_image_calls(monkeypatch):
-    """verl's process_image imports qwen_vl_utils.fetch_image, whose module imports torchvision (absent on
-    CPU machines); this stand-in resizes as it does (smart_resize bounded by the dict's max_pixels) and
-    records every dict verl hands it, so verl's own dataset code runs unchanged around it."""
-    from PIL import Image
-
-    from karl_verl.boxes import smart_resize
-
-    calls = []
-
-    def fetch_image(ele, image_patch_size=14):
-        calls.append(dict(ele))
-        image = ele["image"] if isinstance(ele["image"], Image.Image) else Image.open(ele["image"])
-        height, width = smart_resize(image.height, image.width, factor=image_patch_size * 2, min_pixels=32 * 32,
-                                     max_pixels=ele["max_pixels"])
-        return image.convert("RGB").resize((width, height))
-
-    monkeypatch.setitem(sys.modules, "qwen_vl_utils", types.SimpleNamespace(fetch_image=fetch_image))
-    return calls
-
-
-def sft_dataset(path):
-    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
-
-    from karl_verl.testing.tiny_qwen3vl import build_tiny_processor, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    config = {"max_length": 1024, "pad_mode": "no_padding", "truncation": "error"}
-    return MultiTurnSFTDataset(str(path), tokenizer, config, processor=build_tiny_processor(tokenizer)), tokenizer
-
-
 @pytest.mark.parametrize("embed", [True, False])
-def test_released_layout_is_read_by_verls_sft_dataset(released_layout, fetch_image_calls, embed):
+def test_released_layout_is_read_by_verls_sft_dataset(released_layout, fetch_image_calls, sft_dataset, embed):
     root, data, images = released_layout
     out = root / "sft.parquet"
     summary = convert_sharegpt([data], out, images_dir=images, embed_images=embed, progress=False)
