@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from karl_verl.atomic import atomic_write_bytes, atomic_write_text
-from karl_verl.boxes import Box, answer_span, has_reference_pair_box, read_box_reference
+from karl_verl.boxes import Box, answer_span, read_box_reference
 from karl_verl.data.schema import DataError, iter_jsonl_objects
+from karl_verl.data.sft import FORMAT_PROBLEMS, answer_format_problem
 from karl_verl.evaluation.metrics import ACC_THRESHOLD, best_iou
-from karl_verl.reward import has_tag_structure
 
 if TYPE_CHECKING:
     from karl_verl.backends.base import SamplingSettings, TextGenerator
@@ -64,10 +64,10 @@ JOURNAL_FORMAT = "karl-verl cot journal"
 JOURNAL_VERSION = 1
 
 #: Rejection reasons of one reply.
-REJECT_FORMAT = "format"  # not <think>...</think> then <answer>...</answer> from the first character
-REJECT_NO_BOX = "no_box"  # no (x1,y1),(x2,y2) inside the first <answer>
-REJECT_LOW_IOU = "low_iou"  # a box, but IoU below the threshold
-REJECT_REASONS: tuple[str, ...] = (REJECT_FORMAT, REJECT_NO_BOX, REJECT_LOW_IOU)
+#: ``format`` and ``no_box``: :data:`karl_verl.data.sft.FORMAT_PROBLEMS`; ``low_iou``: a box, but IoU
+#: below the threshold.
+REJECT_LOW_IOU = "low_iou"
+REJECT_REASONS: tuple[str, ...] = (*FORMAT_PROBLEMS, REJECT_LOW_IOU)
 
 #: The teacher's prompt (user turn, after the image). Fields: {entity}, {category}, {candidates}.
 TEACHER_TEMPLATE = """\
@@ -183,12 +183,10 @@ def judge_reply(reply: str, targets: Sequence[Box], threshold: float = ACC_THRES
     end = text.find("</answer>")
     if end >= 0:
         text = text[: end + len("</answer>")]
-    if not has_tag_structure(text):
-        return Verdict(False, REJECT_FORMAT, 0.0, text)
-    answer = answer_span(text) or ""
-    if not has_reference_pair_box(answer):
-        return Verdict(False, REJECT_NO_BOX, 0.0, text)
-    iou = best_iou(read_box_reference(answer), targets)
+    problem = answer_format_problem(text)
+    if problem is not None:
+        return Verdict(False, problem, 0.0, text)
+    iou = best_iou(read_box_reference(answer_span(text) or ""), targets)
     if iou < threshold:
         return Verdict(False, REJECT_LOW_IOU, iou, text)
     return Verdict(True, None, iou, text)

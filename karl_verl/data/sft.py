@@ -156,23 +156,37 @@ def _check_turn_order(turns: Sequence[Turn], where: Location) -> None:
         raise where.error(body[-1].field, "the last turn must be the assistant's")
 
 
-def check_assistant_answer(text: str) -> str | None:
-    """Why an assistant turn is not in the KARL answer format, or None when it is.
+#: Why a text is not in the KARL answer format: reason code -> message.
+FORMAT_PROBLEMS: dict[str, str] = {
+    "format": "expected <think>...</think> then <answer>...</answer> from the first character",
+    "no_box": "no (x1,y1),(x2,y2) box inside <answer>...</answer>",
+}
+
+
+def answer_format_problem(text: str) -> str | None:
+    """The :data:`FORMAT_PROBLEMS` code of ``text``, or None when it has the KARL answer format.
 
     The format the stage-2 reward pays for: ``<think>...</think>`` from the first character, then
     ``<answer>...</answer>``, and a ``(x1,y1),(x2,y2)`` box inside the first answer span.
+    """
+    if not has_tag_structure(text):
+        return "format"
+    answer = answer_span(text)
+    if answer is None or not has_reference_pair_box(answer):
+        return "no_box"
+    return None
+
+
+def check_assistant_answer(text: str) -> str | None:
+    """Why an assistant turn is not in the KARL answer format (a message), or None when it is.
 
     >>> check_assistant_answer("<think>the twin tail</think><answer>(10,20),(30,40)</answer>") is None
     True
     >>> check_assistant_answer("<answer>(10,20),(30,40)</answer>")
     'expected <think>...</think> then <answer>...</answer> from the first character'
     """
-    if not has_tag_structure(text):
-        return "expected <think>...</think> then <answer>...</answer> from the first character"
-    answer = answer_span(text)
-    if answer is None or not has_reference_pair_box(answer):
-        return "no (x1,y1),(x2,y2) box inside <answer>...</answer>"
-    return None
+    problem = answer_format_problem(text)
+    return None if problem is None else FORMAT_PROBLEMS[problem]
 
 
 def check_record(record: Any, where: Location, images_dir: Path | None) -> SftExample:

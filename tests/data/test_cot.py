@@ -57,11 +57,16 @@ def box_text(box) -> str:
     return f"({x1},{y1}),({x2},{y2})"
 
 
-def scripted_teacher(instances, plan, delay_s=0.0):
-    """An endpoint answer function: instance ``row`` gets the replies of ``plan[row]`` in turn (default: right)."""
+def scripted_teacher(instances, plan, delay_s=0.0, wait_for_company=False):
+    """An endpoint answer function: instance ``row`` gets the replies of ``plan[row]`` in turn (default: right).
+
+    ``wait_for_company``: the first reply waits (up to 20 s) for a second request to arrive, so that a
+    client that sends requests concurrently is seen doing so however slow the machine is.
+    """
     by_image = {image_key(i.images[0]): i for i in instances}
     asked = Counter()
     lock = threading.Lock()
+    company = threading.Event()
 
     def reply(kind, instance):
         x1, y1, x2, y2 = instance.boxes[0]
@@ -79,6 +84,11 @@ def scripted_teacher(instances, plan, delay_s=0.0):
         with lock:
             attempt = asked[instance.row]
             asked[instance.row] += 1
+            first = sum(asked.values()) == 1
+            if not first:
+                company.set()
+        if wait_for_company and first:
+            company.wait(timeout=20)
         time.sleep(delay_s)
         kinds = plan.get(instance.row, ["right"])
         return [reply(kinds[min(attempt, len(kinds) - 1)], instance)] * body["n"]
@@ -112,7 +122,7 @@ def test_templates(tmp_path):
 
 def test_endpoint_teacher_keeps_right_rationales_and_counts_rejections(grounding, instances, chat_server, tmp_path):
     plan = {1: ["format", "right"], 2: ["low_iou", "no_box", "right"], 3: ["low_iou"]}
-    respond = scripted_teacher(instances, plan, delay_s=0.05)
+    respond = scripted_teacher(instances, plan, delay_s=0.05, wait_for_company=True)
     server = chat_server(respond)
     server.fail_next = 2  # the first two requests meet a busy server: retried with backoff
     teacher = ChatCompletionsTeacher(server.url, api_key="secret", backoff_s=0.01)
@@ -194,7 +204,7 @@ def test_an_interrupted_run_resumes_without_redoing_or_losing_instances(groundin
 
 
 def test_a_killed_command_restarts_where_it_stopped(grounding, instances, chat_server, tmp_path):
-    respond = scripted_teacher(instances, {}, delay_s=0.4)
+    respond = scripted_teacher(instances, {}, delay_s=1.0)
     server = chat_server(respond)
     out = tmp_path / "cot.json"
     command = [sys.executable, "-m", "karl_verl", "data", "cot", str(grounding), "--teacher", server.url,
