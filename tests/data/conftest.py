@@ -176,25 +176,32 @@ class ChatCompletionsServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    if body.get("model") != server.model:
-                        return self._send(404, {"error": {"message": f"model {body.get('model')!r} not found"}})
-                    (message,) = body["messages"]
-                    text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
-                    images = []
-                    for part in message["content"]:
-                        if part["type"] == "image_url":
-                            header, _, payload = part["image_url"]["url"].partition(",")
-                            assert header.startswith("data:image/") and header.endswith(";base64")
-                            images.append(Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB"))
-                    contents = server.respond(text, images, body)
-                    assert len(contents) == body["n"]
-                    self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": server.model,
-                                     "choices": [{"index": i, "finish_reason": "stop",
-                                                  "message": {"role": "assistant", "content": content}}
-                                                 for i, content in enumerate(contents)]})
+                    contents = self._answer(body)
                 finally:
+                    # Counted out before the reply goes back: the client may send its next request at once.
                     with server.lock:
                         server.in_flight -= 1
+                if contents is None:
+                    return self._send(404, {"error": {"message": f"model {body.get('model')!r} not found"}})
+                self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": server.model,
+                                 "choices": [{"index": i, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": content}}
+                                             for i, content in enumerate(contents)]})
+
+            def _answer(self, body):
+                if body.get("model") != server.model:
+                    return None
+                (message,) = body["messages"]
+                text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
+                images = []
+                for part in message["content"]:
+                    if part["type"] == "image_url":
+                        header, _, payload = part["image_url"]["url"].partition(",")
+                        assert header.startswith("data:image/") and header.endswith(";base64")
+                        images.append(Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB"))
+                contents = server.respond(text, images, body)
+                assert len(contents) == body["n"]
+                return contents
 
         return Handler
 
