@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 #: model_type -> (vision tower module paths, projector module paths), as LLaMA-Factory registers them
 #: (``model/model_utils/visual.py``). Paths are matched as whole dotted segments anywhere in a
-#: parameter name, so ``visual.blocks`` finds ``model.visual.blocks.0.attn.qkv.weight`` (transformers
-#: 5 nests ``visual`` under ``model``; 4.x had it at the top).
+#: parameter name, so ``visual.blocks`` finds ``model.visual.blocks.0.attn.qkv.weight`` (recent
+#: transformers nest ``visual`` under ``model``; older releases had it at the top).
 COMPOSITE_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "qwen2_vl": (("visual.patch_embed", "visual.blocks"), ("visual.merger",)),
     "qwen2_5_vl": (("visual.patch_embed", "visual.blocks"), ("visual.merger",)),
