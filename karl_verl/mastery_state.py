@@ -302,6 +302,8 @@ def refresh_metrics(record: RefreshRecord, *, failures_total: int, time_share: f
         _key("refresh", "failures_total"): float(failures_total),
         _key("refresh", "probe_time_s"): float(record.wall_time_s),
     }
+    if record.num_questions is not None:
+        out[_key("refresh", "questions")] = float(record.num_questions)
     if time_share is not None:
         out[_key("refresh", "probe_time_share")] = float(time_share)
     if record.ok:
@@ -326,7 +328,8 @@ class LevelStats:
     """Per-level sums over the samples of one training step (several mini-batches add up).
 
     Metrics per level k: ``karl/level_k/count``, ``reward_mean``, ``iou_mean``, ``acc@0.5``,
-    ``adv_mean``; a level with no sample reports only its count (0).
+    ``adv_mean`` and ``adv_abs_mean`` (GRPO makes the plain mean 0 within each group, so per-level
+    advantage weights show in the mean |advantage|); a level with no sample reports only its count (0).
 
     >>> stats = LevelStats()
     >>> stats.add(levels=[1, 1, 5], rewards=[2.0, 0.0, 1.0], ious=[0.9, 0.1, 0.5],
@@ -340,7 +343,7 @@ class LevelStats:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, np.ndarray] = field(default_factory=dict)
 
-    _QUANTITIES = ("reward_mean", "iou_mean", "acc@0.5", "adv_mean")
+    _QUANTITIES = ("reward_mean", "iou_mean", "acc@0.5", "adv_mean", "adv_abs_mean")
 
     def add(
         self,
@@ -357,7 +360,9 @@ class LevelStats:
             found = sorted(set((level_index + 1).tolist()))
             raise ValueError(f"levels: expected values in 1..{NUM_LEVELS}, got {found}")
         self.count += np.bincount(level_index, minlength=NUM_LEVELS)[:NUM_LEVELS]
-        for name, values in zip(self._QUANTITIES, (rewards, ious, accs, advantages), strict=True):
+        advantage_array = _as_float_array(advantages, n)
+        abs_advantages = None if advantage_array is None else np.abs(advantage_array)
+        for name, values in zip(self._QUANTITIES, (rewards, ious, accs, advantages, abs_advantages), strict=True):
             array = _as_float_array(values, n)
             if array is None:
                 continue

@@ -1,34 +1,32 @@
-"""The built-in dry run: one KARL step on synthetic data with a tiny model, on CPU, in about a minute.
+"""The built-in dry run: verl's real ``main_ppo`` trains KARL on built-in data with a tiny model, on CPU.
 
-Stages, each timed (what runs where: everything here runs on CPU in one process; on a GPU node
-the same parts run inside verl's Ray workers):
+Stages (each timed; what runs where is said per stage):
 
-1. data      synthetic single-entity images (Pillow) -> ``karl-verl data compose`` composites + probe set
-2. model     a tiny randomly initialised Qwen3-VL, tokenizer and processor built locally (no download)
-3. config    the ``karl_kvg`` recipe (or another, ``DryRunOptions.recipe``) composed by Hydra, with
-             tiny-model overrides
-4. dataset   the grounding parquet loaded by verl's ``RLHFDataset``
-   warm-up   a few supervised steps on KARL-format answers, standing in for the stage-1 model
-5. probe     the mastery probe (``run_probe``, transformers backend, logprob mode) -> mastery table
-6. rollout   n samples per prompt with transformers ``generate``
-7. reward    the registered ``karl`` reward manager on real ``DataProto`` rows
-8. advantage the recipe's estimator (``karl_grpo``: with per-sample mastery levels)
-9. update    one policy-gradient step: verl's ``ppo_loss`` (clipped PG + low_var_kl KL loss, the
-             loss verl's actor engine calls) on the tiny model, then AdamW. verl's FSDP engine
-             itself cannot run here: on a machine without an accelerator verl 0.9.1 falls back to
-             the CUDA platform, so its engine asks for CUDA devices (README, "The dry run").
+1. data     synthetic single-entity images (Pillow) -> ``karl-verl data compose`` composites + probe set
+            (this process)
+2. model    a tiny randomly initialised Qwen3-VL, tokenizer and processor built locally (no download),
+            then a short supervised warm-up on answers in the KARL format, standing in for the
+            stage-1 model (a random model never writes ``<answer>``, so every reward would be 0); the
+            checkpoint ``main_ppo`` loads is the warmed-up model (this process)
+3. train    ``python -m verl.trainer.main_ppo +recipe=karl_kvg_cpu`` for two epochs: Ray, verl's
+            TaskRunner, the ``karl`` trainer's ``fit``, verl's FSDP2 actor and reference over gloo,
+            TransferQueue, reward-loop workers running the ``karl`` reward manager, the agent loop
+            against karl-verl's transformers rollout server, the mastery probe at train begin and a
+            refresh between the epochs on that server, checkpoints with the mastery state
+            (a child process and its Ray cluster)
+4. resume   a second ``main_ppo`` that resumes from the last checkpoint and trains one more epoch's
+            first step(s) (a child process)
+5. report   built from verl's own logged metrics (its ``file`` logger), plus a PNG of per-level reward
 
-Differences from a GPU run, all in the rollout: generation uses transformers instead of vLLM, and
-images are taken from the dataset's structured messages directly instead of through
-``qwen_vl_utils`` (which imports torchvision, absent on CPU-only machines).
+Differences from a GPU run: the rollout server is transformers instead of vLLM, collectives are
+gloo instead of NCCL, and the model is tiny; everything else is the code a GPU run executes.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,98 +36,102 @@ from typing import Any
 import numpy as np
 import torch
 
-from karl_verl.mastery import LEVEL_NAMES, NUM_LEVELS
+from karl_verl.dryrun.launch import RunResult, run_main_ppo
+from karl_verl.dryrun.report import TrainingSummary, format_refreshes, format_steps, plot_level_rewards, summarize
 
-#: Hydra overrides that shrink the karl_kvg recipe to the tiny model and built-in data.
-TINY_OVERRIDES: tuple[str, ...] = (
-    "data.max_prompt_length=1024",
-    "data.max_response_length=48",
-    "data.filter_overlong_prompts=false",
-    "data.dataloader_num_workers=0",
-    "actor_rollout_ref.rollout.n=4",
-    "actor_rollout_ref.actor.optim.lr=1e-4",
-    "trainer.logger=[console]",
-    "trainer.n_gpus_per_node=1",
-    "karl.mastery.probe_images_per_entity=3",
-)
+#: The recipe the dry run trains with (``karl_kvg`` with the CPU execution layer and tiny sizes).
+CPU_RECIPE = "karl_kvg_cpu"
 
 
 @dataclass
 class DryRunOptions:
     workdir: Path
+    #: Training prompts; with ``steps_per_epoch`` they set the batch size (prompts / steps).
     num_prompts: int = 8
-    #: Supervised steps on the answer format before the RL step (0: a purely random model).
+    steps_per_epoch: int = 2
+    epochs: int = 2
+    #: Steps the resumed run trains after the first run's last checkpoint.
+    resume_steps: int = 1
+    #: Supervised steps on the answer format before RL (0: a purely random model).
     warmup_steps: int = 150
     seed: int = 0
     progress: bool = True
     extra_overrides: tuple[str, ...] = ()
-    #: Recipe composed for the step (an ablation such as ``karl_kvg_grpo`` works too).
-    recipe: str = "karl_kvg"
-
-
-@dataclass
-class LevelStats:
-    samples: int = 0
-    reward: float = 0.0
-    iou: float = 0.0
-    acc: float = 0.0
-    advantage: float = 0.0
-    #: Mean |advantage|: GRPO's per-group means are 0, so the per-level weights show here.
-    abs_advantage: float = 0.0
+    #: Recipe trained (one composed on ``karl_kvg_cpu`` for an ablation).
+    recipe: str = CPU_RECIPE
+    #: A main_ppo run slower than this is killed and reported as failed.
+    timeout_s: float = 900.0
 
 
 @dataclass
 class DryRunReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    per_level: dict[int, LevelStats] = field(default_factory=dict)
-    samples: int = 0
-    prompts: int = 0
-    format_rate: float = 0.0
-    parse_rate: float = 0.0
-    answered_rate: float = 0.0
-    mastery_entities: int = 0
-    mastery_coverage: float = 0.0
-    level_distribution: dict[str, int] = field(default_factory=dict)
-    probe_questions: int = 0
+    runs: dict[str, RunResult] = field(default_factory=dict)
+    summary: TrainingSummary = field(default_factory=TrainingSummary)
     warmup_loss: float | None = None
-    loss: float | None = None
-    loss_metrics: dict[str, float] = field(default_factory=dict)
-    weights_changed: bool = False
+    resumed_from_step: int | None = None
+    resume_first_step: int | None = None
+    resume_table_continued: bool | None = None
+    resume_history: tuple[int, int] | None = None
+    problems: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(run.ok for run in self.runs.values())
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max((run.peak_memory_bytes for run in self.runs.values()), default=0)
+
     def format(self) -> str:
-        lines = ["", "karl-verl dry run: one KARL step on built-in data (tiny random Qwen3-VL, CPU)", ""]
-        lines.append(f"{'level':<24}{'samples':>8}{'reward':>9}{'IoU':>8}{'acc@0.5':>9}{'advantage':>11}"
-                     f"{'|adv|':>8}")
-        for level in range(1, NUM_LEVELS + 1):
-            stats = self.per_level.get(level, LevelStats())
-            lines.append(f"{level} {LEVEL_NAMES[level - 1]:<22}{stats.samples:>8}{stats.reward:>9.3f}"
-                         f"{stats.iou:>8.3f}{stats.acc:>9.3f}{stats.advantage:>11.3f}{stats.abs_advantage:>8.3f}")
-        lines += [
-            "",
-            f"samples {self.samples} ({self.prompts} prompts x n); format reward > 0: {self.format_rate:.0%}; "
-            f"answered: {self.answered_rate:.0%}; box parsed: {self.parse_rate:.0%}",
-            f"mastery: {self.mastery_entities} entities probed ({self.probe_questions} questions); "
-            f"coverage of training entities {self.mastery_coverage:.0%}; "
-            + ", ".join(f"{name} {count}" for name, count in self.level_distribution.items()),
-        ]
-        if self.loss is not None:
-            lines.append(f"policy step: verl ppo_loss {self.loss:.4f} "
-                         + " ".join(f"{k}={v:.4f}" for k, v in sorted(self.loss_metrics.items()))
-                         + f"; weights changed: {'yes' if self.weights_changed else 'NO'}")
-        lines.append("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
-                     + f"; total {sum(self.stage_seconds.values()):.1f}s")
-        lines.append("(a tiny model fitted for a few steps to the answer format: the figures show that every part "
-                     "runs, not that it grounds anything)")
+        lines = ["", "karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe karl_kvg_cpu, tiny "
+                 "Qwen3-VL warmed up on the answer format)", ""]
+        lines += format_steps(self.summary)
+        lines += ["", "mastery refreshes (probe on the rollout server, logprob mode):"]
+        lines += format_refreshes(self.summary) or ["  none logged"]
+        if self.resumed_from_step is not None:
+            continued = {True: "the same mastery table and its history", False: "a DIFFERENT mastery table",
+                         None: "an unknown mastery table"}[self.resume_table_continued]
+            history = (f" ({self.resume_history[0]} saved refreshes, {self.resume_history[1]} after the resume's own)"
+                       if self.resume_history else "")
+            lines += ["", f"resume: the second main_ppo resumed from global_step_{self.resumed_from_step} and "
+                          f"continued at step {self.resume_first_step} with {continued}{history}"]
+        for name, run in self.runs.items():
+            lines.append(f"{name}: rc {run.returncode}, {run.seconds:.0f} s, {len(run.steps)} steps logged, "
+                         f"peak memory {run.peak_memory_bytes / 2**30:.1f} GiB (log {run.log_path})")
+        lines.append("time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.stage_seconds.items())
+                     + f"; total {sum(self.stage_seconds.values()):.0f}s")
+        for problem in self.problems:
+            lines.append(f"PROBLEM: {problem}")
+        lines.append("(a tiny model trained for a few steps: the figures show that every part runs for real, "
+                     "not that it grounds anything)")
         return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "problems": self.problems, "stage_seconds": self.stage_seconds,
+            "peak_memory_bytes": self.peak_memory_bytes, "warmup_loss": self.warmup_loss,
+            "runs": {name: {"returncode": r.returncode, "seconds": r.seconds, "steps": len(r.steps),
+                            "peak_memory_bytes": r.peak_memory_bytes, "metrics": str(r.metrics_path),
+                            "log": str(r.log_path)} for name, r in self.runs.items()},
+            "steps": [{"run": s.run, "step": s.step, "epoch": s.epoch, "levels": s.levels,
+                       "policy_loss": s.policy_loss, "kl_loss": s.kl_loss} for s in self.summary.steps],
+            "refreshes": [vars(r) for r in self.summary.refreshes],
+            "resume": {"from_step": self.resumed_from_step, "first_step": self.resume_first_step,
+                       "table_continued": self.resume_table_continued},
+            "outputs": self.outputs,
+        }
 
 
 @contextmanager
 def _stage(report: DryRunReport, name: str, say: Callable[[str], None]) -> Iterator[None]:
     say(f"[dryrun] {name} ...")
     start = time.perf_counter()
-    yield
-    report.stage_seconds[name] = time.perf_counter() - start
+    try:
+        yield
+    finally:
+        report.stage_seconds[name] = time.perf_counter() - start
 
 
 def compose_recipe(recipe: str, overrides: list[str]) -> Any:
@@ -150,32 +152,21 @@ def _images_of(messages: list[dict]) -> list[Any]:
             for part in message["content"] if part.get("type") == "image"]
 
 
-def _generate(model, processor, row: dict, n: int, max_new_tokens: int, seed: int) -> dict:
-    """n sampled responses for one dataset row; returns prompt inputs and response token ids."""
-    messages = row["raw_prompt"]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=_images_of(messages) or None, return_tensors="pt")
-    # A random model would otherwise emit image placeholders, which the forward pass of the update
-    # step then expects image features for.
-    vision_tokens = processor.tokenizer.convert_tokens_to_ids(
-        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        output = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                pad_token_id=processor.tokenizer.pad_token_id,
-                                suppress_tokens=vision_tokens)
-    prompt_len = inputs["input_ids"].shape[1]
-    eos = processor.tokenizer.eos_token_id
-    responses = []
-    for sequence in output[:, prompt_len:].tolist():
-        if eos in sequence:
-            sequence = sequence[: sequence.index(eos) + 1]
-        responses.append(sequence)
-    return {"inputs": inputs, "responses": responses}
+def _response_logprobs(model, inputs: dict, response: list[int]) -> torch.Tensor:
+    """Log-probabilities of ``response`` tokens after the prompt in ``inputs`` (grad enabled)."""
+    prompt_ids = inputs["input_ids"][0]
+    ids = torch.cat([prompt_ids, torch.tensor(response, dtype=prompt_ids.dtype)]).unsqueeze(0)
+    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+    if "mm_token_type_ids" in inputs:  # M-RoPE needs to know which positions are image tokens
+        token_types = inputs["mm_token_type_ids"][0]
+        extra["mm_token_type_ids"] = torch.cat([token_types, token_types.new_zeros(len(response))]).unsqueeze(0)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0]
+    start = prompt_ids.shape[0]
+    logprobs = torch.log_softmax(logits[start - 1 : start - 1 + len(response)].float(), dim=-1)
+    return logprobs.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
 
 
-def _warmup_format(model, processor, rows: list[dict], steps: int, seed: int, progress: bool) -> float:
+def warmup_format(model, processor, rows: list[dict], steps: int, seed: int, progress: bool) -> float:
     """A few supervised steps on answers in the KARL format, standing in for the stage-1 model.
 
     A randomly initialised model never writes ``<answer>``, so every reward would be 0 and every
@@ -210,227 +201,152 @@ def _warmup_format(model, processor, rows: list[dict], steps: int, seed: int, pr
     return float(loss.detach())
 
 
-def _response_logprobs(model, inputs: dict, response: list[int]) -> torch.Tensor:
-    """Log-probabilities of ``response`` tokens after the prompt in ``inputs`` (grad enabled)."""
-    prompt_ids = inputs["input_ids"][0]
-    ids = torch.cat([prompt_ids, torch.tensor(response, dtype=prompt_ids.dtype)]).unsqueeze(0)
-    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
-    if "mm_token_type_ids" in inputs:  # M-RoPE needs to know which positions are image tokens
-        token_types = inputs["mm_token_type_ids"][0]
-        extra["mm_token_type_ids"] = torch.cat([token_types, token_types.new_zeros(len(response))]).unsqueeze(0)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0]
-    start = prompt_ids.shape[0]
-    logprobs = torch.log_softmax(logits[start - 1 : start - 1 + len(response)].float(), dim=-1)
-    return logprobs.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
-
-
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
-
-
-def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> DryRunReport:
-    """Run every stage of one KARL step on built-in data; see the module docstring."""
-    from tqdm import tqdm
-
-    import karl_verl  # noqa: F401  (registers the karl reward manager and karl_grpo into verl)
-    from karl_verl.backends.hf import HFBackend
-    from karl_verl.config import KarlConfig
+def prepare_inputs(options: DryRunOptions, report: DryRunReport, say: Callable[[str], None]) -> dict[str, Path]:
+    """Stages 1 and 2: the built-in data and the warmed-up tiny model; their paths."""
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import GROUNDING_FILE, PROBE_FILE, ComposeConfig, compose_dataset
     from karl_verl.dryrun.synthetic import write_single_entity_images
-    from karl_verl.mastery_state import sample_level
-    from karl_verl.probe.questions import build_questions, load_probe_set
-    from karl_verl.probe.runner import run_probe
-    from karl_verl.testing.tiny_qwen3vl import build_tiny_model, load_tiny_processor, save_tiny_checkpoint
+    from karl_verl.testing.tiny_qwen3vl import load_tiny_processor, save_tiny_checkpoint
 
-    report = DryRunReport()
     workdir = Path(options.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(options.seed)
-
     with _stage(report, "data", say):
         annotations = write_single_entity_images(workdir / "sources", seed=options.seed)
         compose_dataset([annotations], workdir / "data",
-                        # Enough composites that every built-in entity appears and so enters the probe set.
-                        ComposeConfig(num_images=max(options.num_prompts, 16), tile_size=64, probe_images_per_entity=3,
+                        ComposeConfig(num_images=options.num_prompts, tile_size=64, probe_images_per_entity=3,
                                       k_weights={2: 1.0, 3: 1.0}, seed=options.seed, image_format="png"),
                         ReadOptions(), progress=options.progress)
-        grounding, probe_set = workdir / "data" / GROUNDING_FILE, workdir / "data" / PROBE_FILE
-        report.outputs.update(grounding=str(grounding), probe=str(probe_set))
+        paths = {"grounding": workdir / "data" / GROUNDING_FILE, "probe": workdir / "data" / PROBE_FILE}
 
     with _stage(report, "model", say):
-        model_dir = save_tiny_checkpoint(workdir / "tiny-qwen3-vl", seed=options.seed)
-        processor = load_tiny_processor(model_dir)
-        tokenizer = processor.tokenizer
-        model = build_tiny_model(seed=options.seed, tokenizer=tokenizer)
-        report.outputs["model"] = str(model_dir)
-
-    with _stage(report, "config", say):
-        config = compose_recipe(options.recipe, [
-            f"data.train_files={grounding}", f"data.val_files={grounding}",
-            f"actor_rollout_ref.model.path={model_dir}", f"trainer.default_local_dir={workdir / 'checkpoints'}",
-            f"data.train_batch_size={options.num_prompts}", f"karl.mastery.probe_data={probe_set}",
-            *TINY_OVERRIDES, *options.extra_overrides,
-        ])
-        karl = KarlConfig.from_mapping(config.get("karl"))
-        n = int(config.actor_rollout_ref.rollout.n)
-
-    with _stage(report, "dataset", say):
+        from transformers import Qwen3VLForConditionalGeneration
         from verl.utils.dataset.rl_dataset import RLHFDataset
 
-        os.environ.setdefault("HF_DATASETS_CACHE", str(workdir / "hf-datasets-cache"))
-        dataset = RLHFDataset(data_files=[str(grounding)], tokenizer=tokenizer, config=config.data,
-                              processor=processor)
-        rows = [dataset[i] for i in range(min(len(dataset), options.num_prompts))]
-        report.prompts = len(rows)
+        model_dir = save_tiny_checkpoint(workdir / "tiny-qwen3-vl", seed=options.seed)
+        processor = load_tiny_processor(model_dir)
+        if options.warmup_steps > 0:
+            config = compose_recipe(options.recipe, [f"data.train_files={paths['grounding']}"])
+            os.environ.setdefault("HF_DATASETS_CACHE", str(workdir / "hf-datasets-cache"))
+            dataset = RLHFDataset(data_files=[str(paths["grounding"])], tokenizer=processor.tokenizer,
+                                  config=config.data, processor=processor)
+            rows = [dataset[i] for i in range(len(dataset))]
+            model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir)
+            torch.manual_seed(options.seed)
+            report.warmup_loss = warmup_format(model, processor, rows, options.warmup_steps, options.seed,
+                                               options.progress)
+            model.save_pretrained(model_dir)  # main_ppo starts from the warmed-up weights
+        paths["model"] = model_dir
+    report.outputs.update({key: str(value) for key, value in paths.items()})
+    return paths
 
-    with _stage(report, "warm-up", say):
-        report.warmup_loss = _warmup_format(model, processor, rows, options.warmup_steps, options.seed,
-                                            options.progress)
 
-    with _stage(report, "probe", say):
-        questions = build_questions(load_probe_set(probe_set), per_entity=karl.mastery.probe_images_per_entity,
-                                    seed=karl.mastery.seed)
-        backend = HFBackend(model, processor, batch_size=8, progress=options.progress)
-        probe = run_probe(questions, backend, mode=karl.mastery.probe_mode, thresholds=karl.mastery.thresholds,
-                          epoch=0, progress=options.progress)
-        table = probe.table
-        table_path = table.save(workdir / "mastery.json")
-        report.outputs["mastery"] = str(table_path)
-        report.probe_questions = probe.num_questions
-        report.mastery_entities = len(table)
-        report.level_distribution = table.distribution()
+def training_overrides(options: DryRunOptions, paths: dict[str, Path], *, checkpoints: Path, hydra_dir: Path,
+                       total_epochs: int, total_steps: int | None = None) -> list[str]:
+    """The ``main_ppo`` command line of a dry-run training run (also used by the tests' crash runs)."""
+    batch = max(1, options.num_prompts // options.steps_per_epoch)
+    overrides = [
+        f"data.train_files={paths['grounding']}", f"data.val_files={paths['grounding']}",
+        f"actor_rollout_ref.model.path={paths['model']}", f"trainer.default_local_dir={checkpoints}",
+        f"karl.mastery.probe_data={paths['probe']}", "karl.mastery.probe_images_per_entity=3",
+        f"data.train_batch_size={batch}", f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
+        f"trainer.total_epochs={total_epochs}", f"trainer.save_freq={options.steps_per_epoch}",
+        f"trainer.test_freq={options.steps_per_epoch * options.epochs}", "trainer.val_before_train=false",
+        f"data.seed={options.seed}", f"actor_rollout_ref.rollout.seed={options.seed}",
+        f"karl.mastery.seed={options.seed}", f"hydra.run.dir={hydra_dir}", "hydra.output_subdir=null",
+    ]
+    if total_steps is not None:
+        overrides.append(f"trainer.total_training_steps={total_steps}")
+    return [*overrides, *options.extra_overrides]
 
-    with _stage(report, "rollout", say):
-        max_new = int(config.data.max_response_length)
-        generations = [_generate(model, processor, row, n, max_new, options.seed + i)
-                       for i, row in enumerate(tqdm(rows, desc="rollout", unit="prompt", disable=not options.progress))]
 
-    with _stage(report, "reward", say):
-        from verl import DataProto
-        from verl.trainer.ppo.reward import load_reward_manager
+def training_environment() -> dict[str, str]:
+    """The environment of a CPU ``main_ppo`` child: the CPU layer on from the first import."""
+    from karl_verl.cpu import environment
 
-        prompt_ids, response_ids, non_tensor, sample_inputs = [], [], {k: [] for k in (
-            "data_source", "reward_model", "extra_info", "uid")}, []
-        for row, generation in zip(rows, generations, strict=True):
-            uid = str(uuid.uuid4())
-            for response in generation["responses"]:
-                prompt_ids.append(generation["inputs"]["input_ids"][0].tolist())
-                response_ids.append(response)
-                sample_inputs.append((generation["inputs"], response))
-                non_tensor["data_source"].append(row["data_source"])
-                non_tensor["reward_model"].append(row["reward_model"])
-                non_tensor["extra_info"].append(dict(row.get("extra_info") or {}))
-                non_tensor["uid"].append(uid)
-        # Tagged as the karl trainer tags prompts before rollout (the level then travels with the sample).
-        levels = [sample_level(info, rm, table, karl.reward.default_level_number)[0]
-                  for info, rm in zip(non_tensor["extra_info"], non_tensor["reward_model"], strict=True)]
-        pad = tokenizer.pad_token_id
-        prompts, responses = _pad(prompt_ids, pad, left=True), _pad(response_ids, pad, left=False)
-        prompt_mask = _pad([[1] * len(p) for p in prompt_ids], 0, left=True)
-        response_mask = _pad([[1] * len(r) for r in response_ids], 0, left=False)
-        batch = DataProto.from_dict(
-            tensors={"prompts": prompts, "responses": responses, "response_mask": response_mask,
-                     "attention_mask": torch.cat([prompt_mask, response_mask], dim=1)},
-            non_tensors={**{k: np.array(v, dtype=object) for k, v in non_tensor.items()},
-                         "knowledge_level": np.array(levels, dtype=object)},
-        )
-        manager = load_reward_manager(config, tokenizer)
+    return {**environment(), "RAY_DEDUP_LOGS": "0", "HYDRA_FULL_ERROR": "1"}
 
-        async def score_all():
-            return await asyncio.gather(*(manager.run_single(batch[i : i + 1]) for i in range(len(batch))))
 
-        results = manager.loop.run_until_complete(score_all())
-        scores = [r["reward_score"] for r in results]
-        token_level_rewards = manager.assemble_rm_scores(batch, scores)
-        report.samples = len(results)
-        infos = [r["reward_extra_info"] for r in results]
-        report.format_rate = float(np.mean([i["format"] > 0 for i in infos]))
-        report.parse_rate = float(np.mean([i["parsed"] for i in infos]))
-        report.answered_rate = float(np.mean([i["answered"] for i in infos]))
-        entities = {info.get("entity") for info in non_tensor["extra_info"]}
-        report.mastery_coverage = sum(e in table for e in entities) / max(len(entities), 1)
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
 
-    with _stage(report, "advantage", say):
-        from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled)
 
-        from karl_verl.integration.estimator import NAME as KARL_ESTIMATOR
 
-        estimator = get_adv_estimator_fn(config.algorithm.adv_estimator)
-        # As the karl trainer does: only karl_grpo takes the levels (verl's estimators refuse the keyword).
-        level_kwargs = ({"mastery_levels": np.array(levels, dtype=np.int64)}
-                        if config.algorithm.adv_estimator == KARL_ESTIMATOR else {})
-        advantages, _ = estimator(token_level_rewards=token_level_rewards, response_mask=response_mask.float(),
-                                  index=np.array(non_tensor["uid"], dtype=object), config=config.algorithm,
-                                  **level_kwargs)
-        per_sample_adv = (advantages.sum(-1) / response_mask.sum(-1).clamp(min=1)).tolist()
-        for level, info, adv in zip(levels, infos, per_sample_adv, strict=True):
-            stats = report.per_level.setdefault(level, LevelStats())
-            stats.samples += 1
-            stats.reward += info["score"]
-            stats.iou += info["iou"]
-            stats.acc += info["acc"]
-            stats.advantage += adv
-            stats.abs_advantage += abs(adv)
-        for stats in report.per_level.values():
-            for name in ("reward", "iou", "acc", "advantage", "abs_advantage"):
-                setattr(stats, name, getattr(stats, name) / stats.samples)
+def train(options: DryRunOptions, paths: dict[str, Path], name: str, overrides: list[str], expected_steps: int,
+          *, kill_after_step: int | None = None, env: dict[str, str] | None = None) -> RunResult:
+    """One ``main_ppo`` child with a progress bar over its logged steps (``env`` adds variables)."""
+    workdir = Path(options.workdir)
+    with _progress_bar(expected_steps, f"main_ppo {name}", options.progress) as bar:
+        return run_main_ppo(options.recipe, overrides, metrics_path=workdir / "metrics" / f"{name}.jsonl",
+                            log_path=workdir / "logs" / f"{name}.log", env={**training_environment(), **(env or {})},
+                            timeout_s=options.timeout_s, kill_after_step=kill_after_step,
+                            on_step=lambda _step: bar.update(1), cwd=workdir)
 
-    with _stage(report, "update", say):
-        report.loss, report.loss_metrics, report.weights_changed = _policy_step(
-            model, config, sample_inputs, batch, advantages, options.progress)
 
+def _state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> DryRunReport:
+    """Every stage of the dry run; see the module docstring. ``report.ok`` says whether all of it worked."""
+    from karl_verl.integration.trainer import STATE_FILE
+
+    report = DryRunReport()
+    workdir = Path(options.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    options = DryRunOptions(**{**vars(options), "workdir": workdir})
+    torch.manual_seed(options.seed)
+    paths = prepare_inputs(options, report, say)
+    checkpoints = workdir / "checkpoints"
+    first_steps = options.steps_per_epoch * options.epochs
+
+    with _stage(report, "train", say):
+        first = train(options, paths, "run1", training_overrides(
+            options, paths, checkpoints=checkpoints, hydra_dir=workdir / "hydra" / "run1",
+            total_epochs=options.epochs), first_steps)
+        report.runs["run1"] = first
+        if not first.ok:
+            report.problems.append(f"main_ppo run 1 failed (rc {first.returncode}); last lines of {first.log_path}:\n"
+                                   + first.log_tail())
+        elif len(first.steps) != first_steps:
+            report.problems.append(f"run 1 logged {len(first.steps)} steps, expected {first_steps}")
+
+    if report.ok and options.resume_steps > 0:
+        with _stage(report, "resume", say):
+            saved = _state(checkpoints / f"global_step_{first_steps}" / STATE_FILE)
+            second = train(options, paths, "run2", training_overrides(
+                options, paths, checkpoints=checkpoints, hydra_dir=workdir / "hydra" / "run2",
+                total_epochs=options.epochs + 1, total_steps=first_steps + options.resume_steps),
+                options.resume_steps)
+            report.runs["run2"] = second
+            report.resumed_from_step = first_steps
+            if not second.ok:
+                report.problems.append(f"main_ppo run 2 (resume) failed (rc {second.returncode}); last lines of "
+                                       f"{second.log_path}:\n" + second.log_tail())
+            else:
+                report.resume_first_step = int(second.steps[0]["step"]) if second.steps else None
+                final = _state(checkpoints / f"global_step_{first_steps + options.resume_steps}" / STATE_FILE)
+                if saved is None or final is None:
+                    report.problems.append("a checkpoint lacks its mastery state file")
+                else:
+                    saved_history = saved.get("history", [])
+                    report.resume_history = (len(saved_history), len(final.get("history", [])))
+                    # The resumed run kept the saved refreshes and its own refresh started from the saved table.
+                    report.resume_table_continued = (
+                        final.get("history", [])[: len(saved_history)] == saved_history
+                        and all(r.added == 0 for r in summarize([("run2", second.steps)]).refreshes))
+                if report.resume_first_step != first_steps + 1:
+                    report.problems.append(f"the resumed run started at step {report.resume_first_step}, "
+                                           f"expected {first_steps + 1}")
+                if not report.resume_table_continued:
+                    report.problems.append("the resumed run did not continue with the saved mastery table")
+
+    with _stage(report, "report", say):
+        report.summary = summarize([(name, run.steps) for name, run in report.runs.items()])
+        if report.summary.steps:
+            report.outputs["level_rewards_png"] = str(plot_level_rewards(report.summary,
+                                                                         workdir / "level_rewards.png"))
     report.outputs["workdir"] = str(workdir)
     return report
-
-
-def _policy_step(model, config, sample_inputs, batch, advantages, progress) -> tuple[float, dict[str, float], bool]:
-    """One policy-gradient step through verl's ``ppo_loss`` with the recipe's actor config."""
-    from tensordict import TensorDict
-    from tqdm import tqdm
-    from verl.utils import tensordict_utils as tu
-    from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.utils.losses import ppo_loss
-
-    actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
-    response_mask = batch.batch["response_mask"]
-    width = response_mask.shape[1]
-
-    def padded(values: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.pad(v, (0, width - v.shape[0])) for v in values])
-
-    model.eval()
-    with torch.no_grad():
-        old = [_response_logprobs(model, inputs, response) for inputs, response in sample_inputs]
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(actor_config.optim.lr),
-                                  betas=tuple(actor_config.optim.betas))
-    before = [p.detach().clone() for p in model.parameters()]
-    flat = []
-    for inputs, response in tqdm(sample_inputs, desc="update", unit="sample", disable=not progress):
-        logprobs = _response_logprobs(model, inputs, response)
-        prompt_len = inputs["input_ids"].shape[1]
-        # verl's unpadded layout: position t of a sequence holds log p(token t+1 | tokens <= t).
-        flat.append(torch.cat([logprobs.new_zeros(prompt_len - 1), logprobs, logprobs.new_zeros(1)]))
-    data = TensorDict({
-        "prompts": batch.batch["prompts"], "responses": batch.batch["responses"],
-        "attention_mask": batch.batch["attention_mask"], "response_mask": response_mask,
-        "old_log_probs": padded(old), "ref_log_prob": padded(old), "advantages": advantages,
-    }, batch_size=[len(sample_inputs)])
-    for key, value in (("dp_size", 1), ("batch_num_tokens", None), ("global_batch_size", None)):
-        tu.assign_non_tensor_data(data, key, value)
-    loss, metrics = ppo_loss(actor_config, {"log_probs": torch.cat(flat)}, data)
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), float(actor_config.optim.clip_grad))
-    optimizer.step()
-    changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
-    scalars = {}
-    for name, metric in metrics.items():
-        value = getattr(metric, "value", metric)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            scalars[name.split("/")[-1]] = float(value)
-        elif isinstance(value, (int, float)):
-            scalars[name.split("/")[-1]] = float(value)
-    return float(loss.detach()), scalars, changed

@@ -10,6 +10,13 @@ is prepended when absent), ``image`` (a struct whose ``bytes`` field holds the e
 Predictions JSONL: one object per line, ``{"question_id": ..., "response": "<full model text>"}``.
 A case without a prediction is a miss; a prediction for an unknown question id is counted and
 ignored; two predictions for one id are an error.
+
+Under ``protocol="released"`` (:mod:`karl_verl.evaluation.released`) a case is read as the released
+evaluator reads it: ``answer`` must be a string, its first integer ground-truth box is the only box
+(not checked against the grid: the original scores reversed or off-grid boxes as they are), the
+entity is taken as written and the category is not lower-cased. What the original would crash on
+(no integer box, no entity marker, an unknown category, a missing prediction) is an error naming
+the question id (:func:`check_released_categories`, :func:`check_released_predictions`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from karl_verl.data.schema import (
     open_parquet,
     probe_image,
 )
+from karl_verl.evaluation import released
+from karl_verl.evaluation.knowledge import KnowledgeTables
 from karl_verl.evaluation.metrics import (
     ACC_THRESHOLD,
     BenchMetrics,
@@ -80,8 +89,10 @@ def _answer_boxes(value: Any, where: Location) -> tuple[list[Box], str | None]:
     return boxes, entity
 
 
-def load_bench(path: str | Path, *, progress: bool = True) -> list[BenchCase]:
+def load_bench(path: str | Path, *, progress: bool = True, protocol: str = released.KARL_PROTOCOL) -> list[BenchCase]:
     """Read and validate every case (images are decoded once, so a corrupt one fails here)."""
+    if protocol not in released.PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {released.PROTOCOLS}, got {protocol!r}")
     from tqdm import tqdm
 
     path = Path(path)
@@ -99,7 +110,7 @@ def load_bench(path: str | Path, *, progress: bool = True) -> list[BenchCase]:
         for batch in parquet.iter_batches(batch_size=64, columns=list(BENCH_COLUMNS)):
             for record in batch.to_pylist():
                 row += 1
-                case = _bench_case(record, Location(name, row), path.parent)
+                case = _bench_case(record, Location(name, row), path.parent, protocol)
                 if case.question_id in first_row:
                     first = first_row[case.question_id]
                     raise DataError(name, row, "question_id",
@@ -112,7 +123,7 @@ def load_bench(path: str | Path, *, progress: bool = True) -> list[BenchCase]:
     return cases
 
 
-def _bench_case(record: Mapping[str, Any], where: Location, root: Path) -> BenchCase:
+def _bench_case(record: Mapping[str, Any], where: Location, root: Path, protocol: str) -> BenchCase:
     qid = record["question_id"]
     if isinstance(qid, bool) or not isinstance(qid, (str, int)) or (isinstance(qid, str) and not qid.strip()):
         raise where.error("question_id", f"expected a non-empty string or an integer, got {qid!r}")
@@ -126,18 +137,55 @@ def _bench_case(record: Mapping[str, Any], where: Location, root: Path) -> Bench
         raise where.error("image", "missing")
     image = image_ref_from_value(record["image"], where, root, "image")
     width, height = probe_image(image.data, image.path, where, "image")
-    boxes, entity = _answer_boxes(record["answer"], where)
+    question_id = str(qid).strip()
+    if protocol == released.RELEASED_PROTOCOL:
+        boxes, entity = _released_answer(record["answer"], where, question_id)
+    else:
+        boxes, entity = _answer_boxes(record["answer"], where)
+        category = category.strip().lower()
     return BenchCase(
-        question_id=str(qid).strip(),
+        question_id=question_id,
         row=where.row,
         question=question,
         image=image.read(),
         width=width,
         height=height,
-        category=category.strip().lower(),
+        category=category,
         entity=entity,
         boxes=tuple(boxes),
     )
+
+
+def _released_answer(value: Any, where: Location, question_id: str) -> tuple[list[Box], str]:
+    """The released reading of an ``answer`` cell: its first integer box and its entity as written."""
+    if not isinstance(value, str):
+        raise where.error("answer", f"question_id {question_id!r}: the released protocol reads one answer string, "
+                                    f"got {value!r:.200}")
+    try:
+        return [released.ground_truth_box(value)], released.ground_truth_entity(value)
+    except ValueError as err:
+        raise where.error("answer", f"question_id {question_id!r}: {err} ({value!r:.200})") from None
+
+
+def check_released_categories(cases: Sequence[BenchCase], categories: Sequence[str]) -> None:
+    """Stop where the released evaluator would crash on a category it does not know (its names are
+    compared as written); the error names the question id."""
+    known = set(categories)
+    for case in cases:
+        if case.category not in known:
+            raise DataError("benchmark", case.row, "category",
+                            f"question_id {case.question_id!r}: unknown category {case.category!r} (the released "
+                            f"protocol knows exactly {list(categories)})")
+
+
+def check_released_predictions(cases: Sequence[BenchCase], responses: Mapping[str, str]) -> None:
+    """Stop where the released evaluator would crash on a case without a prediction."""
+    missing = [case.question_id for case in cases if case.question_id not in responses]
+    if missing:
+        shown = ", ".join(repr(qid) for qid in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError("predictions", None, None,
+                        f"question_id {missing[0]!r}: no prediction; the released protocol scores every case and "
+                        f"stops on a missing one ({len(missing)} missing: {shown})")
 
 
 @dataclass
@@ -177,17 +225,22 @@ def load_predictions(path: str | Path, question_ids: Iterable[str]) -> Predictio
     return Predictions(responses=responses, unknown_ids=unknown)
 
 
-def bench_requests(cases: Sequence[BenchCase], prompt_style: str = "karl") -> list[GenerationRequest]:
-    """One generation request per case: the question with its ``<image>`` and the style's suffix."""
+def bench_requests(
+    cases: Sequence[BenchCase], prompt_style: str = "karl", protocol: str = released.KARL_PROTOCOL
+) -> list[GenerationRequest]:
+    """One generation request per case: the question with its ``<image>`` and the style's suffix.
+
+    Under the released protocol the prompt is the released inference's (``prompt_style`` unused):
+    an image part, then the text with its literal ``<image>`` and the two-space template.
+    """
     from karl_verl.backends.base import GenerationRequest
 
-    return [
-        GenerationRequest(
-            messages=prompts.chat_messages(prompts.grounding_prompt(case.question, 1, prompt_style)),
-            images=[case.image],
-        )
-        for case in cases
-    ]
+    def messages(question: str) -> list[dict[str, Any]]:
+        if protocol == released.RELEASED_PROTOCOL:
+            return released.chat_messages(question)
+        return prompts.chat_messages(prompts.grounding_prompt(question, 1, prompt_style))
+
+    return [GenerationRequest(messages=messages(case.question), images=[case.image]) for case in cases]
 
 
 def predict(
@@ -196,13 +249,14 @@ def predict(
     sampling: SamplingSettings,
     *,
     prompt_style: str = "karl",
+    protocol: str = released.KARL_PROTOCOL,
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> dict[str, str]:
     """Run ``generator`` on every case (first of ``sampling.n`` texts); question id -> response."""
     from karl_verl.evaluation.inference import generate_all
 
-    outputs = generate_all(generator, bench_requests(cases, prompt_style), sampling,
+    outputs = generate_all(generator, bench_requests(cases, prompt_style, protocol), sampling,
                            chunk_size=chunk_size, progress=progress, desc="KVG-Bench")
     return {case.question_id: texts[0] for case, texts in zip(cases, outputs, strict=True)}
 
@@ -215,27 +269,64 @@ def score_cases(
     mastery: MasteryTable | None = None,
     threshold: float = ACC_THRESHOLD,
     abs_pixels: tuple[int, int] = QWEN25_PIXELS,
+    protocol: str = released.KARL_PROTOCOL,
+    knowledge: KnowledgeTables | None = None,
+    seen_categories: Sequence[str] = (),
 ) -> list[CaseResult]:
-    """Score every case; a case with no response is a missing prediction."""
+    """Score every case; a case with no response is a missing prediction (karl protocol).
+
+    Levels come from ``mastery`` (one table; an entity not in it has none) or from ``knowledge``
+    (the released split, chosen by ``seen_categories``; an entity not in its table is an error).
+    """
+    if protocol == released.RELEASED_PROTOCOL:
+        check_released_predictions(cases, responses)
+        scores = released.score_responses([responses[case.question_id] for case in cases],
+                                          [case.boxes[0] for case in cases])  # type: ignore[misc]
+        outcome = [(s.iou, s.correct, s.pattern > 0, s.box, s.pattern) for s in scores]
+    else:
+        outcome = []
+        for case in cases:
+            response = responses.get(case.question_id)
+            score = score_response(response, case.boxes, box_format, (case.width, case.height), threshold,
+                                   abs_pixels)
+            outcome.append((score.iou, score.correct, score.parsed, score.box, None))
+    levels = case_levels(cases, knowledge, seen_categories) if knowledge is not None else None
     results = []
-    for case in cases:
-        response = responses.get(case.question_id)
-        score = score_response(response, case.boxes, box_format, (case.width, case.height), threshold, abs_pixels)
-        level = None
-        if mastery is not None and case.entity is not None:
+    for index, (case, (iou, correct, parsed, box, pattern)) in enumerate(zip(cases, outcome, strict=True)):
+        level = table = None
+        if levels is not None:
+            table, level = levels[index]
+        elif mastery is not None and case.entity is not None:
             level = mastery.level_of(case.entity)
         results.append(CaseResult(
             question_id=case.question_id,
             category=case.category,
             entity=case.entity,
-            iou=score.iou,
-            correct=score.correct,
-            parsed=score.parsed,
-            missing=response is None,
-            box=score.box,
+            iou=iou,
+            correct=correct,
+            parsed=parsed,
+            missing=case.question_id not in responses,
+            box=box,
             level=level,
+            knowledge_table=table,
+            pattern=pattern,
         ))
     return results
+
+
+def case_levels(
+    cases: Sequence[BenchCase], knowledge: KnowledgeTables, seen_categories: Sequence[str]
+) -> list[tuple[str, int]]:
+    """(table key, level) of every case in the released split; an entity absent from its table, or a
+    case without an entity, is an error naming the question id and the entity."""
+    seen = set(seen_categories)
+    levels = []
+    for case in cases:
+        if case.entity is None:
+            raise DataError("benchmark", case.row, "answer",
+                            f"question_id {case.question_id!r}: no entity marker, so no knowledge level")
+        levels.append(knowledge.level_of(case.entity, case.category in seen, question_id=case.question_id))
+    return levels
 
 
 def evaluate(
@@ -247,8 +338,14 @@ def evaluate(
     unseen_categories: Sequence[str],
     mastery: MasteryTable | None = None,
     abs_pixels: tuple[int, int] = QWEN25_PIXELS,
+    protocol: str = released.KARL_PROTOCOL,
+    knowledge: KnowledgeTables | None = None,
 ) -> tuple[BenchMetrics, list[CaseResult]]:
-    """Score and aggregate: the figures of Table 1 (and the knowledge split with ``mastery``)."""
-    results = score_cases(cases, responses, box_format=box_format, mastery=mastery, abs_pixels=abs_pixels)
-    metrics = aggregate(results, seen_categories, unseen_categories, with_knowledge=mastery is not None)
+    """Score and aggregate: the figures of Table 1 (and the knowledge split with ``mastery`` or
+    ``knowledge``; under the released protocol its high/low counts use the released arithmetic)."""
+    results = score_cases(cases, responses, box_format=box_format, mastery=mastery, abs_pixels=abs_pixels,
+                          protocol=protocol, knowledge=knowledge, seen_categories=seen_categories)
+    arithmetic = "released" if protocol == released.RELEASED_PROTOCOL else "exact"
+    metrics = aggregate(results, seen_categories, unseen_categories,
+                        with_knowledge=mastery is not None or knowledge is not None, knowledge_arithmetic=arithmetic)
     return metrics, results

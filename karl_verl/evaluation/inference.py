@@ -81,12 +81,14 @@ def add_inference_arguments(
     return group
 
 
-def generator_from_args(args: argparse.Namespace, n: int) -> tuple[TextGenerator, SamplingSettings]:
+def generator_from_args(
+    args: argparse.Namespace, n: int, *, vllm_kwargs: dict[str, Any] | None = None
+) -> tuple[TextGenerator, SamplingSettings]:
     """The generator and sampling settings that :func:`add_inference_arguments`' options describe."""
     from karl_verl.backends.base import SamplingSettings
 
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed, n=n)
     generator = load_generator(args.model, args.backend, device=args.device, batch_size=args.batch_size,
-                               seed=args.seed)
+                               seed=args.seed, vllm_kwargs=vllm_kwargs)
     return generator, sampling

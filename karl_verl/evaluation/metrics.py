@@ -29,6 +29,8 @@ from karl_verl.mastery import HIGH_KNOWLEDGE_LEVELS, NUM_LEVELS
 ACC_THRESHOLD = 0.5
 #: Box formats the evaluator reads; ``qwen3_vl`` is the default.
 EVAL_BOX_FORMATS: tuple[str, ...] = ("qwen3_vl", "qwen25_vl_abs", "json", "reference")
+#: How high/low knowledge correct counts are summed (see :func:`aggregate`).
+KNOWLEDGE_ARITHMETIC: tuple[str, ...] = ("exact", "released")
 
 # A ground-truth box in ``(x1,y1),(x2,y2)`` form, spaces tolerated; every occurrence is a box.
 _GT_PAIR = re.compile(rf"\(\s*({NUM})\s*,\s*({NUM})\s*\)\s*,\s*\(\s*({NUM})\s*,\s*({NUM})\s*\)")
@@ -170,6 +172,10 @@ class CaseResult:
     missing: bool
     box: Box | None
     level: int | None = None
+    #: ``--knowledge-dir``: the table the level came from (``train``, ``trainood`` or ``testood``).
+    knowledge_table: str | None = None
+    #: ``--protocol released``: the number (1-9) of the box pattern that matched, 0 for none.
+    pattern: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,8 +186,11 @@ class CaseResult:
             "correct": self.correct,
             "parsed": self.parsed,
             "missing": self.missing,
-            "pred_box": None if self.box is None else list(self.box),
+            # NaN and infinite coordinates (the released reader's float()) are written as strings.
+            "pred_box": None if self.box is None else [v if math.isfinite(v) else repr(v) for v in self.box],
             "knowledge_level": self.level,
+            "knowledge_table": self.knowledge_table,
+            "pattern": self.pattern,
         }
 
 
@@ -194,8 +203,12 @@ class BenchMetrics:
     unseen: GroupMetrics = field(default_factory=GroupMetrics)
     overall: GroupMetrics = field(default_factory=GroupMetrics)
     other_categories: list[str] = field(default_factory=list)
-    #: Only with a mastery table: "high" (levels 1-3), "low" (4-5), and per level "1".."5".
+    #: Only with a mastery table: "high" (levels 1-3), "low" (4-5), the same per domain ("seen high",
+    #: "seen low", "unseen high", "unseen low"), and per level "1".."5".
     knowledge: dict[str, GroupMetrics] | None = None
+    #: How the high/low correct counts were summed: ``exact``, or ``released`` (``int(Num * Acc)``
+    #: per table and level, as the released evaluator does).
+    knowledge_arithmetic: str = "exact"
     #: Cases whose entity is not in the mastery table (left out of the knowledge split).
     not_in_table: int = 0
 
@@ -211,6 +224,7 @@ class BenchMetrics:
         if self.knowledge is not None:
             out["knowledge"] = {name: group.to_json() for name, group in self.knowledge.items()}
             out["knowledge"]["not_in_table"] = self.not_in_table
+            out["knowledge"]["arithmetic"] = self.knowledge_arithmetic
         return out
 
 
@@ -221,33 +235,55 @@ def aggregate(
     *,
     with_knowledge: bool = False,
     high_levels: Iterable[int] = HIGH_KNOWLEDGE_LEVELS,
+    knowledge_arithmetic: str = "exact",
 ) -> BenchMetrics:
     """Group case results by category, seen / unseen, overall and (``with_knowledge``) level.
 
     Categories are listed seen first, then unseen (each in the order given), then any other
-    category in the data (counted in ``overall`` only).
+    category in the data (counted in ``overall`` only). With ``knowledge_arithmetic="released"``
+    the high/low correct counts are the released evaluator's: per (domain, table, level) group
+    ``int(n * (correct / n))``, summed.
     """
+    if knowledge_arithmetic not in KNOWLEDGE_ARITHMETIC:
+        raise ValueError(f"knowledge arithmetic: expected one of {KNOWLEDGE_ARITHMETIC}, got {knowledge_arithmetic!r}")
     high = frozenset(high_levels)
-    metrics = BenchMetrics()
+    metrics = BenchMetrics(knowledge_arithmetic=knowledge_arithmetic)
+    cells: dict[tuple[str | None, str | None, int], GroupMetrics] = {}
     order = {name: i for i, name in enumerate([*seen_categories, *unseen_categories])}
     by_category: dict[str, GroupMetrics] = {}
     if with_knowledge:
         levels = {str(level): GroupMetrics() for level in range(1, NUM_LEVELS + 1)}
-        metrics.knowledge = {"high": GroupMetrics(), "low": GroupMetrics(), **levels}
+        bands = {f"{domain}{band}": GroupMetrics() for domain in ("", "seen ", "unseen ") for band in ("high", "low")}
+        metrics.knowledge = {**bands, **levels}
     for result in results:
         values = (result.iou, result.correct, result.parsed, result.missing)
         by_category.setdefault(result.category, GroupMetrics()).add(*values)
         metrics.overall.add(*values)
+        domain = None
         if result.category in seen_categories:
             metrics.seen.add(*values)
+            domain = "seen"
         elif result.category in unseen_categories:
             metrics.unseen.add(*values)
+            domain = "unseen"
         if metrics.knowledge is not None:
             if result.level is None:
                 metrics.not_in_table += 1
             else:
-                metrics.knowledge["high" if result.level in high else "low"].add(*values)
+                band = "high" if result.level in high else "low"
+                metrics.knowledge[band].add(*values)
+                if domain is not None:
+                    metrics.knowledge[f"{domain} {band}"].add(*values)
                 metrics.knowledge[str(result.level)].add(*values)
+                cells.setdefault((domain, result.knowledge_table, result.level), GroupMetrics()).add(*values)
+    if metrics.knowledge is not None and knowledge_arithmetic == "released":
+        from karl_verl.evaluation.released import truncated_correct
+
+        for name in ("high", "low", "seen high", "seen low", "unseen high", "unseen low"):
+            domain_name, _, band = name.rpartition(" ")
+            metrics.knowledge[name].correct = sum(
+                truncated_correct(cell.n, cell.correct) for (domain, _table, level), cell in cells.items()
+                if (level in high) == (band == "high") and domain_name in ("", domain))
     metrics.categories = dict(sorted(by_category.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
     metrics.other_categories = [name for name in metrics.categories if name not in order]
     return metrics

@@ -26,6 +26,10 @@ def table_columns(seen: Sequence[str], unseen: Sequence[str], other: Sequence[st
     return [*seen, SEEN_KEY, *unseen, UNSEEN_KEY, *other, OVERALL_KEY]
 
 
+#: Axis labels of the charts: categories' short names and the aggregates'.
+AXIS_LABELS = {**CATEGORY_LABELS, **AGGREGATE_LABELS}
+
+
 def _label(key: str) -> str:
     return AGGREGATE_LABELS.get(key) or CATEGORY_LABELS.get(key) or key[:6].capitalize()
 
@@ -71,6 +75,8 @@ def format_details(metrics: BenchMetrics) -> str:
     if metrics.knowledge is not None:
         groups += [("high knowledge (1-3)", metrics.knowledge["high"]),
                    ("low knowledge (4-5)", metrics.knowledge["low"])]
+        groups += [(f"{domain} {band} knowledge", metrics.knowledge[f"{domain} {band}"])
+                   for domain in ("seen", "unseen") for band in ("high", "low")]
         groups += [(f"level {level}", metrics.knowledge[str(level)]) for level in range(1, 6)]
     width = max(len(name) for name, _ in groups)
     header = f"{'cases':>6} {'correct':>7} {'Acc@0.5':>8} {'mIoU':>7} {'unparsed':>8} {'missing':>7}"
@@ -80,6 +86,9 @@ def format_details(metrics: BenchMetrics) -> str:
         miou = "-" if group.mean_iou is None else f"{100 * group.mean_iou:.2f}"
         lines.append(f"{name.ljust(width)}  {group.n:>6} {group.correct:>7} {acc:>8} {miou:>7} "
                      f"{group.unparseable:>8} {group.missing:>7}")
+    if metrics.knowledge is not None and metrics.knowledge_arithmetic == "released":
+        lines.append("high/low correct counts summed as the released evaluator does: int(Num * Acc) per table "
+                     "and level (can drop a case)")
     if metrics.knowledge is not None and metrics.not_in_table:
         lines.append(f"{metrics.not_in_table} case(s) with an entity missing from the mastery table "
                      "(left out of the knowledge split)")

@@ -27,6 +27,11 @@ def register_all() -> None:
     """Register every karl-verl part into verl (reward manager ``karl``, estimator ``karl_grpo``, ...)."""
     # This imports verl itself; a pending hook would re-enter here from inside that import.
     _remove_hooks()
+    from karl_verl.cpu import is_active as cpu_layer_active
+
+    if cpu_layer_active():
+        # A CPU run: verl's platform must be "cpu" before any verl module below resolves it.
+        importlib.import_module("karl_verl.cpu.plugin")
     for module_name in _PARTS:
         module = importlib.import_module(module_name)
         # A part whose own import started verl's (and so this call) is only half there: it

@@ -12,11 +12,18 @@ the verl config it is given:
   ``extra_info["knowledge_level"]``, else the table by entity, else ``default_level``.
 
 If ``reward.custom_reward_function.path`` is set, that function scores instead (verl's contract).
+
+A sample whose scoring raises (a bug, or data the pre-flight would have refused) scores as a miss
+with ``reward_error`` 1 in its breakdown and a warning naming it, and the run goes on. verl 0.9.1
+has no handler there: the agent loop awaits the reward worker
+(``verl/experimental/agent_loop/agent_loop.py:1026``) inside a plain ``asyncio.gather`` (``:654``),
+so one exception from a reward manager ends the whole run.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 from verl import DataProto
@@ -27,6 +34,8 @@ from verl.experimental.reward_loop.reward_manager.registry import REWARD_MANAGER
 from karl_verl.config import KarlConfig
 from karl_verl.mastery import MasteryTable
 from karl_verl.reward import KarlReward, _load_table_cached
+
+logger = logging.getLogger(__name__)
 
 REGISTRY = "reward manager (verl.experimental.reward_loop.reward_manager)"
 NAME = "karl"
@@ -72,20 +81,40 @@ class KarlRewardManager(RewardManagerBase):
         response = await self.loop.run_in_executor(
             None, lambda: self.tokenizer.decode(response_ids[:valid_length], skip_special_tokens=True)
         )
+        try:
+            result = await self._score_one(response, ground_truth, extra_info, data_source)
+            if not isinstance(result, dict):
+                result = {"score": float(result)}
+            result = {**result, "score": float(result["score"]), "reward_error": 0.0}
+        except Exception as err:
+            logger.warning("karl reward: scoring a sample of %r (ground truth %.80r) raised %s: %s; it scores as a "
+                           "miss (reward_error=1)", data_source, ground_truth, type(err).__name__, err)
+            result = self.miss(data_source, extra_info)
+        return {"reward_score": float(result["score"]), "reward_extra_info": dict(result)}
+
+    async def _score_one(self, response: str, ground_truth: str, extra_info: dict, data_source: Any) -> Any:
         if self.custom_score is not None:
             kwargs = dict(data_source=data_source, solution_str=response, ground_truth=ground_truth,
                           extra_info=extra_info)
             if self.is_async_custom:
-                result = await self.custom_score(**kwargs)
-            else:
-                result = await self.loop.run_in_executor(None, lambda: self.custom_score(**kwargs))
-        else:
-            result = await self.loop.run_in_executor(
-                None, lambda: self.score(response, ground_truth, extra_info, data_source)
-            )
-        if not isinstance(result, dict):
-            result = {"score": float(result)}
-        return {"reward_score": float(result["score"]), "reward_extra_info": dict(result)}
+                return await self.custom_score(**kwargs)
+            return await self.loop.run_in_executor(None, lambda: self.custom_score(**kwargs))
+        return await self.loop.run_in_executor(None, lambda: self.score(response, ground_truth, extra_info,
+                                                                        data_source))
+
+    def miss(self, data_source: Any, extra_info: dict) -> dict:
+        """The breakdown of a sample that could not be scored: every key a scored sample has, as a miss.
+
+        verl gathers reward breakdowns key by key across a batch, so the keys must be the same; the
+        level is the sample's own where it can be read.
+        """
+        try:
+            result = dict(self.scorer(data_source, "", "", extra_info))
+        except Exception:
+            result = dict(self.scorer(data_source, "", "", {}))
+        result["score"] = 0.0
+        result["reward_error"] = 1.0
+        return result
 
 
 def register() -> None:

@@ -18,9 +18,10 @@ Implements both protocols of :mod:`karl_verl.backends.base`:
   is sent once with the first option's token appended to the prompt and ``prompt_logprobs=20``: the
   entry of that last prompt position holds the top-20 next-token log-probabilities right after the
   generation prompt, where every option letter is usually found. An option outside the top 20 gets
-  one exact request of its own (its token appended, ``prompt_logprobs=0``). Only vLLM returns
-  prompt log-probabilities: on other rollout engines :attr:`supports_logprobs` is False and the
-  trainer falls back to generate mode with a warning.
+  one exact request of its own (its token appended, ``prompt_logprobs=0``). vLLM and karl-verl's
+  CPU rollout (``transformers``, :mod:`karl_verl.cpu.rollout`) return prompt log-probabilities in
+  this layout: on other rollout engines :attr:`supports_logprobs` is False and the trainer falls
+  back to generate mode with a warning.
 * :meth:`RolloutProbeBackend.generate` (``probe_mode="generate"``): ordinary generation.
 
 All requests of one call run concurrently (at most ``max_concurrency`` in flight) on a private
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: Top log-probabilities asked per prompt position: vLLM's default ``max_logprobs`` engine limit.
 PROMPT_TOP_K = 20
+#: Rollout engines whose servers answer ``prompt_logprobs`` in vLLM's layout.
+PROMPT_LOGPROB_ROLLOUTS = ("vllm", "transformers")
 
 
 class ProbeCancelled(RuntimeError):
@@ -150,8 +153,8 @@ class RolloutProbeBackend:
 
     @property
     def supports_logprobs(self) -> bool:
-        """Whether the rollout engine returns prompt log-probabilities (vLLM only)."""
-        return self.rollout_name == "vllm"
+        """Whether the rollout engine returns prompt log-probabilities (vLLM, karl-verl's CPU rollout)."""
+        return self.rollout_name in PROMPT_LOGPROB_ROLLOUTS
 
     # ------------------------------------------------------------------ plumbing
 
@@ -211,6 +214,8 @@ class RolloutProbeBackend:
             prompt_ids=prompt_ids,
             sampling_params=dict(sampling_params),
             image_data=images,
+            # What the training agent loop sends with every request (the same AgentLoopBase method).
+            mm_processor_kwargs=(await self._prompt_builder())._get_mm_processor_kwargs() or None,
         )
         if getattr(output, "stop_reason", None) == "aborted":
             raise ShortAnswerError(f"{where}: the rollout server aborted the request")
@@ -236,7 +241,8 @@ class RolloutProbeBackend:
         """Log-probability of each single-token option as the reply's first token, ``[len(requests), len(options)]``."""
         if not self.supports_logprobs:
             raise BackendError(
-                f"option_logprobs needs vLLM's prompt log-probabilities; the rollout is {self.rollout_name!r}"
+                f"option_logprobs needs prompt log-probabilities ({', '.join(PROMPT_LOGPROB_ROLLOUTS)} rollouts); "
+                f"the rollout is {self.rollout_name!r}"
             )
         from karl_verl.backends.hf import option_token_ids
 

@@ -26,8 +26,10 @@ Level of a sample (driver side, when the prompt is tagged): the table's level of
 ``karl/level/defaulted``).
 
 Metrics (verl's logger: console, wandb, ...): every step ``karl/level_k/{count, reward_mean,
-iou_mean, acc@0.5, adv_mean}``; at each refresh ``karl/refresh/*`` and ``karl/mastery/level_k/*``
-(see :mod:`karl_verl.mastery_state`).
+iou_mean, acc@0.5, adv_mean, adv_abs_mean}`` and ``karl/level/reward_level_mismatch`` (samples whose
+reward worker scored them at another level than the one the advantage used; always 0) and
+``karl/reward/errors`` (samples whose scoring raised and scored as a miss); at each refresh
+``karl/refresh/*`` and ``karl/mastery/level_k/*`` (see :mod:`karl_verl.mastery_state`).
 """
 
 from __future__ import annotations
@@ -431,7 +433,8 @@ class KarlTrainer(PPOTrainerSync):
         mode = mastery.probe_mode
         if mode == "logprob" and not getattr(backend, "supports_logprobs", True):
             self._karl_warn_once("probe_mode", "karl: probe_mode=logprob needs prompt log-probabilities, which only "
-                                 "vLLM rollout servers return; probing in generate mode instead")
+                                 "vLLM (and karl-verl's CPU) rollout servers return; probing in generate mode "
+                                 "instead")
             mode = "generate"
         try:
             result = call_with_timeout(lambda: self._karl_call_probe(questions, backend, mode, epoch),
@@ -613,6 +616,16 @@ class KarlTrainer(PPOTrainerSync):
         ious = np.array([finite_or_none(info.get("iou")) for info in infos], dtype=object)
         accs = np.array([finite_or_none(info.get("acc")) for info in infos], dtype=object)
         self._karl_step_stats.add(levels[valid], rewards[valid], ious[valid], accs[valid], advantages[valid])
+        # The reward worker's own record of the level it scored with (the karl manager reports it):
+        # a sample whose reward and advantage saw different levels would be a bug in the level's travel.
+        scored = [info.get("knowledge_level") for info in infos]
+        self._karl_counts["reward_level_seen"] += sum(1 for ok, lv in zip(valid, scored, strict=True)
+                                                     if ok and lv is not None)
+        self._karl_counts["reward_errors"] += sum(1 for ok, info in zip(valid, infos, strict=True)
+                                                  if ok and info.get("reward_error"))
+        self._karl_counts["reward_level_mismatch"] += sum(
+            1 for ok, lv, level in zip(valid, scored, levels, strict=True)
+            if ok and lv is not None and int(lv) != int(level))
         online = self.karl_state.online
         if online is not None:
             if all(acc is None for acc in accs[valid]):
@@ -637,6 +650,9 @@ class KarlTrainer(PPOTrainerSync):
         out["karl/level/no_entity"] = float(self._karl_counts["no_entity"])
         out["karl/level/missing_field"] = float(self._karl_counts["missing_field"])
         out["karl/level/unknown_entities"] = float(len(self.karl_state.unknown_entities))
+        out["karl/level/reward_level_seen"] = float(self._karl_counts["reward_level_seen"])
+        out["karl/level/reward_level_mismatch"] = float(self._karl_counts["reward_level_mismatch"])
+        out["karl/reward/errors"] = float(self._karl_counts["reward_errors"])
         out.update(self._karl_pending_metrics)
         self._karl_step_stats = LevelStats()
         self._karl_counts.clear()

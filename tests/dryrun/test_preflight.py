@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from karl_verl.dryrun.pipeline import DryRunOptions, run_dryrun
+from karl_verl.dryrun.pipeline import DryRunOptions, DryRunReport, prepare_inputs
 from karl_verl.dryrun.preflight import run_preflight
 from karl_verl.mastery import MasteryTable
 
@@ -13,8 +13,21 @@ from karl_verl.mastery import MasteryTable
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("preflight")
-    report = run_dryrun(DryRunOptions(workdir=workdir, num_prompts=4, warmup_steps=0, progress=False),
-                        say=lambda _: None)
+    report = DryRunReport()
+    paths = prepare_inputs(DryRunOptions(workdir=workdir, num_prompts=16, warmup_steps=0, progress=False), report,
+                           say=lambda _: None)
+    # A measured table of the probe set's entities (the offline probe on the tiny model).
+    from karl_verl.backends.hf import HFBackend
+    from karl_verl.probe.questions import build_questions, load_probe_set
+    from karl_verl.probe.runner import run_probe
+    from karl_verl.testing.tiny_qwen3vl import build_tiny_model, load_tiny_processor
+
+    processor = load_tiny_processor(paths["model"])
+    backend = HFBackend(build_tiny_model(seed=0, tokenizer=processor.tokenizer), processor, batch_size=8,
+                        progress=False)
+    probe = run_probe(build_questions(load_probe_set(paths["probe"]), per_entity=3, seed=0), backend,
+                      mode="logprob", epoch=0, progress=False)
+    report.outputs["mastery"] = str(probe.table.save(workdir / "mastery.json"))
     return workdir, report.outputs
 
 

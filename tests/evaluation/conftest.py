@@ -59,6 +59,18 @@ def write_bench(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_knowledge(folder: Path, train_entities, train: dict, trainood: dict, testood: dict) -> Path:
+    """The released knowledge folder: the training-entity list and three tables of level names."""
+    from karl_verl.evaluation.knowledge import TABLE_FILES, TRAIN_ENTITIES_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TRAIN_ENTITIES_FILE).write_text(json.dumps([{"entity_name": e} for e in train_entities]))
+    for key, table in (("train", train), ("trainood", trainood), ("testood", testood)):
+        (folder / TABLE_FILES[key]).write_text(
+            json.dumps({e: {"knowledge_category": name, "acc": 0.5} for e, name in table.items()}))
+    return folder
+
+
 def bench_rows() -> list[dict]:
     return [
         {"question_id": qid, "question": f"Find and give the bounding box of <|object_ref_start|>{entity}"
@@ -98,4 +110,5 @@ def kvg():
     import types
 
     return types.SimpleNamespace(CASES=CASES, LEVELS=LEVELS, png=png, answer=answer, think=think,
-                                 write_bench=write_bench, bench_rows=bench_rows)
+                                 write_bench=write_bench, bench_rows=bench_rows,
+                                 write_knowledge=write_knowledge)

@@ -138,3 +138,37 @@ def test_missing_files(tmp_path):
         load_predictions(tmp_path / "none.jsonl", [])
     (tmp_path / "x.jsonl").write_text(json.dumps({"question_id": 1, "response": "a"}) + "\n", encoding="utf-8")
     assert load_predictions(tmp_path / "x.jsonl", ["1"]).responses == {"1": "a"}
+
+
+def test_the_exact_prompt_of_a_benchmark_row_in_each_protocol(bench):
+    from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
+
+    [case] = load_bench(bench, progress=False)[:1]
+    query = "Find and give the bounding box of <|object_ref_start|>A1<|object_ref_end|>"
+    suffix = ("Output the thinking process in <think> </think> and final answer (bounding box) in "
+              "<answer> </answer> tags.")
+    assert case.question == query  # the row carries no <image>
+    karl = structured_messages(bench_requests([case], protocol="karl")[0])
+    released = structured_messages(bench_requests([case], protocol="released")[0])
+    # Ours: the <image> placeholder becomes the image part and leaves the text.
+    assert karl == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{query}  {suffix}"}]}]
+    # Released: the literal text <image> stays in the text part, beside the image part.
+    assert released == [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": f"<image>{query}  {suffix}"}]}]
+    template = build_tiny_tokenizer().apply_chat_template
+    rendered = [template(m, tokenize=False, add_generation_prompt=True) for m in (karl, released)]
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert f"{vision}{query}  {suffix}" in rendered[0]
+    assert f"{vision}<image>{query}  {suffix}" in rendered[1]
+
+
+def test_released_reading_keeps_the_answer_as_written(tmp_path, kvg):
+    rows = [{"question_id": "r1", "question": "Find X", "image": {"bytes": kvg.png(), "path": None},
+             "answer": "<|object_ref_start|> X <|object_ref_end|><|box_start|>(900,900),(100,1200)<|box_end|>"
+                       "<|box_start|>(1,2),(3,4)<|box_end|>", "category": "dog"}]
+    path = kvg.write_bench(tmp_path / "b.parquet", rows)
+    [case] = load_bench(path, progress=False, protocol="released")
+    # Reversed and off-grid boxes are kept (the original scores them as they are); one box only.
+    assert (case.entity, case.boxes, case.category) == (" X ", ((900.0, 900.0, 100.0, 1200.0),), "dog")
+    with pytest.raises(DataError, match="ordered box"):
+        load_bench(path, progress=False)

@@ -1,0 +1,125 @@
+"""The places where verl 0.9.1 has no extension point for a CPU run, each mended by one small function.
+
+Both are installed by :func:`karl_verl.cpu.activate` in CPU runs only (never on a GPU run), are
+idempotent, and change nothing when their precondition is absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+
+def collapse_duplicate_backend(backend: Any) -> Any:
+    """``"cpu:gloo,cpu:gloo"`` -> ``"gloo"``; any other backend string is returned unchanged.
+
+    verl builds the process-group backend as ``f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"``
+    (``verl/utils/distributed.py:63`` and ``:89``), which on the ``cpu`` platform names the device
+    ``cpu`` twice, and torch refuses that ("Duplicate device type cpu in backend string").
+    """
+    if not isinstance(backend, str) or "," not in backend:
+        return backend
+    parts = list(dict.fromkeys(part.strip() for part in backend.split(",") if part.strip()))
+    return "gloo" if parts == ["cpu:gloo"] else ",".join(parts)
+
+
+def install_gloo_backend_fix() -> None:
+    """Route ``torch.distributed.init_process_group`` through :func:`collapse_duplicate_backend`.
+
+    verl calls ``torch.distributed.init_process_group`` from several modules that bind their own
+    backend string; there is no verl setting for it, so the call itself is wrapped (once).
+    """
+    import torch.distributed as dist
+
+    if getattr(dist.init_process_group, "_karl_cpu_backend_fix", False):
+        return
+    original = dist.init_process_group
+
+    @functools.wraps(original)
+    def init_process_group(*args: Any, backend: Any = None, **kwargs: Any) -> Any:
+        return original(*args, backend=collapse_duplicate_backend(backend), **kwargs)
+
+    init_process_group._karl_cpu_backend_fix = True  # type: ignore[attr-defined]
+    dist.init_process_group = init_process_group
+
+
+def _is_qwen3vl_checkpoint(path: str) -> bool:
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "qwen3_vl"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def processor_without_torchvision(name_or_path: Any, verl_hf_processor: Any, **kwargs: Any) -> Any:
+    """verl's ``hf_processor``, plus Qwen3-VL on a machine without torchvision.
+
+    Without torchvision, transformers' ``AutoProcessor`` cannot build Qwen3-VL's video processor,
+    so verl's ``hf_processor`` (``verl/utils/tokenizer/tokenizer.py:182``) returns None and the run
+    would silently treat the model as text-only. Here the processor is built part by part (see
+    :func:`karl_verl.testing.tiny_qwen3vl.load_qwen3vl_processor_without_torchvision`) and given the
+    two bindings verl's ``hf_processor`` adds for Qwen3-VL (``tokenizer.py:226-241``: the model
+    config and its ``get_rope_index``).
+    """
+    processor = verl_hf_processor(name_or_path, **kwargs)
+    if (processor is not None or importlib.util.find_spec("torchvision") is not None
+            or not isinstance(name_or_path, str | os.PathLike) or not _is_qwen3vl_checkpoint(os.fspath(name_or_path))):
+        return processor
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl import Qwen3VLModel
+
+    from karl_verl.testing.tiny_qwen3vl import load_qwen3vl_processor_without_torchvision
+
+    processor = load_qwen3vl_processor_without_torchvision(name_or_path)
+    processor.config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=kwargs.get("trust_remote_code"))
+    processor.get_rope_index = types.MethodType(Qwen3VLModel.get_rope_index, processor)
+    if hasattr(Qwen3VLModel, "get_vision_position_ids"):
+        processor.get_vision_position_ids = types.MethodType(Qwen3VLModel.get_vision_position_ids, processor)
+    return processor
+
+
+def install_processor_fix() -> None:
+    """Make verl's model config (``verl/workers/config/model.py:162``) load processors through
+    :func:`processor_without_torchvision`. Every verl process gets its processor there."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return  # AutoProcessor works as is
+    from verl.workers.config import model as model_config
+
+    current = model_config.hf_processor
+    if getattr(current, "_karl_cpu_processor_fix", False):
+        return
+
+    @functools.wraps(current)
+    def hf_processor(name_or_path: Any, **kwargs: Any) -> Any:
+        return processor_without_torchvision(name_or_path, current, **kwargs)
+
+    hf_processor._karl_cpu_processor_fix = True  # type: ignore[attr-defined]
+    model_config.hf_processor = hf_processor
+
+
+def install_unpinned_offload_policy() -> None:
+    """FSDP2 CPU offload without pinned memory for verl's forward-only (reference) engines.
+
+    verl builds every forward-only FSDP2 engine with ``CPUOffloadPolicy(pin_memory=True)``
+    (``verl/workers/engine/fsdp/transformer_impl.py:462``, no setting); pinning host memory needs an
+    accelerator ("Cannot access accelerator device when none is available"). On the CPU platform
+    the parameters already live in host memory, so the policy keeps its meaning without pinning.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from verl.workers.engine.fsdp import transformer_impl
+
+    if getattr(transformer_impl.CPUOffloadPolicy, "_karl_cpu_unpinned", False):
+        return
+
+    class UnpinnedCPUOffloadPolicy(CPUOffloadPolicy):
+        _karl_cpu_unpinned = True
+
+        def __init__(self, pin_memory: bool = False) -> None:
+            super().__init__(pin_memory=False)
+
+    transformer_impl.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy

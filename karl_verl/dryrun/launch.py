@@ -1,0 +1,157 @@
+"""Run verl's ``main_ppo`` as a child process and keep an eye on it (the dry run and its tests).
+
+Each run is its own process session, so that the driver, the local Ray cluster it starts and every
+Ray worker can be ended together: on timeout, on a deliberate kill (the crash test), and after a
+normal exit, when any straggler of that session is killed. verl's ``file`` logger writes one JSON
+line per step (``VERL_FILE_LOGGER_PATH``); progress and the kill-after-step trigger read it while the
+run goes. The whole session's memory (the sum of its processes' resident sets) is sampled too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunResult:
+    """What one ``main_ppo`` child process did."""
+
+    returncode: int
+    seconds: float
+    metrics_path: Path
+    log_path: Path
+    #: Highest sum of resident memory over the run's processes (bytes), sampled twice a second.
+    peak_memory_bytes: int = 0
+    killed_after_step: int | None = None
+    timed_out: bool = False
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def read_step_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """verl's file-logger records, ``[{"step": n, "data": {metric: value}}, ...]``; a torn last line is skipped."""
+    records = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return records
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the writer was killed mid-line, or the line is still being written
+        if isinstance(record, dict) and "step" in record and isinstance(record.get("data"), dict):
+            records.append(record)
+    return records
+
+
+def _session_pids(session: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == session:
+                pids.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def kill_session(session: int) -> int:
+    """SIGKILL every process of ``session`` (the run's driver, Ray's daemons and workers); how many."""
+    pids = [pid for pid in _session_pids(session) if pid != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def main_ppo_command(recipe: str, overrides: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={recipe}", *overrides]
+
+
+def run_main_ppo(
+    recipe: str,
+    overrides: Sequence[str],
+    *,
+    metrics_path: Path,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 900.0,
+    kill_after_step: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+    cwd: Path | None = None,
+) -> RunResult:
+    """Run ``python -m verl.trainer.main_ppo +recipe=<recipe> <overrides>`` to its end (or kill it).
+
+    ``kill_after_step``: SIGKILL the whole session as soon as that step's metrics are logged (a
+    crash at a step boundary, after its checkpoint if one was due). ``on_step(step)`` is called for
+    each newly logged step.
+    """
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if metrics_path.exists():
+        metrics_path.unlink()  # verl's file logger appends
+    child_env = {**os.environ, **(env or {}), "VERL_FILE_LOGGER_PATH": str(metrics_path), "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(main_ppo_command(recipe, overrides), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=child_env, cwd=cwd, start_new_session=True)
+    result = RunResult(returncode=-1, seconds=0.0, metrics_path=metrics_path, log_path=log_path)
+    seen = 0
+    try:
+        while process.poll() is None:
+            result.peak_memory_bytes = max(result.peak_memory_bytes,
+                                           sum(_rss(pid) for pid in _session_pids(process.pid)))
+            steps = read_step_metrics(metrics_path)
+            for record in steps[seen:]:
+                if on_step is not None:
+                    on_step(int(record["step"]))
+            seen = max(seen, len(steps))
+            if kill_after_step is not None and any(int(r["step"]) >= kill_after_step for r in steps):
+                kill_session(process.pid)
+                result.killed_after_step = kill_after_step
+                break
+            if time.monotonic() - start > timeout_s:
+                kill_session(process.pid)
+                result.timed_out = True
+                break
+            time.sleep(0.5)
+        result.returncode = process.wait()
+    finally:
+        kill_session(process.pid)  # stragglers: Ray daemons and workers outliving their driver
+    result.seconds = time.monotonic() - start
+    result.steps = read_step_metrics(metrics_path)
+    if on_step is not None:
+        for record in result.steps[seen:]:
+            on_step(int(record["step"]))
+    return result

@@ -1,0 +1,78 @@
+"""Faults on the real CPU path: a crash mid-epoch and a resume, a failing refresh, a raising reward.
+
+Each test runs verl's real main_ppo (karl_kvg_cpu) in child processes; the inputs (data and the
+warmed-up tiny model) are the dry run's own.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from karl_verl.dryrun.pipeline import DryRunOptions, train, training_overrides
+from karl_verl.integration.trainer import STATE_FILE
+
+pytestmark = pytest.mark.slow
+
+FAULTS = Path(__file__).resolve().parents[1] / "_support" / "cpu_faults"  # a sitecustomize.py
+TIMING_KEYS = {"wall_time_s"}
+
+
+def _paths(dry_run):
+    return {"grounding": dry_run.workdir / "data" / "grounding.parquet",
+            "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
+
+
+def _comparable(state):
+    history = [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in state["history"]]
+    return state["table"]["entities"], history
+
+
+def test_sigkill_in_the_second_epoch_then_resume_ends_like_an_uninterrupted_run(dry_run, tmp_path):
+    """(a) SIGKILL of the whole run (driver, Ray, workers) after step 3, i.e. in epoch 2 after the
+    step-2 checkpoint; a new main_ppo resumes and ends with the dry run's own run-1 table, history and step."""
+    options = DryRunOptions(workdir=tmp_path, progress=False)
+    paths = _paths(dry_run)
+    checkpoints = tmp_path / "checkpoints"
+    overrides = training_overrides(options, paths, checkpoints=checkpoints, hydra_dir=tmp_path / "hydra",
+                                   total_epochs=2)
+    crashed = train(options, paths, "crashed", overrides, 4, kill_after_step=3)
+    assert crashed.killed_after_step == 3 and crashed.returncode != 0
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    resumed = train(options, paths, "resumed", overrides, 2)
+    assert resumed.ok, resumed.log_tail()
+    assert [int(r["step"]) for r in resumed.steps] == [3, 4]
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    ours = json.loads((checkpoints / "global_step_4" / STATE_FILE).read_text())
+    reference = json.loads((dry_run.workdir / "checkpoints" / "global_step_4" / STATE_FILE).read_text())
+    assert _comparable(ours) == _comparable(reference)
+
+
+def test_a_failing_refresh_keeps_the_table_and_a_raising_reward_scores_a_miss(dry_run, tmp_path):
+    """(b) The rollout server raises on every probe request after the first weight syncs: the refresh
+    before epoch 2 fails, training goes on with the previous table and logs karl/refresh/failed.
+    (c) A reward worker raises on one sample: it scores as a miss and the run goes on."""
+    options = DryRunOptions(workdir=tmp_path, progress=False, num_prompts=8, steps_per_epoch=2)
+    paths = _paths(dry_run)
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "KARL_TEST_FAIL_PROBE_AFTER_SYNCS": "2",
+        "KARL_TEST_FAIL_REWARD_ONCE": "1",
+    }
+    overrides = training_overrides(options, paths, checkpoints=tmp_path / "checkpoints",
+                                   hydra_dir=tmp_path / "hydra", total_epochs=2, total_steps=3)
+    run = train(options, paths, "faults", overrides, 3, env=env)
+    assert run.ok, run.log_tail()
+    data = [record["data"] for record in run.steps]
+    assert [int(r["step"]) for r in run.steps] == [1, 2, 3]
+    assert data[0]["karl/refresh/ok"] == 1  # the probe at train begin worked
+    assert data[2]["karl/refresh/failed"] == 1 and data[2]["karl/refresh/failures_total"] == 1
+    assert "karl/mastery/num_entities" not in data[2]  # no new table was installed
+    assert sum(d["karl/reward/errors"] for d in data) == 1
+    assert all(d["karl/level/reward_level_mismatch"] == 0 for d in data)
+    state = json.loads((tmp_path / "checkpoints" / "global_step_3" / STATE_FILE).read_text())
+    assert [record["status"] for record in state["history"]] == ["ok", "failed"]
+    assert "injected rollout-server fault" in state["history"][1]["error"]
+    assert state["table"]["entities"] == json.loads(
+        (tmp_path / "checkpoints" / "global_step_2" / STATE_FILE).read_text())["table"]["entities"]
