@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2"]
 #: Recipes of verl's SFT trainer (stage 1).
 SFT_RECIPES = ["karl_cot_sft"]
+#: The CPU variants (tested with the dry run, tests/dryrun).
+CPU_RECIPES = ["karl_kvg_cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def composed(installed, tmp_path_factory):
 
 def test_recipe_files_are_installed(installed):
     shipped = sorted(p.stem for p in (installed / "karl_verl" / "recipes" / "recipe").glob("*.yaml"))
-    assert shipped == sorted(RECIPES + SFT_RECIPES)
+    assert shipped == sorted(RECIPES + SFT_RECIPES + CPU_RECIPES)
     assert (installed / "hydra_plugins" / "karl_verl_recipes" / "__init__.py").is_file()
 
 
