@@ -1,6 +1,7 @@
 """The vision freeze of the stage-1 SFT run: frozen parameters get no gradient and stay bitwise unchanged."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,50 @@ def test_fsdp1_flat_parameters_are_refused():
     engine.engine_config = FSDPEngineConfig(strategy="fsdp", use_orig_params=False)
     with pytest.raises(VisionFreezeError, match="needs engine.strategy=fsdp2"):
         engine._build_module()
+
+
+def test_verls_sft_trainer_with_the_recipe_keeps_the_vision_weights_bitwise(tmp_path):
+    """``python -m verl.trainer.sft_trainer +recipe=karl_cot_sft`` itself, on CPU (karl-verl's CPU layer),
+    one process: the saved Hugging Face checkpoint has the vision tower and projector of the start, and
+    a trained language model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from karl_verl.cpu import environment
+    from karl_verl.data.cot import write_builtin_cot_set
+    from karl_verl.data.sft import convert_sharegpt
+    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+
+    convert_sharegpt([write_builtin_cot_set(tmp_path / "data", num_images=4)], tmp_path / "sft.parquet",
+                     progress=False)
+    start = save_tiny_checkpoint(tmp_path / "tiny")
+    env = {**os.environ, **environment(), "PYTHONPATH": str(HELPER.parent / "pillow_qwen_vl_utils"),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    overrides = [
+        "+recipe=karl_cot_sft", f"data.train_files={tmp_path / 'sft.parquet'}", f"model.path={start}",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.n_gpus_per_node=1", "trainer.device=cpu",
+        "data.train_batch_size=2", "data.micro_batch_size_per_gpu=1", "data.num_workers=0", "optim.lr=1e-3",
+        "engine.use_torch_compile=false", "engine.mixed_precision.param_dtype=fp32", "model.use_remove_padding=false",
+        "+model.override_config.attn_implementation=sdpa",
+    ]
+    result = subprocess.run([sys.executable, "-m", "verl.trainer.sft_trainer", *overrides], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "karl-verl: froze 21 vision-tower and 6 projector tensors of qwen3_vl" in result.stdout
+
+    before = load_file(start / "model.safetensors")
+    (saved,) = (tmp_path / "ckpt").glob("global_step_*/huggingface/model.safetensors")
+    after = load_file(saved)
+    assert set(before) == set(after)
+    visual = {name for name in before if name.startswith("model.visual.")}
+    assert visual and all(torch.equal(before[name], after[name]) for name in visual)
+    assert all(not torch.equal(before[name], after[name]) for name in set(before) - visual)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
