@@ -2,7 +2,9 @@
 
 * ``convert``: annotations (JSONL, CSV, parquet or a ``datasets`` folder) -> verl RL parquet;
 * ``compose``: single-entity images -> multi-entity composites (grounding set + probe set);
-* ``filter``: keep instances with 1..k-1 of k sampled responses correct.
+* ``filter``: keep instances with 1..k-1 of k sampled responses correct;
+* ``sft-convert``: LLaMA-Factory sharegpt CoT-SFT files -> the parquet verl's SFT trainer reads;
+* ``cot``: knowledge-guided CoT rationales from a teacher model, kept when their box is right.
 
 Bad input exits with status 2 and one line naming the file, row and field; no output is left
 behind.
@@ -14,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "build KVG training data: convert annotations, compose multi-entity images, filter by difficulty"
+HELP = ("build KVG training data: convert annotations, compose multi-entity images, filter by difficulty, "
+        "make and convert CoT-SFT data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +93,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(filt, temperature=FILTER_TEMPERATURE, max_new_tokens=4096, seed=20)
     filt.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    _add_sft_convert(sub)
+    _add_cot(sub)
+
+
+def _add_sft_convert(sub: argparse._SubParsersAction) -> None:
+    from karl_verl.data.sft import IMAGE_MAX_PIXELS
+
+    sft = sub.add_parser("sft-convert", help="sharegpt CoT-SFT files -> parquet for verl's SFT trainer",
+                         description="LLaMA-Factory sharegpt files (messages role/content, or conversations "
+                                     "from/value; <image> placeholders; images relative to --images-dir) -> the "
+                                     "parquet verl's MultiTurnSFTDataset reads. Every row is checked first; any "
+                                     "problem stops the conversion with nothing written, unless --skip-bad.")
+    sft.add_argument("inputs", nargs="+", type=Path, metavar="SHAREGPT",
+                     help="sharegpt files: .json (an array of records) or .jsonl")
+    sft.add_argument("--images-dir", type=Path,
+                     help="folder the 'images' paths are relative to (default: each file's own folder)")
+    sft.add_argument("--out", required=True, type=Path, help="output parquet file")
+    sft.add_argument("--max-pixels", type=int, default=IMAGE_MAX_PIXELS,
+                     help=f"max_pixels of every image: the resize bound at training time "
+                          f"(default: {IMAGE_MAX_PIXELS}, the released stage-1 value)")
+    sft.add_argument("--image-paths", action="store_true",
+                     help="store each image's absolute path instead of its bytes (a smaller parquet; the "
+                          "images must then be readable at that path on every training node)")
+    sft.add_argument("--skip-bad", action="store_true", help="drop bad rows (and say how many) instead of stopping")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_cot(sub: argparse._SubParsersAction) -> None:
+    from karl_verl.data.cot import COT_MAX_NEW_TOKENS, COT_TEMPERATURE, DEFAULT_CONCURRENCY, DEFAULT_TRIES
+    from karl_verl.data.teacher import DEFAULT_RETRIES
+    from karl_verl.evaluation.inference import add_inference_arguments
+    from karl_verl.evaluation.metrics import ACC_THRESHOLD
+
+    cot = sub.add_parser("cot", help="knowledge-guided CoT rationales from a teacher model -> sharegpt",
+                         description="Ask a teacher model for knowledge-guided rationales of grounding instances "
+                                     "(recall the entity's features, compare the candidates, answer in the KARL "
+                                     "format); keep a rationale when its format is right and its box has IoU >= "
+                                     "--threshold. Writes sharegpt (what sft-convert reads) incrementally: a killed "
+                                     "run, started again, continues where it stopped.")
+    cot.add_argument("data", type=Path, help="verl RL parquet of grounding instances (from convert or compose)")
+    cot.add_argument("--teacher", required=True, metavar="URL_OR_PATH",
+                     help="an OpenAI-compatible endpoint (http://host:8000/v1, as vllm serve exposes) or a local "
+                          "checkpoint")
+    cot.add_argument("--out", required=True, type=Path,
+                     help="output sharegpt file (.json or .jsonl); images go to <out stem>_images/ beside it")
+    cot.add_argument("--teacher-model", help="served model name (default: the endpoint's first model)")
+    cot.add_argument("--api-key", default=None,
+                     help="bearer token for the endpoint (default: the OPENAI_API_KEY environment variable)")
+    cot.add_argument("--template", type=Path,
+                     help="teacher prompt template file with {entity}, {category}, {candidates} "
+                          "(default: the built-in one, also in docs/cot_teacher_template.txt)")
+    cot.add_argument("--tries", type=int, default=DEFAULT_TRIES,
+                     help=f"replies asked per instance before it is rejected (default: {DEFAULT_TRIES})")
+    cot.add_argument("--threshold", type=float, default=ACC_THRESHOLD,
+                     help=f"IoU a kept rationale's box needs with the ground truth (default: {ACC_THRESHOLD})")
+    cot.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                     help=f"endpoint requests in flight at once (default: {DEFAULT_CONCURRENCY}; a local model "
+                          "runs one at a time)")
+    cot.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                     help=f"retries of a failed endpoint request, with exponential backoff (default: "
+                          f"{DEFAULT_RETRIES})")
+    group = add_inference_arguments(cot, temperature=COT_TEMPERATURE, max_new_tokens=COT_MAX_NEW_TOKENS, seed=0)
+    group.title = "teacher sampling (--backend, --device and --batch-size: local teachers only)"
+    cot.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_cot(args: argparse.Namespace) -> tuple[object, int]:
+    import os
+
+    from karl_verl.backends.base import SamplingSettings
+    from karl_verl.data.cot import CotSettings, generate_cot, read_template
+    from karl_verl.data.teacher import describe_teacher, is_endpoint, load_teacher
+
+    settings = CotSettings(template=read_template(args.template), tries=args.tries, threshold=args.threshold)
+    sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed)
+    teacher = load_teacher(args.teacher, model=args.teacher_model,
+                           api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), retries=args.retries,
+                           backend=args.backend, device=args.device, batch_size=args.batch_size, seed=args.seed)
+    endpoint = is_endpoint(args.teacher)
+    summary = generate_cot(args.data, args.out, teacher, settings=settings, sampling=sampling,
+                           concurrency=args.concurrency if endpoint else 1,
+                           teacher_name=describe_teacher(teacher, args.teacher), progress=not args.no_progress)
+    return summary, 1 if summary.pending else 0
+
 
 def _read_options(args: argparse.Namespace):
     from karl_verl.data.annotations import ReadOptions, parse_field_map
@@ -124,6 +212,16 @@ def run(args: argparse.Namespace) -> int:
             )
             summary = compose_dataset(args.inputs, args.out, config, _read_options(args),
                                       progress=not args.no_progress)
+        elif args.data_command == "sft-convert":
+            from karl_verl.data.sft import convert_sharegpt
+
+            summary = convert_sharegpt(args.inputs, args.out, images_dir=args.images_dir, max_pixels=args.max_pixels,
+                                       embed_images=not args.image_paths, skip_bad=args.skip_bad,
+                                       progress=not args.no_progress)
+        elif args.data_command == "cot":
+            summary, status = _run_cot(args)
+            print(summary.format())
+            return status
         else:
             summary = _run_filter(args)
     except (DataError, BackendError, ValueError) as err:  # UsageError is a ValueError

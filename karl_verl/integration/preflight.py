@@ -74,6 +74,14 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     return problems
 
 
+#: The example command of the stop message, unless the recipe gives its own (``example``).
+MAIN_PPO_EXAMPLE = (
+    "python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
+    "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
+    "trainer.default_local_dir=/ckpt/karl_kvg karl.mastery.probe_data=/data/probe.parquet"
+)
+
+
 def _select(config: DictConfig, key: str) -> Any:
     return OmegaConf.select(config, key, default=None, throw_on_missing=False)
 
@@ -178,16 +186,12 @@ def run_problems(config: DictConfig, required: Iterable[str], environ: Mapping[s
     return unset_keys(config, required), problems
 
 
-def format_problems(unset: list[str], problems: list[str]) -> str:
+def format_problems(unset: list[str], problems: list[str], example: str | None = None) -> str:
     lines = []
     if unset:
         listing = "\n".join(f"  {key}=..." for key in unset)
-        lines.append(
-            f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
-            "e.g. python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
-            "data.val_files=/data/val.parquet actor_rollout_ref.model.path=/models/Qwen3-VL-8B-Instruct "
-            "trainer.default_local_dir=/ckpt/karl_kvg karl.mastery.probe_data=/data/probe.parquet"
-        )
+        lines.append(f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
+                     f"e.g. {example or MAIN_PPO_EXAMPLE}")
     if problems:
         lines.append(f"karl-verl: {len(problems)} problem(s) would stop this run after Ray starts:\n"
                      + "\n".join(f"  {p}" for p in problems))
@@ -195,8 +199,9 @@ def format_problems(unset: list[str], problems: list[str]) -> str:
 
 
 class RequiredKeysCallback(Callback):
-    def __init__(self, keys: Iterable[str] = ()) -> None:
+    def __init__(self, keys: Iterable[str] = (), example: str | None = None) -> None:
         self.keys = list(keys)
+        self.example = example
         self._checked = False
 
     def _check(self, config: DictConfig) -> None:
@@ -206,7 +211,7 @@ class RequiredKeysCallback(Callback):
         unset, problems = run_problems(config, self.keys)
         if unset or problems:
             # SystemExit, not an exception: Hydra logs and swallows exceptions raised by callbacks.
-            raise SystemExit(format_problems(unset, problems))
+            raise SystemExit(format_problems(unset, problems, self.example))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

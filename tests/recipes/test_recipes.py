@@ -14,8 +14,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ["karl_kvg", "karl_kvg_cpu", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1",
-           "karl_kvg_v2"]
+RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2"]
+#: Recipes of verl's SFT trainer (stage 1).
+SFT_RECIPES = ["karl_cot_sft"]
+#: The CPU variants (tested with the dry run, tests/dryrun).
+CPU_RECIPES = ["karl_kvg_cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,9 @@ def installed(tmp_path_factory):
     return target
 
 
-def main_ppo(installed, workdir, *args, timeout=300):
+def main_ppo(installed, workdir, *args, timeout=300, entry="verl.trainer.main_ppo"):
     environment = {**os.environ, "PYTHONPATH": str(installed), "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", *args], cwd=workdir, env=environment,
+    return subprocess.run([sys.executable, "-m", entry, *args], cwd=workdir, env=environment,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,7 +53,7 @@ def composed(installed, tmp_path_factory):
 
 def test_recipe_files_are_installed(installed):
     shipped = sorted(p.stem for p in (installed / "karl_verl" / "recipes" / "recipe").glob("*.yaml"))
-    assert shipped == sorted(RECIPES)
+    assert shipped == sorted(RECIPES + SFT_RECIPES + CPU_RECIPES)
     assert (installed / "hydra_plugins" / "karl_verl_recipes" / "__init__.py").is_file()
 
 
@@ -217,3 +220,44 @@ def test_hydra_output_goes_under_the_checkpoint_folder(installed, tmp_path):
 def test_an_ablation_is_the_command_line_the_readme_gives(composed, installed, tmp_path, recipe, overrides):
     by_hand = compose(installed, tmp_path, "karl_kvg", *overrides, f"trainer.experiment_name={recipe}")
     assert by_hand == composed[recipe]
+
+
+def sft_trainer(installed, workdir, *args, timeout=300):
+    return main_ppo(installed, workdir, *args, timeout=timeout, entry="verl.trainer.sft_trainer")
+
+
+def test_karl_cot_sft_is_the_released_stage_1_run(installed, tmp_path):
+    result = sft_trainer(installed, tmp_path, "+recipe=karl_cot_sft", "--cfg", "job")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = yaml.safe_load(result.stdout)
+    data, optim, engine, trainer = cfg["data"], cfg["optim"], cfg["engine"], cfg["trainer"]
+    assert optim["lr"] == 2e-6 and optim["lr_scheduler_type"] == "cosine" and optim["lr_warmup_steps_ratio"] == 0.1
+    assert optim["min_lr_ratio"] == 0.0 and optim["weight_decay"] == 0.0 and optim["betas"] == [0.9, 0.999]
+    assert optim["clip_grad"] == 1.0 and optim["optimizer"] == "AdamW"
+    assert trainer["total_epochs"] == 1 and trainer["n_gpus_per_node"] == 8 and trainer["nnodes"] == 1
+    assert data["train_batch_size"] == 16 and data["micro_batch_size_per_gpu"] == 2
+    assert data["train_batch_size"] // (trainer["n_gpus_per_node"] * data["micro_batch_size_per_gpu"]) == 1
+    assert data["use_dynamic_bsz"] is False and data["max_length"] == 4096
+    assert data["messages_key"] == "messages" and data["image_key"] == "images"
+    assert data["enable_thinking_default"] is None
+    assert engine["strategy"] == "fsdp2" and engine["mixed_precision"]["param_dtype"] == "bf16"
+    assert engine["model_dtype"] == "fp32"
+    assert cfg["model"]["enable_gradient_checkpointing"] is True
+    assert "hf_model" in cfg["checkpoint"]["save_contents"]
+    assert cfg["karl"]["sft"] == {"freeze_vision_tower": None, "freeze_multi_modal_projector": None}
+
+
+def test_karl_cot_sft_unset_paths_stop_at_once(installed, tmp_path):
+    result = sft_trainer(installed, tmp_path, "+recipe=karl_cot_sft", "model.path=/m/qwen", timeout=120)
+    assert result.returncode != 0
+    assert "data.train_files=..." in result.stderr and "trainer.default_local_dir=..." in result.stderr
+    assert "model.path=..." not in result.stderr and "verl.trainer.sft_trainer +recipe=karl_cot_sft" in result.stderr
+
+
+def test_karl_cot_sft_runs_the_freeze_callback(installed, tmp_path):
+    """The freeze callback runs in the trainer's own process and refuses a bad karl.sft value loudly."""
+    result = sft_trainer(installed, tmp_path, "+recipe=karl_cot_sft", "data.train_files=/d/sft.parquet",
+                         "model.path=/m/qwen", "trainer.default_local_dir=/ckpt", "karl.sft.freeze_vision_tower=maybe",
+                         timeout=120)
+    assert result.returncode != 0
+    assert "karl.sft.freeze_vision_tower: expected true or false, got 'maybe'" in result.stderr
