@@ -163,6 +163,8 @@ def gpu_problem(config: DictConfig, environ: Mapping[str, str], count_gpus: Any 
     """Too few local GPUs for a single-node run that starts its own Ray (None when not checkable)."""
     if str(_select(config, "trainer.device") or "cuda") == "cpu":
         return None
+    if _select(config, "actor_rollout_ref") is None:
+        return None  # not a main_ppo run: verl's SFT trainer is launched by torchrun, which places its ranks
     if _select(config, "ray_kwargs.ray_init.address") or environ.get("RAY_ADDRESS"):
         return None  # an existing cluster: its GPUs are not this machine's
     nnodes, wanted = _select(config, "trainer.nnodes"), _select(config, "trainer.n_gpus_per_node")
@@ -193,7 +195,7 @@ def format_problems(unset: list[str], problems: list[str], example: str | None =
         lines.append(f"karl-verl: this recipe needs these keys set on the command line:\n{listing}\n"
                      f"e.g. {example or MAIN_PPO_EXAMPLE}")
     if problems:
-        lines.append(f"karl-verl: {len(problems)} problem(s) would stop this run after Ray starts:\n"
+        lines.append(f"karl-verl: {len(problems)} problem(s) would stop this run later, after its workers start:\n"
                      + "\n".join(f"  {p}" for p in problems))
     return "\n".join(lines)
 

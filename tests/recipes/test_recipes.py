@@ -256,7 +256,9 @@ def test_karl_cot_sft_unset_paths_stop_at_once(installed, tmp_path):
 
 def test_karl_cot_sft_runs_the_freeze_callback(installed, tmp_path):
     """The freeze callback runs in the trainer's own process and refuses a bad karl.sft value loudly."""
-    result = sft_trainer(installed, tmp_path, "+recipe=karl_cot_sft", "data.train_files=/d/sft.parquet",
+    data = tmp_path / "sft.parquet"
+    data.write_bytes(b"")  # exists: the pre-flight's path check passes and the freeze callback is reached
+    result = sft_trainer(installed, tmp_path, "+recipe=karl_cot_sft", f"data.train_files={data}",
                          "model.path=/m/qwen", "trainer.default_local_dir=/ckpt", "karl.sft.freeze_vision_tower=maybe",
                          timeout=120)
     assert result.returncode != 0
