@@ -12,10 +12,10 @@ measured). Per request kind:
 * ``logprob``: today's logprob mode (one request per option, ``prompt_logprobs=0``);
 * ``choice``: choice mode (one greedy token constrained to the option letters).
 
-For 1,000 and 10,000 questions (probe sets built by ``karl-verl data compose`` style code) it
-measures, in a fresh process each: loading the probe set and building the questions, the
-TaskRunner's peak memory, and the refresh wall time in choice mode; then extrapolates linearly to
-the paper's scale (2,000 entities x 50 images = 100,000 questions).
+For 1,000 and 10,000 questions it measures, in a fresh process each, what the trainer does at a
+refresh: loading the probe set lazily and building the questions, asking them in choice mode, the
+wall time and the process's peak memory; then extrapolates linearly to the paper's scale (2,000
+entities x 50 images = 100,000 questions).
 
     python benchmarks/bench_probe_scale.py                  # about 5 minutes on 2 cores
     python benchmarks/bench_probe_scale.py --sizes 200 1000 # quicker
@@ -155,7 +155,9 @@ def measure_refresh(model_dir: Path, probe_path: Path) -> dict:
                                        max_model_len=None, seed=0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    questions = build_questions(load_probe_set(probe_path), per_entity=10**6, seed=0)
+    # As the karl trainer loads it: lazily (each question keeps its image's file and row).
+    questions = build_questions(load_probe_set(probe_path, lazy=True), per_entity=10**6, seed=0)
+    questions.sort(key=lambda q: q.image.index)
     load_s = time.perf_counter() - start
     backend = RolloutProbeBackend(InProcessClient(server), tokenizer=server.tokenizer, processor=server.processor,
                                   config=config, hf_model_type="qwen3_vl", max_concurrency=64)
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:<10}{figures['requests_per_question']:>12.1f}{figures['bytes_per_question']:>12,.0f}"
               f"{1000 * figures['seconds_per_question']:>10.1f}"
               f"{kinds['top20']['bytes_per_question'] / figures['bytes_per_question']:>15.0f}x")
-    print("\none refresh in choice mode (a fresh process each; TaskRunner side + in-process server)")
+    print("\none refresh in choice mode, probe set read lazily (a fresh process each; TaskRunner side + in-process "
+          "server)")
     print(f"{'questions':>10}{'load+build s':>14}{'probe s':>10}{'peak RSS MiB':>14}{'growth MiB':>12}")
     for figures in refreshes.values():
         print(f"{figures['questions']:>10,}{figures['load_s']:>14.2f}{figures['probe_s']:>10.1f}"
@@ -223,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
               "(grows with prompt length: a real image is ~1,000 prompt tokens, not ~90)" if kind != "choice" else
               f"  {kind:<8} {figures['bytes_per_question'] * PAPER_QUESTIONS / 2**20:8.1f} MiB returned per refresh "
               "(independent of prompt length)")
+    smallest = refreshes[min(refreshes)]
     print(f"  load+build {largest['load_s'] * scale:.0f} s and refresh {largest['probe_s'] * scale / 60:.0f} min on "
-          f"this tiny CPU model; peak TaskRunner memory growth ~{largest['rss_growth_mib'] * scale / 1024:.1f} GiB "
-          "if it grows linearly")
+          f"this tiny CPU model; peak memory {largest['peak_rss_mib']:.0f} MiB at {largest['questions']:,} questions "
+          f"vs {smallest['peak_rss_mib']:.0f} MiB at {smallest['questions']:,} "
+          f"({largest['peak_rss_mib'] / smallest['peak_rss_mib']:.2f}x; goal <= 1.2x)")
     print(f"(inputs in {workdir}; machine: {os.cpu_count()} cores)")
     return 0
 

@@ -274,7 +274,8 @@ class KnowledgeBackend:
             raise RuntimeError("cancelled")
         rows = []
         for request in requests:
-            entity = self.image_entity[bytes(request.images[0])]
+            image = request.images[0]  # the trainer reads its probe set lazily (ParquetImage)
+            entity = self.image_entity[bytes(image.read() if hasattr(image, "read") else image)]
             letters = dict((name, letter) for letter, name in re.findall(r"^([ABCD])\. (.+)$",
                                                                           request.messages[0]["content"], re.M))
             right = letters[entity]
@@ -859,3 +860,46 @@ def test_resume_from_a_checkpoint_without_mastery_state_sets_up_afresh(base_conf
     assert STATE_FILE in caplog.text
     resumed.on_train_begin()
     assert resumed.karl_state.table.level_of("Su-30") == 2
+
+
+# ----------------------------------------------------------------------------- refresh budget
+
+
+def test_a_refresh_asks_up_to_refresh_questions_per_entity_drawn_afresh(base_config, tmp_path, tq, tokenizer,
+                                                                        probe_set):
+    path, image_entity = probe_set
+    config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2,
+                                                         "refresh_questions_per_entity": 1})
+    trainer = build_trainer(config, tq, tokenizer, backend=KnowledgeBackend(image_entity, known=set()))
+    first = trainer._karl_refresh_questions(0)
+    assert sorted(q.entity for q in first) == sorted(PROBED)  # one question of each entity
+    assert [q.question_id for q in trainer._karl_refresh_questions(0)] == [q.question_id for q in first]
+    subsets = {tuple(sorted(q.question_id for q in trainer._karl_refresh_questions(i))) for i in range(12)}
+    assert len(subsets) > 1  # another refresh draws other images
+    trainer.on_train_begin()
+    assert trainer.karl_state.history[-1].num_questions == len(PROBED)
+
+
+def test_the_refresh_budget_is_reported_and_warned_above_its_share(base_config, tmp_path, tq, tokenizer, probe_set,
+                                                                  caplog):
+    path, image_entity = probe_set
+    config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2,
+                                                         "max_refresh_share": 0.05})
+    trainer = build_trainer(config, tq, tokenizer, backend=KnowledgeBackend(image_entity, known=set()))
+    trainer.on_train_begin()
+    assert trainer._karl_seconds_per_question is not None
+    trainer._karl_seconds_per_question = 1.0  # 8 questions: an 8 s refresh
+    with caplog.at_level(logging.INFO, logger="karl_verl.integration.trainer"):
+        trainer._karl_report_budget(step_seconds=1.0)  # an epoch of steps_per_epoch 1 s steps
+    epoch_s = trainer.steps_per_epoch * 1.0
+    share = trainer._karl_pending_metrics["karl/refresh/estimated_epoch_share"]
+    assert share == pytest.approx(8.0 / (8.0 + epoch_s))
+    assert trainer._karl_pending_metrics["karl/refresh/estimated_time_s"] == pytest.approx(8.0)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "max_refresh_share" in r.getMessage()]
+    assert len(warnings) == 1 and "8 questions per refresh" in warnings[0].getMessage()
+    caplog.clear()
+    trainer._karl_seconds_per_question = 1e-6
+    with caplog.at_level(logging.INFO, logger="karl_verl.integration.trainer"):
+        trainer._karl_report_budget(step_seconds=1.0)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("refresh budget" in r.getMessage() for r in caplog.records)

@@ -301,7 +301,8 @@ class StepBackend:
         known = knowledge(self.step() - 1)  # the weights of the steps completed so far
         rows = []
         for request in requests:
-            entity = self.image_entity[bytes(request.images[0])]
+            image = request.images[0]  # the trainer reads its probe set lazily (ParquetImage)
+            entity = self.image_entity[bytes(image.read() if hasattr(image, "read") else image)]
             letters = dict((name, letter) for letter, name in re.findall(r"^([ABCD])\. (.+)$",
                                                                           request.messages[0]["content"], re.M))
             right = letters[entity]
@@ -482,7 +483,8 @@ def normalized_state(state_json: Any) -> Any:
 
 
 #: Metrics that measure time: left out of comparisons.
-TIMING_METRICS = ("karl/refresh/probe_time_s", "karl/refresh/probe_time_share")
+TIMING_METRICS = ("karl/refresh/probe_time_s", "karl/refresh/probe_time_share", "karl/refresh/estimated_time_s",
+                  "karl/refresh/estimated_epoch_share")
 
 
 @dataclass
