@@ -315,6 +315,9 @@ class MasteryConfig:
     probe_timeout_s: float = 1800.0
     #: Probe requests in flight at once on the rollout servers (in-training probe only).
     probe_max_concurrency: int = 256
+    #: Threads in the trainer that decode probe images and build question prompts (in-training probe
+    #: only): images are read and decoded per request in flight, never the whole probe set at once.
+    probe_prepare_workers: int = 8
     #: "probe", "online" (Beta posterior from training rollouts) or "blend".
     source: str = "probe"
     #: Weight of the online estimate in "blend".
@@ -341,6 +344,7 @@ class MasteryConfig:
             "max_refresh_share": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
             "probe_timeout_s": lambda v, k: _number(v, k, 0.0, low_open=True),
             "probe_max_concurrency": lambda v, k: _integer(v, k, 1),
+            "probe_prepare_workers": lambda v, k: _integer(v, k, 1),
             "source": lambda v, k: _choice(v, k, ("probe", "online", "blend")),
             "online_weight": lambda v, k: _number(v, k, 0.0, 1.0),
             "online_decay": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),

@@ -90,8 +90,12 @@ def _with_images(request: GenerationRequest, where: str) -> list[dict[str, Any]]
 class _LoopThread:
     """An asyncio event loop running in a daemon thread; coroutines are submitted from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 8) -> None:
         self.loop = asyncio.new_event_loop()
+        # The loop's default executor: image decoding and prompt building (verl's dataset class runs
+        # its vision processing there too) happen on these threads, per request in flight.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="karl-probe-prep")
+        self.loop.set_default_executor(self._pool)
         self._thread = threading.Thread(target=self.loop.run_forever, name="karl-probe-loop", daemon=True)
         self._thread.start()
 
@@ -104,6 +108,7 @@ class _LoopThread:
             self._thread.join(timeout=10)
         if not self.loop.is_running():
             self.loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class RolloutProbeBackend:
@@ -127,6 +132,7 @@ class RolloutProbeBackend:
         config: Any,
         hf_model_type: str | None = None,
         max_concurrency: int = 256,
+        prepare_workers: int = 8,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
@@ -134,6 +140,7 @@ class RolloutProbeBackend:
         self.config = config
         self.hf_model_type = hf_model_type
         self.max_concurrency = max(1, int(max_concurrency))
+        self.prepare_workers = max(1, int(prepare_workers))
         rollout = config.actor_rollout_ref.rollout
         self.rollout_name = str(rollout.get("name", "vllm"))
         self._loop: _LoopThread | None = None
@@ -143,8 +150,8 @@ class RolloutProbeBackend:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_trainer(cls, trainer: Any, *, hf_model_type: str | None, max_concurrency: int = 256
-                     ) -> RolloutProbeBackend:
+    def from_trainer(cls, trainer: Any, *, hf_model_type: str | None, max_concurrency: int = 256,
+                     prepare_workers: int = 8) -> RolloutProbeBackend:
         """The backend of a running verl trainer (driver process): its client, tokenizer and config."""
         return cls(
             trainer.get_llm_client(),
@@ -153,6 +160,7 @@ class RolloutProbeBackend:
             config=trainer.config,
             hf_model_type=hf_model_type,
             max_concurrency=max_concurrency,
+            prepare_workers=prepare_workers,
         )
 
     @property
@@ -167,7 +175,7 @@ class RolloutProbeBackend:
         if self._cancelled.is_set():
             raise ProbeCancelled("the probe was cancelled")
         if self._loop is None:
-            self._loop = _LoopThread()
+            self._loop = _LoopThread(self.prepare_workers)
         future = self._loop.submit(coro_fn(*args))
         with self._lock:
             self._inflight.add(future)
@@ -205,7 +213,7 @@ class RolloutProbeBackend:
     async def _encode(self, request: GenerationRequest, where: str) -> tuple[list[int], list[Any] | None]:
         """Prompt token ids and processed images of one request, as verl's agent loop makes them."""
         builder = await self._prompt_builder()
-        messages = _with_images(request, where)
+        messages = await asyncio.get_running_loop().run_in_executor(None, _with_images, request, where)
         multi_modal = await builder.process_multi_modal_info(messages)
         images = multi_modal.get("images")
         prompt_ids = await builder.ct_build_initial_tokens(messages, images=images)

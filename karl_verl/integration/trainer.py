@@ -457,7 +457,8 @@ class KarlTrainer(PPOTrainerSync):
         if self._karl_model_type is None:
             self._karl_model_type = model_type_of(self.config) or ""
         return RolloutProbeBackend.from_trainer(self, hf_model_type=self._karl_model_type or None,
-                                                max_concurrency=self.karl_config.mastery.probe_max_concurrency)
+                                                max_concurrency=self.karl_config.mastery.probe_max_concurrency,
+                                                prepare_workers=self.karl_config.mastery.probe_prepare_workers)
 
     def _karl_call_probe(self, questions: Sequence[Any], backend: Any, mode: str, epoch: int) -> Any:
         from karl_verl.probe.runner import run_probe
