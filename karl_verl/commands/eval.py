@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
             from karl_verl.commands.usage import check_model_options
             from karl_verl.evaluation.inference import generator_from_args
 
-            check_model_options(args.model, args.backend, args.device)
             vllm_kwargs = None
             if protocol == released.RELEASED_PROTOCOL:
                 conflicts = released_inference_conflicts(args)
@@ -154,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
                     raise ValueError("--protocol released runs the released inference settings; drop "
                                      + "; ".join(conflicts))
                 vllm_kwargs = {"max_model_len": released.RELEASED_MAX_MODEL_LEN}
+            check_model_options(args.model, args.backend, args.device)
             generator, sampling = generator_from_args(args, n=1, vllm_kwargs=vllm_kwargs if args.backend == "vllm"
                                                       else None)
         from karl_verl.evaluation.runner import run_eval

@@ -6,8 +6,9 @@ karl-verl classes right after their modules are imported (whichever process impo
 and in whatever order), and breaks what environment variables ask for, read at call time:
 
 * ``KARL_TEST_FAIL_PROBE_AFTER_SYNCS=N``: the transformers rollout server raises on every probe
-  request (those ask for ``prompt_logprobs``) once it has taken N weight syncs: the probe at train
-  begin works, a later refresh fails.
+  request (those ask for ``allowed_token_ids`` in choice mode or ``prompt_logprobs`` in logprob mode;
+  training rollouts never do) once it has taken N weight syncs: the probe at train begin works, a
+  later refresh fails.
 * ``KARL_TEST_FAIL_REWARD_ONCE=1``: each reward-loop worker's first scoring raises.
 """
 
@@ -24,7 +25,8 @@ def _patch_rollout(module):
 
     def _generate(self, prompt_ids, params, image_data, mm_processor_kwargs):
         after = os.environ.get("KARL_TEST_FAIL_PROBE_AFTER_SYNCS")
-        if after is not None and params.get("prompt_logprobs") is not None and self.syncs >= int(after):
+        probe = params.get("prompt_logprobs") is not None or params.get("allowed_token_ids") is not None
+        if after is not None and probe and self.syncs >= int(after):
             raise RuntimeError(f"injected rollout-server fault during a probe (after {self.syncs} syncs)")
         return original(self, prompt_ids, params, image_data, mm_processor_kwargs)
 
