@@ -1,0 +1,74 @@
+"""The in-training probe on the CPU rollout server and the tiny model: choice and logprob mode agree.
+
+The same path as a training refresh (``RolloutProbeBackend``: verl's prompt builder, the rollout
+server's answers in verl's layout), with the server called in process instead of through Ray.
+"""
+
+import pickle
+
+import pytest
+
+from karl_verl.integration.rollout_probe import RolloutProbeBackend
+from karl_verl.probe.questions import build_questions, load_probe_set
+from karl_verl.probe.runner import run_probe
+
+
+class InProcessClient:
+    """``LLMServerClient.generate`` on a server object in this process; records what each answer weighs."""
+
+    def __init__(self, server):
+        self.server = server
+        self.sizes = []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, **kwargs):
+        output = await self.server.generate(request_id=request_id, prompt_ids=prompt_ids,
+                                            sampling_params=sampling_params, image_data=image_data, **kwargs)
+        self.sizes.append(len(pickle.dumps(output, protocol=5)))
+        return output
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from karl_verl.cpu import activate
+
+    activate()
+    from karl_verl.cpu.rollout import TransformersRolloutServer
+    from karl_verl.data.annotations import ReadOptions
+    from karl_verl.data.compose import PROBE_FILE, ComposeConfig, compose_dataset
+    from karl_verl.dryrun.pipeline import compose_recipe
+    from karl_verl.dryrun.synthetic import write_single_entity_images
+    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+
+    workdir = tmp_path_factory.mktemp("probe-on-server")
+    annotations = write_single_entity_images(workdir / "sources", seed=0)
+    compose_dataset([annotations], workdir / "data",
+                    ComposeConfig(num_images=16, tile_size=64, probe_images_per_entity=2, k_weights={2: 1.0, 3: 1.0},
+                                  seed=0, image_format="png"), ReadOptions(), progress=False)
+    model = save_tiny_checkpoint(workdir / "model", seed=0)
+    config = compose_recipe("karl_kvg_cpu", [f"actor_rollout_ref.model.path={model}", "data.train_files=/x"])
+    server = TransformersRolloutServer(str(model), replica_rank=0, response_length=8, prompt_length=1024,
+                                       max_model_len=None, seed=0)
+    questions = build_questions(load_probe_set(workdir / "data" / PROBE_FILE, lazy=True), per_entity=3, seed=0)
+    return server, config, questions
+
+
+def _probe(setup, mode):
+    server, config, questions = setup
+    client = InProcessClient(server)
+    backend = RolloutProbeBackend(client, tokenizer=server.tokenizer, processor=server.processor, config=config,
+                                  hf_model_type="qwen3_vl", max_concurrency=4, prepare_workers=2)
+    try:
+        return run_probe(questions, backend, mode=mode, progress=False), client.sizes
+    finally:
+        backend.close()
+
+
+def test_choice_and_logprob_give_the_same_table_on_the_tiny_model(setup):
+    _, _, questions = setup
+    (by_choice, choice_sizes), (by_logprob, logprob_sizes) = _probe(setup, "choice"), _probe(setup, "logprob")
+    assert by_choice.decisions == by_logprob.decisions
+    assert by_choice.table.entries == by_logprob.table.entries and len(by_choice.table) > 1
+    assert by_logprob.per_entity_expected_accuracy is not None and by_choice.per_entity_expected_accuracy is None
+    # one request per question against four; each choice answer weighs a few hundred bytes
+    assert len(choice_sizes) == len(questions) and len(logprob_sizes) == 4 * len(questions)
+    assert max(choice_sizes) < 1000 < min(logprob_sizes)
