@@ -138,10 +138,18 @@ async def _top20_all(backend, requests):
     return await backend._gather([one(i, r) for i, r in enumerate(requests)])
 
 
+def _memory_mib(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` of this process from /proc: unlike ``ru_maxrss``, the peak starts
+    afresh in a new program (Linux keeps ``ru_maxrss`` across the fork and exec that started it)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def measure_refresh(model_dir: Path, probe_path: Path) -> dict:
     """One refresh as the trainer runs it (questions built, then run_probe in choice mode); time and memory."""
-    import resource
-
     from karl_verl.cpu import activate
 
     activate()
@@ -153,7 +161,7 @@ def measure_refresh(model_dir: Path, probe_path: Path) -> dict:
     config = _config(model_dir)
     server = TransformersRolloutServer(str(model_dir), replica_rank=0, response_length=48, prompt_length=1024,
                                        max_model_len=None, seed=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _memory_mib("VmRSS")
     start = time.perf_counter()
     # As the karl trainer loads it: lazily (each question keeps its image's file and row).
     questions = build_questions(load_probe_set(probe_path, lazy=True), per_entity=10**6, seed=0)
@@ -167,9 +175,9 @@ def measure_refresh(model_dir: Path, probe_path: Path) -> dict:
     finally:
         backend.close()
     probe_s = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _memory_mib("VmHWM")
     return {"questions": result.num_questions, "load_s": load_s, "probe_s": probe_s,
-            "peak_rss_mib": after / 1024, "rss_growth_mib": (after - before) / 1024}
+            "peak_rss_mib": peak, "rss_growth_mib": peak - before}
 
 
 def _child(argv: list[str]) -> dict:
@@ -200,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-bench-probe-"))
     model_dir = save_tiny_checkpoint(workdir / "model", seed=0)
-    probes = {n: write_probe_set(workdir / f"probe_{n}.parquet", n) for n in args.sizes}
+    probes = {n: workdir / f"probe_{n}.parquet" for n in args.sizes}
+    for n, path in probes.items():
+        if not path.is_file():  # --workdir of an earlier run: its probe sets are reused
+            write_probe_set(path, n)
     kinds = _child(["--child", "kinds", "--model", str(model_dir), "--probe", str(probes[min(args.sizes)]),
                     "--sample", str(args.sample)])
     refreshes = {n: _child(["--child", "refresh", "--model", str(model_dir), "--probe", str(path)])
