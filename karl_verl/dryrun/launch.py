@@ -1,4 +1,4 @@
-"""Run verl's ``main_ppo`` (or its ``sft_trainer``) as a child process and keep an eye on it (the dry run and its tests).
+"""Run a verl entry point (``main_ppo``, ``sft_trainer``) as a child process and keep an eye on it (the dry run).
 
 Each run is its own process session, so that the driver, the local Ray cluster it starts and every
 Ray worker can be ended together: on timeout, on a deliberate kill (the crash test), and after a
