@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in run: training prompts, two steps' worth per epoch (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=150,
                         help="built-in run: supervised steps on the answer format first (default 150)")
+    parser.add_argument("--stages", default="2", choices=["2", "1,2"],
+                        help="built-in run: 2 (default) the RL run from a warmed-up tiny model; 1,2 first verl's SFT "
+                             "trainer on a built-in CoT set (karl_cot_sft_cpu), whose checkpoint main_ppo then loads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=2000,
                         help="pre-flight: rows checked per data file (default 2000; 0: all)")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-dryrun-"))
     report = run_dryrun(DryRunOptions(workdir=workdir, num_prompts=args.prompts, warmup_steps=args.warmup_steps,
-                                      seed=args.seed, progress=not args.no_progress, recipe=CPU_RECIPE))
+                                      seed=args.seed, progress=not args.no_progress, recipe=CPU_RECIPE,
+                                      stages=tuple(int(stage) for stage in args.stages.split(","))))
     print(report.format())
     path = atomic_write_text(Path(report.outputs["workdir"]) / "dryrun_report.json",
                              json.dumps(report.to_json(), indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Run verl's ``main_ppo`` as a child process and keep an eye on it (the dry run and its tests).
+"""Run a verl entry point (``main_ppo``, ``sft_trainer``) as a child process and keep an eye on it (the dry run).
 
 Each run is its own process session, so that the driver, the local Ray cluster it starts and every
 Ray worker can be ended together: on timeout, on a deliberate kill (the crash test), and after a
@@ -23,7 +23,7 @@ from typing import Any
 
 @dataclass
 class RunResult:
-    """What one ``main_ppo`` child process did."""
+    """What one verl child process (``main_ppo`` or ``sft_trainer``) did."""
 
     returncode: int
     seconds: float
@@ -95,13 +95,31 @@ def kill_session(session: int) -> int:
     return len(pids)
 
 
+def verl_command(module: str, recipe: str, overrides: Sequence[str]) -> list[str]:
+    """``python -m <module> +recipe=<recipe> <overrides>`` with this interpreter."""
+    return [sys.executable, "-m", module, f"+recipe={recipe}", *overrides]
+
+
 def main_ppo_command(recipe: str, overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={recipe}", *overrides]
+    return verl_command("verl.trainer.main_ppo", recipe, overrides)
 
 
-def run_main_ppo(
-    recipe: str,
-    overrides: Sequence[str],
+def sft_trainer_command(recipe: str, overrides: Sequence[str]) -> list[str]:
+    return verl_command("verl.trainer.sft_trainer", recipe, overrides)
+
+
+def run_main_ppo(recipe: str, overrides: Sequence[str], **kwargs: Any) -> RunResult:
+    """Run ``python -m verl.trainer.main_ppo +recipe=<recipe> <overrides>`` (see :func:`run_verl_child`)."""
+    return run_verl_child(main_ppo_command(recipe, overrides), **kwargs)
+
+
+def run_sft_trainer(recipe: str, overrides: Sequence[str], **kwargs: Any) -> RunResult:
+    """Run ``python -m verl.trainer.sft_trainer +recipe=<recipe> <overrides>`` (see :func:`run_verl_child`)."""
+    return run_verl_child(sft_trainer_command(recipe, overrides), **kwargs)
+
+
+def run_verl_child(
+    command: Sequence[str],
     *,
     metrics_path: Path,
     log_path: Path,
@@ -111,7 +129,7 @@ def run_main_ppo(
     on_step: Callable[[int], None] | None = None,
     cwd: Path | None = None,
 ) -> RunResult:
-    """Run ``python -m verl.trainer.main_ppo +recipe=<recipe> <overrides>`` to its end (or kill it).
+    """Run ``command`` (a verl entry point logging with its ``file`` logger) to its end, or kill it.
 
     ``kill_after_step``: SIGKILL the whole session as soon as that step's metrics are logged (a
     crash at a step boundary, after its checkpoint if one was due). ``on_step(step)`` is called for
@@ -124,7 +142,7 @@ def run_main_ppo(
     child_env = {**os.environ, **(env or {}), "VERL_FILE_LOGGER_PATH": str(metrics_path), "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(main_ppo_command(recipe, overrides), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env, cwd=cwd, start_new_session=True)
     result = RunResult(returncode=-1, seconds=0.0, metrics_path=metrics_path, log_path=log_path)
     seen = 0

@@ -36,11 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from karl_verl.dryrun.launch import RunResult, run_main_ppo
+from karl_verl.dryrun.launch import RunResult, run_main_ppo, run_sft_trainer
 from karl_verl.dryrun.report import TrainingSummary, format_refreshes, format_steps, plot_level_rewards, summarize
 
 #: The recipe the dry run trains with (``karl_kvg`` with the CPU execution layer and tiny sizes).
 CPU_RECIPE = "karl_kvg_cpu"
+#: The stage-1 recipe of ``--stages 1,2`` (``karl_cot_sft`` with the CPU execution layer and tiny sizes).
+CPU_SFT_RECIPE = "karl_cot_sft_cpu"
 
 
 @dataclass
@@ -61,6 +63,11 @@ class DryRunOptions:
     recipe: str = CPU_RECIPE
     #: A main_ppo run slower than this is killed and reported as failed.
     timeout_s: float = 900.0
+    #: KARL stages run: (2,) the RL run from the warmed-up tiny model; (1, 2) first verl's SFT trainer
+    #: on the built-in CoT set (recipe karl_cot_sft_cpu), whose checkpoint main_ppo then starts from.
+    stages: tuple[int, ...] = (2,)
+    #: Stage 1: epochs over the built-in CoT set (12 rows, 4 a step: 3 steps an epoch).
+    sft_epochs: int = 3
 
 
 @dataclass
@@ -75,18 +82,29 @@ class DryRunReport:
     resume_history: tuple[int, int] | None = None
     problems: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    #: Stage 1 (``--stages 1,2``): verl's SFT trainer run and its logged losses, one per step.
+    sft_run: RunResult | None = None
+    sft_losses: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(run.ok for run in self.runs.values())
+        return (not self.problems and all(run.ok for run in self.runs.values())
+                and (self.sft_run is None or self.sft_run.ok))
 
     @property
     def peak_memory_bytes(self) -> int:
         return max((run.peak_memory_bytes for run in self.runs.values()), default=0)
 
     def format(self) -> str:
-        lines = ["", "karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe karl_kvg_cpu, tiny "
-                 "Qwen3-VL warmed up on the answer format)", ""]
+        start = ("tiny Qwen3-VL after stage 1" if self.sft_run is not None
+                 else "tiny Qwen3-VL warmed up on the answer format")
+        lines = ["", f"karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe karl_kvg_cpu, {start})",
+                 ""]
+        if self.sft_run is not None:
+            losses = (f"loss {self.sft_losses[0]:.3f} -> {self.sft_losses[-1]:.3f}" if self.sft_losses
+                      else "no loss logged")
+            lines += [f"stage 1: verl's sft_trainer +recipe={CPU_SFT_RECIPE}: {len(self.sft_losses)} steps, {losses}, "
+                      f"{self.sft_run.seconds:.0f} s; stage 2 starts from {self.outputs.get('model', '?')}", ""]
         lines += format_steps(self.summary)
         lines += ["", "mastery refreshes (the probe on the rollout server):"]
         lines += format_refreshes(self.summary) or ["  none logged"]
@@ -121,6 +139,9 @@ class DryRunReport:
             "resume": {"from_step": self.resumed_from_step, "first_step": self.resume_first_step,
                        "table_continued": self.resume_table_continued},
             "outputs": self.outputs,
+            "sft": None if self.sft_run is None else {
+                "returncode": self.sft_run.returncode, "seconds": self.sft_run.seconds, "losses": self.sft_losses,
+                "metrics": str(self.sft_run.metrics_path), "log": str(self.sft_run.log_path)},
         }
 
 
@@ -250,7 +271,7 @@ def training_overrides(options: DryRunOptions, paths: dict[str, Path], *, checkp
         f"data.train_batch_size={batch}", f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
         f"trainer.total_epochs={total_epochs}", f"trainer.save_freq={options.steps_per_epoch}",
         f"trainer.test_freq={options.steps_per_epoch * options.epochs}", "trainer.val_before_train=false",
-        f"data.seed={options.seed}", f"actor_rollout_ref.rollout.seed={options.seed}",
+        f"actor_rollout_ref.rollout.seed={options.seed}",
         f"karl.mastery.seed={options.seed}", f"hydra.run.dir={hydra_dir}", "hydra.output_subdir=null",
     ]
     if total_steps is not None:
@@ -282,6 +303,41 @@ def train(options: DryRunOptions, paths: dict[str, Path], name: str, overrides: 
                             on_step=lambda _step: bar.update(1), cwd=workdir)
 
 
+def train_stage1(options: DryRunOptions, start: Path, report: DryRunReport) -> Path:
+    """Stage 1: the built-in CoT set -> SFT parquet -> ``sft_trainer +recipe=karl_cot_sft_cpu`` from ``start``.
+
+    Returns the saved Hugging Face folder (``global_step_<N>/huggingface``) stage 2 loads; problems
+    (a failed run, a loss that did not fall, no checkpoint) go to ``report.problems``.
+    """
+    from karl_verl.data.cot import write_builtin_cot_set
+    from karl_verl.data.sft import convert_sharegpt
+
+    workdir = Path(options.workdir)
+    parquet = workdir / "cot" / "sft.parquet"
+    convert_sharegpt([write_builtin_cot_set(workdir / "cot", seed=options.seed)], parquet, progress=False)
+    checkpoints = workdir / "sft_checkpoints"
+    overrides = [f"data.train_files={parquet}", f"model.path={start}", f"trainer.default_local_dir={checkpoints}",
+                 f"trainer.total_epochs={options.sft_epochs}",
+                 f"hydra.run.dir={workdir / 'hydra' / 'sft'}", "hydra.output_subdir=null"]
+    with _progress_bar(0, "sft_trainer", options.progress) as bar:
+        run = run_sft_trainer(CPU_SFT_RECIPE, overrides, metrics_path=workdir / "metrics" / "sft.jsonl",
+                              log_path=workdir / "logs" / "sft.log", env=training_environment(),
+                              timeout_s=options.timeout_s, on_step=lambda _step: bar.update(1), cwd=workdir)
+    report.sft_run = run
+    report.sft_losses = [float(r["data"]["train/loss"]) for r in run.steps if "train/loss" in r["data"]]
+    if not run.ok:
+        report.problems.append(f"sft_trainer failed (rc {run.returncode}); last lines of {run.log_path}:\n"
+                               + run.log_tail())
+        return start
+    if len(report.sft_losses) < 2 or not report.sft_losses[-1] < report.sft_losses[0]:
+        report.problems.append(f"stage 1's loss did not fall: {report.sft_losses}")
+    saved = checkpoints / f"global_step_{len(run.steps)}" / "huggingface"
+    if not (saved / "model.safetensors").is_file():
+        report.problems.append(f"stage 1 saved no Hugging Face checkpoint at {saved}")
+        return start
+    return saved
+
+
 def _state(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -298,7 +354,16 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
     workdir.mkdir(parents=True, exist_ok=True)
     options = DryRunOptions(**{**vars(options), "workdir": workdir})
     torch.manual_seed(options.seed)
+    if 1 in options.stages:  # the stage-1 model replaces the format warm-up
+        options = DryRunOptions(**{**vars(options), "warmup_steps": 0})
     paths = prepare_inputs(options, report, say)
+    if 1 in options.stages:
+        with _stage(report, "sft", say):
+            paths["model"] = train_stage1(options, paths["model"], report)
+            report.outputs["model"] = str(paths["model"])
+        if not report.ok or 2 not in options.stages:
+            report.outputs["workdir"] = str(workdir)
+            return report
     checkpoints = workdir / "checkpoints"
     first_steps = options.steps_per_epoch * options.epochs
 

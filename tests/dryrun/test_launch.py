@@ -16,7 +16,14 @@ import time
 import pytest
 
 from karl_verl.dryrun import launch
-from karl_verl.dryrun.launch import RunResult, kill_session, main_ppo_command, read_step_metrics, run_main_ppo
+from karl_verl.dryrun.launch import (
+    RunResult,
+    kill_session,
+    main_ppo_command,
+    read_step_metrics,
+    run_main_ppo,
+    sft_trainer_command,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -73,6 +80,11 @@ def test_main_ppo_command_runs_verls_entry_point_with_the_recipe():
         "+recipe=karl_kvg_cpu",
         "trainer.total_epochs=2",
     ]
+
+
+def test_sft_trainer_command_runs_verls_sft_entry_point_with_the_recipe():
+    assert sft_trainer_command("karl_cot_sft_cpu", ["trainer.total_epochs=3"]) == [
+        sys.executable, "-m", "verl.trainer.sft_trainer", "+recipe=karl_cot_sft_cpu", "trainer.total_epochs=3"]
 
 
 def _session_tree() -> subprocess.Popen:

@@ -18,7 +18,7 @@ RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "k
 #: Recipes of verl's SFT trainer (stage 1).
 SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
-CPU_RECIPES = ["karl_kvg_cpu"]
+CPU_RECIPES = ["karl_kvg_cpu", "karl_cot_sft_cpu"]
 
 
 @pytest.fixture(scope="module")
