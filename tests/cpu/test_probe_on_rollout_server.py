@@ -29,9 +29,8 @@ class InProcessClient:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from karl_verl.cpu import activate
-
-    activate()
+    # No karl_verl.cpu.activate() here: it would set the CPU layer's variables for the rest of the test
+    # session (and its subprocesses); the server, the processor fix and the dataset class need none.
     from karl_verl.cpu.rollout import TransformersRolloutServer
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import PROBE_FILE, ComposeConfig, compose_dataset
