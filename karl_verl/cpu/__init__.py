@@ -69,9 +69,10 @@ def activate() -> None:
     from karl_verl.cpu import plugin
 
     plugin.register()
-    from verl.plugin.platform import platform_manager
+    from verl.plugin.platform import get_platform, set_platform
 
     from karl_verl.cpu.platform import CpuPlatform
 
-    if not isinstance(platform_manager._current_platform, CpuPlatform):
-        platform_manager.set_platform(CpuPlatform())
+    # Resolved now from VERL_PLATFORM=cpu, unless an earlier import already resolved another platform.
+    if not isinstance(get_platform(), CpuPlatform):
+        set_platform(CpuPlatform())

@@ -25,9 +25,16 @@ class CpuExecutionCallback(Callback):
     """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
         from karl_verl.cpu import activate
 
         activate()
+        # verl's file logger (the recipe's second logger) writes under the working directory unless told
+        # otherwise; the run's own folder keeps it with the checkpoints.
+        folder = OmegaConf.select(config, "trainer.default_local_dir", default=None)
+        if folder and not os.environ.get("VERL_FILE_LOGGER_PATH"):
+            os.environ.setdefault("VERL_FILE_LOGGER_ROOT", str(folder))
 
 
 def _free_port() -> int:
