@@ -1,6 +1,6 @@
 """Crash-safe mastery state (issue 6.2): a killed writer never leaves a partial or mixed table.
 
-Writer processes save table A, B, A, B... in a tight loop (forked by ``_helpers/writer_server.py``,
+Writer processes save table A, B, A, B... (or B, A, B...) in a tight loop (forked by ``_helpers/writer_server.py``,
 a separate interpreter); the test kills each with SIGKILL after a random delay, many times. After
 every kill the file loads and equals A or B. All the while a reader in another process
 (``_helpers/load_loop.py``) loads the file in a loop, as reward workers and the evaluator do while
@@ -61,6 +61,17 @@ def _wait_for_new_temp(folder: Path, known: set[str], timeout: float) -> None:
             return
 
 
+def _wait_for_new_inode(path: Path, inode: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.stat(path).st_ino != inode:
+                return
+        except FileNotFoundError:  # never expected: the rename is atomic; keep polling to fail below
+            pass
+    raise AssertionError(f"no writer's save replaced {path} within {timeout:.0f} s")
+
+
 @pytest.mark.parametrize("kind", ["table", "state"])
 def test_sigkill_at_random_moments_never_leaves_a_partial_file(tmp_path, kind):
     rng = random.Random(f"crash-{kind}")
@@ -82,11 +93,17 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(tmp_path, kind):
     live = None  # a writer spawned and not yet reaped: killed in `finally` if the test fails meanwhile
     try:
         for i in range(kills):
-            _ask(server, "spawn")
+            # Odd kills alternate the table a writer saves first, so that both tables become current
+            # even on a loaded machine where a writer rarely finishes two saves before its kill.
+            first = (i // 2) % 2
+            before = os.stat(path).st_ino
+            _ask(server, f"spawn {first}")
             pid = live = int(_read_line(server, ""))
             if i % 2:
-                # Anywhere in the first three saves: before, inside and between writes.
-                time.sleep(rng.uniform(0.0, 3 * save_s))
+                # After the first save landed (a rename gives the name a new inode), anywhere in the
+                # next two: before, inside and between writes.
+                _wait_for_new_inode(path, before, timeout=60.0)
+                time.sleep(rng.uniform(0.0, 2 * save_s))
             else:
                 # Most of a save is JSON encoding, before the temporary file exists, so uniform delays
                 # rarely land inside the file write: wait for a new temporary file to appear instead.

@@ -6,8 +6,9 @@ Imports and builds both tables once, prints ``ready SAVE_S ENCODE_S`` (the time 
 here, and the part of it spent encoding JSON before the temporary file exists), then serves
 commands on stdin, one per line:
 
-* ``spawn``: fork a writer that saves A, B, A, B... to PATH in a tight loop; print its pid. The
-  parent of the test kills that pid with SIGKILL at a moment of its choosing.
+* ``spawn FIRST``: fork a writer that saves A, B, A, B... (FIRST 0) or B, A, B, A... (FIRST 1) to
+  PATH in a tight loop; print its pid. The parent of the test kills that pid with SIGKILL at a
+  moment of its choosing.
 * ``reap``: wait for the last writer to end; print ``reaped STATUS``.
 
 Forking from a warm process makes a writer start in about a millisecond, where a fresh
@@ -27,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from crash_fixtures import import_without_plugin_registration, pair  # noqa: E402
 
 
-def _save_forever(path: str, tables: tuple) -> None:
-    turn = 0
+def _save_forever(path: str, tables: tuple, first: int) -> None:
+    turn = first
     while True:
         tables[turn % 2].save(path)
         turn += 1
@@ -49,12 +50,12 @@ def main() -> None:
     print(f"ready {save_s:.6f} {encode_s:.6f}", flush=True)
     child = None
     for line in sys.stdin:
-        command = line.strip()
+        command, *args = line.split()
         if command == "spawn":
             child = os.fork()
             if child == 0:
                 try:
-                    _save_forever(path, tables)
+                    _save_forever(path, tables, int(args[0]) if args else 0)
                 finally:
                     os._exit(1)  # never return into the server's loop
             print(child, flush=True)
