@@ -379,40 +379,45 @@ class KarlConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     mastery: MasteryConfig = field(default_factory=MasteryConfig)
 
-    @staticmethod
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        """The sections under ``karl`` (``reward``, ``mastery``, ...) and their dataclasses."""
+        return {f.name: f.default_factory for f in dataclasses.fields(cls)}  # type: ignore[misc]
+
+    @classmethod
     def check_sections(
-        karl: Mapping[str, Any] | None, algorithm_karl: Mapping[str, Any] | None
+        cls, karl: Mapping[str, Any] | None, algorithm_karl: Mapping[str, Any] | None
     ) -> tuple[RewardConfig | None, MasteryConfig | None, list[str]]:
-        """Build ``karl.reward``, ``karl.mastery`` and ``algorithm.karl`` apart, so that no error
-        hides another: (reward or None, mastery or None, problems), each problem "key: what is wrong"."""
+        """Build every ``karl.*`` section and ``algorithm.karl`` apart, so that no error hides another:
+        (reward or None, mastery or None, problems), each problem "key: what is wrong"."""
         problems: list[str] = []
         if hasattr(karl, "_metadata"):  # an OmegaConf DictConfig
             from omegaconf import OmegaConf
 
             karl = OmegaConf.to_container(karl, resolve=True)  # type: ignore[assignment]
         karl = karl or {}
-        problems.extend(_unknown_key_problem("karl", key, ("reward", "mastery"))
-                        for key in karl if key not in ("reward", "mastery"))
+        sections = cls.sections()
+        problems.extend(_unknown_key_problem("karl", key, sections) for key in karl if key not in sections)
         if (mismatch := _preset_mismatch(karl.get("reward"))) is not None:
             problems.append(mismatch)
-        built: list[Any] = []
-        for cls, data in ((RewardConfig, karl.get("reward")), (MasteryConfig, karl.get("mastery")),
-                          (AdvantageConfig, algorithm_karl)):
+        built: dict[str, Any] = {}
+        checks = [(name, section, karl.get(name)) for name, section in sections.items()]
+        for name, section, data in [*checks, ("algorithm.karl", AdvantageConfig, algorithm_karl)]:
             try:
-                built.append(cls.from_mapping(data))
+                built[name] = section.from_mapping(data)
             except ConfigError as err:  # each problem starts with its key
                 problems.extend(err.problems)
-                built.append(None)
-        return built[0], built[1], problems
+                built[name] = None
+        return built["reward"], built["mastery"], problems
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> KarlConfig:
         data = dict(data or {})
-        unknown = [_unknown_key_problem("karl", key, ("reward", "mastery")) for key in data
-                   if key not in ("reward", "mastery")]
+        sections = cls.sections()
+        unknown = [_unknown_key_problem("karl", key, sections) for key in data if key not in sections]
         if unknown:
             raise ConfigError(unknown)
-        return cls(RewardConfig.from_mapping(data.get("reward")), MasteryConfig.from_mapping(data.get("mastery")))
+        return cls(**{name: section.from_mapping(data.get(name)) for name, section in sections.items()})
 
 
 def _preset_mismatch(reward: Any) -> str | None:
@@ -450,8 +455,9 @@ def hydra_default_nodes() -> dict[str, dict[str, Any]]:
     experiment tracker) shows every value a run uses while the numbers stay here. One
     ``karl/reward`` node per preset, with that preset's scale tables written out.
     """
-    nodes = {f"karl/reward/{preset}": RewardConfig(preset=preset) for preset in REWARD_PRESETS}
-    nodes["karl/mastery/default"] = MasteryConfig()
+    nodes: dict[str, Any] = {f"karl/reward/{preset}": RewardConfig(preset=preset) for preset in REWARD_PRESETS}
+    nodes.update({f"karl/{name}/default": section() for name, section in KarlConfig.sections().items()
+                  if name != "reward"})
     nodes["karl/advantage/default"] = AdvantageConfig()
     return {name: {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
             for name, config in nodes.items()}
