@@ -372,12 +372,118 @@ class MasteryConfig:
         return _from_mapping(cls, data, "karl.mastery")
 
 
+def _levels(value: Any, key: str) -> tuple[int, ...]:
+    """A non-empty set of mastery levels (numbers 1..5 or level names), as sorted level numbers."""
+    if isinstance(value, (str, bytes, int)) or not isinstance(value, Iterable):
+        value = [value]
+    levels = []
+    for item in value:
+        try:
+            levels.append(parse_level(item))
+        except MasteryError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    if not levels:
+        raise ConfigError(f"{key}: expected at least one level (1..5)")
+    return tuple(sorted(set(levels)))
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_text(value: Any, key: str) -> str | None:
+    return None if value is None else _text(value, key)
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    """Knowledge-infused rollouts (``karl.inject``; karl-verl's addition, not the paper's).
+
+    For a training prompt whose entity is at one of ``levels``, ``num_injected`` of its ``n``
+    rollouts are an external response (a reference from ``responses_path`` or a teacher's reply)
+    instead of a sample; the loss treats their tokens as off-policy with the shaped ratio
+    ``p / (p + shaping_gamma)`` and no clipping.
+    """
+
+    enable: bool = False
+    #: Levels (1..5 or names) whose prompts get external responses: by default the two the model does not know.
+    levels: tuple[int, ...] = (4, 5)
+    #: Rollouts of a group replaced by an external response; must be below actor_rollout_ref.rollout.n.
+    num_injected: int = 1
+    #: "file" (references per instance from responses_path) or "teacher" (an OpenAI-compatible endpoint).
+    source: str = "file"
+    #: JSONL or parquet with a ``key`` and a ``response`` column (source "file").
+    responses_path: str | None = None
+    #: The ``extra_info`` field whose value is a prompt's key in responses_path.
+    key_field: str = "index"
+    #: Base URL of an OpenAI-compatible API (``http://host:8000/v1``; source "teacher").
+    teacher_url: str | None = None
+    #: Served model name at teacher_url (source "teacher").
+    teacher_model: str | None = None
+    teacher_temperature: float = 0.0
+    teacher_max_tokens: int = 1024
+    #: Seconds one teacher reply may take, retries included; a late or failed reply falls back to a sample.
+    teacher_timeout_s: float = 60.0
+    #: Retries of a failed teacher request within teacher_timeout_s.
+    teacher_retries: int = 1
+    #: gamma of the off-policy shaping f(p) = p / (p + gamma).
+    shaping_gamma: float = 0.1
+    #: Group mean and std over the sampled (on-policy) rollouts only; injected ones are normalised by them too.
+    on_policy_group_stats: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "karl.inject", {
+            "enable": _boolean,
+            "levels": _levels,
+            "num_injected": lambda v, k: _integer(v, k, 1),
+            "source": lambda v, k: _choice(v, k, ("file", "teacher")),
+            "responses_path": _optional_path,
+            "key_field": _text,
+            "teacher_url": _optional_text,
+            "teacher_model": _optional_text,
+            "teacher_temperature": lambda v, k: _number(v, k, 0.0),
+            "teacher_max_tokens": lambda v, k: _integer(v, k, 1),
+            "teacher_timeout_s": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "teacher_retries": lambda v, k: _integer(v, k, 0),
+            "shaping_gamma": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "on_policy_group_stats": _boolean,
+        })
+        if not self.enable:
+            return
+        if self.source == "file" and self.responses_path is None:
+            raise ConfigError("karl.inject.responses_path: needed with karl.inject.source=file (a JSONL or parquet "
+                              "file of reference responses with 'key' and 'response' columns)")
+        if self.source == "teacher":
+            problems = [f"karl.inject.{name}: needed with karl.inject.source=teacher ({what})"
+                        for name, what in (("teacher_url", "an OpenAI-compatible base URL, e.g. http://host:8000/v1"),
+                                           ("teacher_model", "the served model name"))
+                        if getattr(self, name) is None]
+            if self.teacher_url is not None and not self.teacher_url.startswith(("http://", "https://")):
+                problems.append(f"karl.inject.teacher_url: expected an http:// or https:// URL, got "
+                                f"{self.teacher_url!r}")
+            if problems:
+                raise ConfigError(problems)
+
+    def check_group_size(self, n: int) -> None:
+        """Raise when ``num_injected`` leaves no sampled rollout in a group of ``n`` (``rollout.n``)."""
+        if self.enable and self.num_injected >= n:
+            raise ConfigError(f"karl.inject.num_injected: expected fewer than actor_rollout_ref.rollout.n={n} "
+                              f"(a group needs sampled rollouts), got {self.num_injected}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> InjectConfig:
+        return _from_mapping(cls, data, "karl.inject")
+
+
 @dataclass(frozen=True)
 class KarlConfig:
     """Everything under the ``karl`` key of a verl config."""
 
     reward: RewardConfig = field(default_factory=RewardConfig)
     mastery: MasteryConfig = field(default_factory=MasteryConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
 
     @classmethod
     def sections(cls) -> dict[str, type]:

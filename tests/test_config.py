@@ -10,6 +10,7 @@ from karl_verl.config import (
     REWARD_PRESETS,
     AdvantageConfig,
     ConfigError,
+    InjectConfig,
     KarlConfig,
     MasteryConfig,
     RewardConfig,
@@ -84,6 +85,7 @@ class TestHydraDefaultNodes:
 
     @pytest.mark.parametrize(("name", "cls"), [("karl/reward/karl", RewardConfig),
                                                ("karl/mastery/default", MasteryConfig),
+                                               ("karl/inject/default", InjectConfig),
                                                ("karl/advantage/default", AdvantageConfig)])
     def test_every_field_with_its_default(self, name, cls):
         node = hydra_default_nodes()[name]
@@ -163,3 +165,48 @@ class TestCheckSections:
         assert KarlConfig.check_sections({"reward": hydra_default_nodes()["karl/reward/v1"]}, None)[2] == []
         own_tables = dict(node, pos_scale=[1, 1, 1, 1, 2])
         assert KarlConfig.check_sections({"reward": own_tables}, None)[2] == []
+
+
+class TestInjectConfig:
+    def test_off_by_default_with_the_documented_values(self):
+        config = InjectConfig()
+        assert not config.enable and config.levels == (4, 5) and config.num_injected == 1
+        assert (config.source, config.key_field, config.shaping_gamma) == ("file", "index", 0.1)
+        assert config.on_policy_group_stats is False
+        assert KarlConfig().inject == config
+
+    def test_levels_by_number_or_name(self):
+        assert InjectConfig(levels=["completely incorrect", 4, "4"]).levels == (4, 5)
+        assert InjectConfig(levels=3).levels == (3,)
+        with pytest.raises(ConfigError, match=r"karl\.inject\.levels: .*got 6"):
+            InjectConfig(levels=[4, 6])
+        with pytest.raises(ConfigError, match=r"karl\.inject\.levels: expected at least one level"):
+            InjectConfig(levels=[])
+
+    def test_bad_values_name_their_keys(self):
+        with pytest.raises(ConfigError) as err:
+            InjectConfig.from_mapping({"num_injected": 0, "shaping_gamma": 0, "source": "web", "enable": "yes",
+                                       "teacher_timeout_s": -1, "sourse": "file"})
+        assert sorted(p.split(":")[0] for p in err.value.problems) == [
+            "karl.inject.enable", "karl.inject.num_injected", "karl.inject.shaping_gamma", "karl.inject.source",
+            "karl.inject.sourse", "karl.inject.teacher_timeout_s"]
+
+    def test_an_enabled_source_needs_its_inputs(self):
+        with pytest.raises(ConfigError, match=r"karl\.inject\.responses_path: needed with karl\.inject\.source=file"):
+            InjectConfig(enable=True)
+        with pytest.raises(ConfigError) as err:
+            InjectConfig(enable=True, source="teacher", teacher_url="localhost:8000")
+        assert [p.split(":")[0] for p in err.value.problems] == ["karl.inject.teacher_model", "karl.inject.teacher_url"]
+        InjectConfig(enable=True, responses_path="refs.jsonl")
+        InjectConfig(enable=True, source="teacher", teacher_url="http://localhost:8000/v1", teacher_model="m")
+
+    def test_num_injected_must_leave_sampled_rollouts(self):
+        config = InjectConfig(enable=True, responses_path="refs.jsonl", num_injected=4)
+        with pytest.raises(ConfigError, match=r"karl\.inject\.num_injected: expected fewer than .*rollout\.n=4"):
+            config.check_group_size(4)
+        config.check_group_size(5)
+        InjectConfig(num_injected=4).check_group_size(4)  # off: nothing to check
+
+    def test_check_sections_reports_inject_problems_with_the_others(self):
+        _, _, problems = KarlConfig.check_sections({"inject": {"enable": True}, "mastery": {"seed": -1}}, None)
+        assert [p.split(":")[0] for p in problems] == ["karl.mastery.seed", "karl.inject.responses_path"]
