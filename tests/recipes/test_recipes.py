@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2"]
+RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2",
+           "karl_kvg_inject"]
 #: Recipes of verl's SFT trainer (stage 1).
 SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
@@ -95,6 +96,22 @@ def test_vanilla_grpo(composed):
     assert cfg["algorithm"]["adv_estimator"] == "grpo"
     assert cfg["karl"]["reward"]["preset"] == "uniform"
     assert cfg["trainer"]["v1"]["trainer_mode"] == "sync"
+
+
+def test_inject_turns_on_injection_and_its_agent_loop_only(composed):
+    from karl_verl.config import hydra_default_nodes
+
+    cfg = composed["karl_kvg_inject"]
+    assert cfg["karl"]["inject"] == dict(hydra_default_nodes()["karl/inject/default"], enable=True)
+    assert composed["karl_kvg"]["karl"]["inject"]["enable"] is False
+    assert cfg["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "karl_inject_agent"
+    assert cfg["trainer"]["experiment_name"] == "karl_kvg_inject"
+    base, ours = dict(composed["karl_kvg"]), dict(cfg)
+    for config in (base, ours):
+        config["karl"] = {k: v for k, v in config["karl"].items() if k != "inject"}
+        config["trainer"] = {k: v for k, v in config["trainer"].items() if k != "experiment_name"}
+        config["actor_rollout_ref"]["rollout"]["agent"].pop("default_agent_loop")
+    assert ours == base
 
 
 def test_paths_are_overridable(installed, tmp_path):
