@@ -101,6 +101,44 @@ def group_normalize(
     return scores - mean
 
 
+def group_normalize_over(
+    scores: torch.Tensor,
+    index: Any,
+    stats_rows: Sequence[bool] | np.ndarray,
+    *,
+    epsilon: float = 1e-6,
+    norm_by_std: bool = True,
+) -> torch.Tensor:
+    """GRPO group normalisation with each group's mean and std taken over its ``stats_rows`` only.
+
+    Every sample is normalised by its group's statistics, also those outside ``stats_rows`` (the
+    injected rollouts of ``karl.inject.on_policy_group_stats``: scored against the sampled ones).
+    A group with one such row gets mean 0 and std 1 (as a group of one in :func:`group_normalize`);
+    a group with none falls back to all of its rows.
+    """
+    batch = scores.shape[0]
+    stats = np.asarray(stats_rows, dtype=bool)
+    if len(index) != batch or stats.shape != (batch,):
+        raise ValueError(f"index and stats_rows: expected {batch} values each, got {len(index)} and {stats.size}")
+    if batch == 0:
+        return scores.clone()
+    codes = _group_codes(index)
+    counted = np.bincount(codes, weights=stats, minlength=codes.max() + 1)
+    stats = stats | (counted == 0)[codes]  # a group without any stats row uses all of its rows
+    values = scores.double().numpy()
+    counts = np.bincount(codes, weights=stats)
+    means = np.bincount(codes, weights=values * stats) / counts
+    squares = np.bincount(codes, weights=(values - means[codes]) ** 2 * stats)
+    stds = np.sqrt(squares / np.maximum(counts - 1, 1))
+    single = counts == 1
+    means[single], stds[single] = 0.0, 1.0
+    mean = torch.from_numpy(means[codes]).to(scores.dtype)
+    std = torch.from_numpy(stds[codes]).to(scores.dtype)
+    if norm_by_std:
+        return (scores - mean) / (std + epsilon)
+    return scores - mean
+
+
 def levels_tensor(levels: Sequence[Any] | np.ndarray | torch.Tensor, default_level: int, batch: int) -> torch.Tensor:
     """Per-sample levels 1..5 as a long tensor; None entries take ``default_level``."""
     if isinstance(levels, torch.Tensor):
@@ -149,6 +187,7 @@ def compute_karl_grpo_advantage(
     norm_adv_by_std_in_grpo: bool | None = None,
     config: Any = None,
     mastery_levels: Sequence[Any] | np.ndarray | torch.Tensor | None = None,
+    stats_rows: Sequence[bool] | np.ndarray | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantage, then per-level weighting; verl advantage-estimator signature.
@@ -164,6 +203,8 @@ def compute_karl_grpo_advantage(
         config: ``config.algorithm``; its ``karl`` key holds :class:`AdvantageConfig` fields.
         mastery_levels: [batch] levels 1..5 or level names (the ``karl`` trainer supplies them);
             None: no weighting, the result equals verl's GRPO.
+        stats_rows: [batch] bools: the rows each group's mean and std come from
+            (:func:`group_normalize_over`); None or all True: every row, as verl's GRPO.
         **kwargs: other keywords verl may pass (e.g. ``reward_baselines``) are ignored.
 
     Returns:
@@ -173,7 +214,11 @@ def compute_karl_grpo_advantage(
         norm_adv_by_std_in_grpo = bool(_config_value(config, "norm_adv_by_std_in_grpo", True))
     scores = token_level_rewards.sum(dim=-1)
     with torch.no_grad():
-        advantages = group_normalize(scores, index, epsilon=epsilon, norm_by_std=norm_adv_by_std_in_grpo)
+        if stats_rows is None or bool(np.all(stats_rows)):
+            advantages = group_normalize(scores, index, epsilon=epsilon, norm_by_std=norm_adv_by_std_in_grpo)
+        else:
+            advantages = group_normalize_over(scores, index, stats_rows, epsilon=epsilon,
+                                              norm_by_std=norm_adv_by_std_in_grpo)
         if mastery_levels is not None:
             adv_config = AdvantageConfig.from_mapping(_config_value(config, "karl", None))
             if not adv_config.is_identity:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-from karl_verl.advantage import compute_karl_grpo_advantage, group_normalize
+from karl_verl.advantage import compute_karl_grpo_advantage, group_normalize, group_normalize_over
 
 
 def random_batch(seed: int):
@@ -98,3 +98,47 @@ def test_levels_validation():
 def test_group_normalize_rejects_wrong_index_length():
     with pytest.raises(ValueError, match="index"):
         group_normalize(torch.zeros(3), ["a", "b"])
+
+
+class TestOnPolicyGroupStats:
+    """karl.inject.on_policy_group_stats: each group's mean and std over its sampled rows only."""
+
+    def test_hand_computed_group(self):
+        # Group a: the injected row scores 2.0, the sampled ones 0, 1, 2 (mean 1, std 1).
+        # Group b: one injected row 1.0, sampled 0.5, 0.5, 1.5 (mean 5/6, std 0.57735).
+        scores = torch.tensor([2.0, 0.0, 1.0, 2.0, 1.0, 0.5, 0.5, 1.5])
+        index = ["a"] * 4 + ["b"] * 4
+        sampled = [False, True, True, True, False, True, True, True]
+        out = group_normalize_over(scores, index, sampled, epsilon=0.0)
+        assert out[:4].tolist() == pytest.approx([1.0, -1.0, 0.0, 1.0], abs=1e-6)
+        std_b = float(np.std([0.5, 0.5, 1.5], ddof=1))
+        assert out[4:].tolist() == pytest.approx([(v - 5 / 6) / std_b for v in (1.0, 0.5, 0.5, 1.5)], abs=1e-6)
+        centred = group_normalize_over(scores, index, sampled, norm_by_std=False)
+        assert centred[:4].tolist() == pytest.approx([1.0, -1.0, 0.0, 1.0], abs=1e-6)
+
+    def test_every_row_sampled_is_plain_grpo_and_a_lone_sampled_row_is_a_group_of_one(self):
+        scores = torch.tensor([0.3, 1.2, -0.6, 0.0])
+        index = ["a", "a", "b", "b"]
+        assert torch.allclose(group_normalize_over(scores, index, [True] * 4), group_normalize(scores, index))
+        out = group_normalize_over(scores, index, [False, True, True, False], epsilon=0.0)
+        assert out[:2].tolist() == pytest.approx([0.3, 1.2])  # mean 0, std 1 as verl's group of one
+        # A group without any sampled row uses all of its rows.
+        assert torch.allclose(group_normalize_over(scores, index, [False, False, True, True]),
+                              group_normalize(scores, index))
+
+    def test_the_estimator_takes_stats_rows_and_all_true_is_bitwise_verl(self):
+        rewards = torch.zeros(8, 3)
+        rewards[:, -1] = torch.tensor([2.0, 0.0, 1.0, 2.0, 1.0, 0.5, 0.5, 1.5])
+        mask = torch.ones(8, 3)
+        index = np.array(["a"] * 4 + ["b"] * 4, dtype=object)
+        plain, _ = compute_karl_grpo_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=True)
+        same, _ = compute_karl_grpo_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=True,
+                                              stats_rows=np.ones(8, dtype=bool))
+        assert torch.equal(plain, same)
+        ours, _ = compute_karl_grpo_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=True,
+                                              stats_rows=np.array([0, 1, 1, 1, 0, 1, 1, 1], dtype=bool))
+        assert ours[0, 0].item() == pytest.approx(1.0, abs=1e-5) and ours[1, 0].item() == pytest.approx(-1.0, abs=1e-5)
+
+    def test_bad_shapes_are_refused(self):
+        with pytest.raises(ValueError, match="expected 3 values each"):
+            group_normalize_over(torch.zeros(3), ["a", "a", "a"], [True, False])

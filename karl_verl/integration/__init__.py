@@ -24,6 +24,7 @@ _PARTS: tuple[str, ...] = (
     "karl_verl.integration.reward_manager",
     "karl_verl.integration.estimator",
     "karl_verl.integration.trainer",
+    "karl_verl.integration.inject_agent_loop",
 )
 
 

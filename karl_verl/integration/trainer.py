@@ -52,6 +52,7 @@ from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.utils.padding import response_to_nested
 
 from karl_verl.advantage import compute_karl_grpo_advantage
@@ -169,12 +170,14 @@ def karl_advantage_for_multi_trajectories(
     *,
     norm_adv_by_std_in_grpo: bool,
     config: Any,
+    on_policy: np.ndarray | None = None,
 ) -> DataProto:
     """verl's multi-trajectory GRPO advantage with ``karl_grpo`` and per-sample mastery levels.
 
     Mirrors ``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories`` (GRPO branch): the
     advantage of each session's final output is broadcast to the session's other outputs. With
-    all-ones ``algorithm.karl`` weights the result equals verl's GRPO bitwise.
+    all-ones ``algorithm.karl`` weights the result equals verl's GRPO bitwise. ``on_policy`` (per row)
+    restricts each group's mean and std to its sampled rows (``karl.inject.on_policy_group_stats``).
     """
     final_rows, row_to_local = _final_sessions(batch_keys)
     final = data.select_idxs(final_rows)
@@ -185,6 +188,7 @@ def karl_advantage_for_multi_trajectories(
         norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
         config=config,
         mastery_levels=np.asarray(levels)[final_rows],
+        stats_rows=None if on_policy is None else np.asarray(on_policy)[final_rows],
     )
     first_token = final.batch["response_mask"].argmax(dim=1)
     scores = advantages[torch.arange(len(final)), first_token][row_to_local]
@@ -242,6 +246,12 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_step_started: float | None = None
         self._karl_budget_reported = False
         self._karl_check_config()
+        #: Knowledge-infused rollouts (karl.inject), None when off.
+        self.karl_inject = None
+        if self.karl_config.inject.enable:
+            from karl_verl.integration.inject import InjectionDriver
+
+            self.karl_inject = InjectionDriver.create(self.karl_config.inject, config)
 
     # ------------------------------------------------------------------ configuration
 
@@ -275,6 +285,13 @@ class KarlTrainer(PPOTrainerSync):
         if key not in self._karl_warned:
             self._karl_warned.add(key)
             logger.warning(message, *args)
+
+    def _setup(self) -> None:
+        """verl's setup; with ``karl.inject`` on, the actor workers then get the loss with the off-policy term."""
+        super()._setup()
+        if self.karl_inject is not None:
+            actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+            self.actor_rollout_wg.set_loss_fn(self.karl_inject.loss_fn(actor_config))
 
     # ------------------------------------------------------------------ hooks
 
@@ -551,6 +568,8 @@ class KarlTrainer(PPOTrainerSync):
         size = len(batch)
         levels = self._karl_levels(_field(batch, "extra_info", size), _field(batch, "reward_model", size), count=True)
         tu.assign_non_tensor_stack(batch, LEVEL_FIELD, levels)
+        if self.karl_inject is not None:
+            self.karl_inject.tag(batch, levels, _field(batch, "extra_info", size))
         return batch
 
     def _karl_tag_batch_dict(self, batch_dict: dict) -> None:
@@ -608,6 +627,8 @@ class KarlTrainer(PPOTrainerSync):
         else:
             output = self._karl_compute_advantage(batch, metrics, levels)
         self._karl_observe(batch, levels)  # the incoming batch's tags say which rows are padding
+        if self.karl_inject is not None:
+            self.karl_inject.observe(batch, levels)
         return output
 
     def _karl_compute_advantage(self, batch: Any, metrics: dict, levels: np.ndarray) -> Any:
@@ -647,6 +668,7 @@ class KarlTrainer(PPOTrainerSync):
             data, batch.keys, levels,
             norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
             config=algorithm,
+            on_policy=None if self.karl_inject is None else self.karl_inject.on_policy_rows(batch),
         )
 
         # 4. write nested advantages and returns back to TransferQueue
@@ -718,6 +740,8 @@ class KarlTrainer(PPOTrainerSync):
         out["karl/level/reward_level_mismatch"] = float(self._karl_counts["reward_level_mismatch"])
         out["karl/reward/errors"] = float(self._karl_counts["reward_errors"])
         out.update(self._karl_pending_metrics)
+        if self.karl_inject is not None:
+            out.update(self.karl_inject.consume_metrics())
         self._karl_step_stats = LevelStats()
         self._karl_counts.clear()
         self._karl_pending_metrics = {}

@@ -1,0 +1,83 @@
+"""The trainer's side of ``karl.inject``: configuration checks, the plans put on prompts, the step metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tensordict import NonTensorStack, TensorDict
+
+from karl_verl.config import ConfigError, InjectConfig
+from karl_verl.dryrun.pipeline import compose_recipe
+from karl_verl.integration import inject as inject_driver
+from karl_verl.integration.inject import InjectionDriver, check_trainer_config
+from karl_verl.integration.inject_agent_loop import REFERENCE_FIELD, SESSIONS_FIELD
+from karl_verl.integration.inject_loss import INJECTED_FIELD
+
+
+@pytest.fixture
+def references(tmp_path):
+    path = tmp_path / "refs.jsonl"
+    path.write_text("\n".join(json.dumps({"key": k, "response": f"ref {k}"}) for k in (0, 1, 2)) + "\n")
+    return str(path)
+
+
+def verl_config(*overrides):
+    return compose_recipe("karl_kvg_cpu", ["actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent",
+                                           *overrides])
+
+
+def test_configurations_injection_cannot_run_with(references):
+    inject = InjectConfig(enable=True, responses_path=references)
+    check_trainer_config(inject, verl_config())
+    with pytest.raises(ConfigError, match=r"karl\.inject\.num_injected: expected fewer than .*rollout\.n=4"):
+        check_trainer_config(InjectConfig(enable=True, responses_path=references, num_injected=4), verl_config())
+    with pytest.raises(ConfigError, match=r"default_agent_loop: .*'karl_inject_agent' .*got 'single_turn_agent'"):
+        check_trainer_config(inject, compose_recipe("karl_kvg_cpu", []))
+    with pytest.raises(ConfigError, match=r"on_policy_group_stats: needs algorithm\.adv_estimator=karl_grpo"):
+        check_trainer_config(InjectConfig(enable=True, responses_path=references, on_policy_group_stats=True),
+                             verl_config("algorithm.adv_estimator=grpo"))
+
+
+def test_tag_puts_each_prompts_plan_on_it(references):
+    driver = InjectionDriver.create(InjectConfig(enable=True, responses_path=references, levels=(4, 5)), verl_config())
+    batch = TensorDict({"uid": NonTensorStack(*"abcd")}, batch_size=[4])
+    driver.tag(batch, [5, 2, 4, 5], [{"index": 0}, {"index": 1}, {"index": 2}, {"index": 9}])
+    assert list(batch[SESSIONS_FIELD]) == [1, 0, 1, 0]
+    assert list(batch[REFERENCE_FIELD]) == ["ref 0", "", "ref 2", ""]
+    metrics = driver.consume_metrics()
+    assert metrics["karl/inject/prompts"] == 2 and metrics["karl/inject/missing_references"] == 1
+    assert driver.consume_metrics()["karl/inject/prompts"] == 0  # reset after reading
+
+
+def test_observe_reports_injected_rows_per_level_with_the_policys_probability(references, monkeypatch):
+    driver = InjectionDriver.create(InjectConfig(enable=True, responses_path=references), verl_config())
+    nested = lambda rows: torch.nested.as_nested_tensor([torch.tensor(r) for r in rows], layout=torch.jagged)  # noqa: E731
+    data = TensorDict({
+        INJECTED_FIELD: torch.tensor([1, 0, 1, 0, 1]),
+        "old_log_probs": nested([[math.log(0.5), math.log(0.25)], [-1.0], [math.log(0.8)], [-2.0], [0.0]]),
+        "response_mask": nested([[1, 1], [1], [1], [1], [1]]),
+        "rm_scores": nested([[0.0, 1.5], [0.2], [0.5], [0.0], [9.0]]),
+        "extra_fields": NonTensorStack({"karl_inject": "injected"}, {}, {"karl_inject": "injected"},
+                                       {"karl_inject": "fallback"}, {}),
+    }, batch_size=[5])
+    monkeypatch.setattr(inject_driver.tq, "kv_batch_get", lambda **kwargs: data.select(*kwargs["select_fields"]))
+    # Row 4 is verl's padding: left out.
+    batch = SimpleNamespace(keys=list("abcde"), partition_id="train",
+                            tags=[{}, {}, {}, {}, {"is_padding": True}])
+    driver.observe(batch, np.array([5, 5, 4, 4, 5]))
+    metrics = driver.consume_metrics()
+    assert metrics["karl/inject/rows"] == 2 and metrics["karl/inject/fallbacks"] == 1
+    assert metrics["karl/inject/level_5/rows"] == 1 and metrics["karl/inject/level_4/rows"] == 1
+    assert metrics["karl/inject/level_5/reward_mean"] == pytest.approx(1.5)
+    assert metrics["karl/inject/level_5/prob_mean"] == pytest.approx((0.5 + 0.25) / 2)
+    assert metrics["karl/inject/level_5/logprob_mean"] == pytest.approx((math.log(0.5) + math.log(0.25)) / 2)
+    assert metrics["karl/inject/level_4/prob_mean"] == pytest.approx(0.8)
+    assert metrics["karl/inject/reward_mean"] == pytest.approx((1.5 + 0.5) / 2)
+    assert driver.on_policy_rows(batch) is None
+    on_policy = InjectionDriver(InjectConfig(enable=True, responses_path=references, on_policy_group_stats=True), {})
+    assert on_policy.on_policy_rows(batch).tolist() == [False, True, False, True, False]
