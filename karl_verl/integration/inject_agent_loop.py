@@ -81,10 +81,11 @@ class ExternalResponseServer:
     """
 
     def __init__(self, policy_server: Any, response_text: Callable[[list[Any]], Awaitable[str | None]],
-                 tokenize: Callable[[str], list[int]]) -> None:
+                 tokenize: Callable[[str], list[int]], weights_version: int | None) -> None:
         self._policy_server = policy_server
         self._response_text = response_text
         self._tokenize = tokenize
+        self._weights_version = weights_version
         self.injected = False
 
     async def generate(self, **request: Any) -> TokenOutput:
@@ -96,7 +97,10 @@ class ExternalResponseServer:
         # Rows sampled with log-probs carry rollout_log_probs; an injected row must too (TransferQueue
         # wants a field on all rows or none): the behaviour probability of an external token is 1.
         log_probs = [0.0] * len(token_ids) if request.get("sampling_params", {}).get("logprobs") else None
-        return TokenOutput(token_ids=token_ids, log_probs=log_probs, stop_reason="completed", num_preempted=0)
+        # verl's staleness metrics read the weights version a server reports with each response.
+        version = {key: self._weights_version for key in ("global_steps", "min_global_steps", "max_global_steps")}
+        return TokenOutput(token_ids=token_ids, log_probs=log_probs, stop_reason="completed", num_preempted=0,
+                           extra_fields=version)
 
 
 def teacher_response_text(config: InjectConfig, messages: list[dict]) -> Callable[[list[Any]], Awaitable[str | None]]:
@@ -136,8 +140,12 @@ class KarlInjectAgentLoop(SingleTurnAgentLoop):
                 return reference or None
 
         eos = self.tokenizer.eos_token_id
+        # The weights the group's sampled sessions run on: in sync training those synced at the end of
+        # the previous step (the prompt's global_steps is the step it is trained in).
+        step = kwargs.get("global_steps")
+        version = max(int(step) - 1, 0) if step is not None else None
         server = ExternalResponseServer(self.server_manager, response_text,
-                                        lambda text: response_token_ids(self.tokenizer, text, eos))
+                                        lambda text: response_token_ids(self.tokenizer, text, eos), version)
         # A copy with the stand-in server: the instance verl built stays as it was.
         session = copy.copy(self)
         session.server_manager = server

@@ -29,7 +29,8 @@ Metrics (verl's logger: console, wandb, ...): every step ``karl/level_k/{count, 
 iou_mean, acc@0.5, adv_mean, adv_abs_mean}`` and ``karl/level/reward_level_mismatch`` (samples whose
 reward worker scored them at another level than the one the advantage used; always 0) and
 ``karl/reward/errors`` (samples whose scoring raised and scored as a miss); at each refresh
-``karl/refresh/*`` and ``karl/mastery/level_k/*`` (see :mod:`karl_verl.mastery_state`).
+``karl/refresh/*`` and ``karl/mastery/level_k/*`` (see :mod:`karl_verl.mastery_state`); with
+``karl.inject.enable``, ``karl/inject/*`` (knowledge-infused rollouts, :mod:`karl_verl.integration.inject`).
 """
 
 from __future__ import annotations
