@@ -903,3 +903,39 @@ def test_the_refresh_budget_is_reported_and_warned_above_its_share(base_config, 
         trainer._karl_report_budget(step_seconds=1.0)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("refresh budget" in r.getMessage() for r in caplog.records)
+
+
+def test_inject_on_policy_group_stats_and_metrics_through_the_trainer(base_config, tmp_path, tq, monkeypatch):
+    """karl.inject: injected rows (karl_injected=1, session 0) are normalised by their group's sampled rows only,
+    and the step's karl/inject/* metrics count them (their old log-probs are 0 here: probability 1)."""
+    from karl_verl.integration import inject as inject_driver
+    from karl_verl.integration.inject_loss import INJECTED_FIELD
+
+    references = tmp_path / "refs.jsonl"
+    references.write_text('{"key": 0, "response": "r"}\n')
+    config = make_config(base_config, tmp_path, mastery={"source": "online"})
+    config.karl["inject"] = {"enable": True, "responses_path": str(references), "on_policy_group_stats": True}
+    config.actor_rollout_ref.rollout.agent.default_agent_loop = "karl_inject_agent"
+    monkeypatch.setattr(inject_driver, "tq", tq)
+    trainer = KarlTrainer(config)
+    # Group 0: injected 2.0, sampled 0, 1, 2 (mean 1, std 1). Group 1: injected 1.0, sampled 0.5, 0.5, 1.5.
+    batch = fill_tq(tq, levels=[5, 4], scores=[[2.0, 0.0, 1.0, 2.0], [1.0, 0.5, 0.5, 1.5]])
+    flags = [int(key.split("_")[1] == "0") for key in batch.keys]
+    tq.kv_batch_put(batch.keys, "train", fields=TensorDict({INJECTED_FIELD: torch.tensor(flags)}, batch_size=[8]))
+    trainer._compute_advantage(batch, {})
+    advantages = read_advantages(tq, batch)[0][:, 0]
+    assert advantages[:4].tolist() == pytest.approx([1.0, -1.0, 0.0, 1.0], abs=1e-5)
+    std = float(np.std([0.5, 0.5, 1.5], ddof=1))
+    assert advantages[4:].tolist() == pytest.approx([(v - 5 / 6) / std for v in (1.0, 0.5, 0.5, 1.5)], abs=1e-5)
+    metrics = trainer.karl_consume_metrics()
+    assert metrics["karl/inject/rows"] == 2 and metrics["karl/inject/level_5/rows"] == 1
+    assert metrics["karl/inject/level_4/reward_mean"] == pytest.approx(1.0)
+    assert metrics["karl/inject/prob_mean"] == pytest.approx(1.0)
+
+    # Without on_policy_group_stats the injected rows count in the group statistics (plain GRPO).
+    config.karl["inject"]["on_policy_group_stats"] = False
+    plain = KarlTrainer(config)
+    plain._compute_advantage(batch, {})
+    expected, _ = compute_karl_grpo_advantage(torch.tensor([[2.0, 0.0, 1.0, 2.0, 1.0, 0.5, 0.5, 1.5]]).T,
+                                              torch.ones(8, 1), np.array(["a"] * 4 + ["b"] * 4, dtype=object))
+    assert torch.allclose(read_advantages(tq, batch)[0][:, 0], expected[:, 0])
