@@ -7,7 +7,7 @@ the run once the GPUs are up. The recipes list their required keys
 message, every problem of:
 
 * required keys left unset;
-* data, model, mastery-table and probe-set paths that do not exist or cannot be read (a model
+* data, model, mastery-table, probe-set and reference-response paths that do not exist or cannot be read (a model
   directory without ``config.json``);
 * ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
   once) and, for the ``karl`` trainer, no way to a first mastery table;
@@ -39,6 +39,7 @@ FILE_KEYS: dict[str, str] = {
     "karl.mastery.table_path": "mastery table",
     "karl.reward.mastery_path": "mastery table",
     "karl.mastery.probe_data": "probe set",
+    "karl.inject.responses_path": "reference responses",
 }
 MODEL_KEYS: tuple[str, ...] = ("actor_rollout_ref.model.path",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -109,6 +109,8 @@ def test_existing_inputs_have_no_path_problem(inputs):
     ("karl.mastery.table_path", "/no/m.json", "karl.mastery.table_path: mastery table /no/m.json does not exist"),
     ("karl.reward.mastery_path", "/no/m.json", "karl.reward.mastery_path: mastery table /no/m.json does not exist"),
     ("karl.mastery.probe_data", "/no/p.parquet", "karl.mastery.probe_data: probe set /no/p.parquet does not exist"),
+    ("karl.inject.responses_path", "/no/r.jsonl",
+     "karl.inject.responses_path: reference responses /no/r.jsonl does not exist"),
     ("actor_rollout_ref.model.path", "/no/model", "actor_rollout_ref.model.path: model /no/model does not exist"),
 ])
 def test_each_missing_path_is_named(inputs, key, value, expected):
