@@ -81,6 +81,10 @@ MISTAKES = {
     "karl_value": ({"karl.reward.tau": "1.5", "karl.reward.tua": "0.5"}, {},
                    "karl.reward.tau: expected a number in (0.0, 1.0], got 1.5"),
     "unset": ({"data.val_files": None}, {}, "  data.val_files=..."),
+    "inject_without_references": ({"karl.inject.enable": "true"}, {},
+                                  "karl.inject.responses_path: needed with karl.inject.source=file"),
+    "inject_references": ({"karl.inject.enable": "true", "karl.inject.responses_path": "/no/such/refs.jsonl"}, {},
+                          "karl.inject.responses_path: reference responses /no/such/refs.jsonl does not exist"),
 }
 
 
