@@ -45,6 +45,9 @@ from karl_verl.mastery import MasteryError, MasteryTable, parse_level
 # text after </answer> is allowed. Evaluated by has_tag_structure, which gives the same answer.
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
+#: The breakdown key that says whether the KA-IoU term took its success branch (dynamic sampling reads it).
+SUCCESS_FIELD = "success"
+
 #: Level source values reported in ``level_source``.
 LEVEL_FROM_EXTRA_INFO, LEVEL_FROM_TABLE, LEVEL_DEFAULT = "extra_info", "table", "default"
 
@@ -174,7 +177,7 @@ def score_response(
         "format": fmt,
         "iou": iou_value,
         "acc": 1.0 if iou_value >= 0.5 else 0.0,
-        "success": 1.0 if scored and passes_threshold(iou, config) else 0.0,
+        SUCCESS_FIELD: 1.0 if scored and passes_threshold(iou, config) else 0.0,
         "answered": 1.0 if answer is not None else 0.0,
         "parsed": 1.0 if pred is not None else 0.0,
     }
@@ -267,6 +270,7 @@ def _load_table_version(path: str, version: tuple[int, ...] | None) -> MasteryTa
 
 __all__ = [
     "FORMAT_PATTERN",
+    "SUCCESS_FIELD",
     "KarlReward",
     "MasteryError",
     "compute_score",
