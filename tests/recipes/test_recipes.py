@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2"]
+RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2",
+           "karl_kvg_curriculum"]
 #: Recipes of verl's SFT trainer (stage 1).
 SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
@@ -263,3 +264,20 @@ def test_karl_cot_sft_runs_the_freeze_callback(installed, tmp_path):
                          timeout=120)
     assert result.returncode != 0
     assert "karl.sft.freeze_vision_tower: expected true or false, got 'maybe'" in result.stderr
+
+
+def test_curriculum_is_off_by_default_and_on_in_its_recipe(composed):
+    """karl.curriculum shows every key in the composed config; karl_kvg_curriculum turns the sampler on
+    and changes nothing else."""
+    from karl_verl.config import CurriculumConfig, hydra_default_nodes
+
+    assert composed["karl_kvg"]["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/default"]
+    assert CurriculumConfig.from_mapping(composed["karl_kvg"]["karl"]["curriculum"]) == CurriculumConfig()
+    on = composed["karl_kvg_curriculum"]
+    curriculum = CurriculumConfig.from_mapping(on["karl"]["curriculum"])
+    assert curriculum.enable and not curriculum.is_uniform and curriculum.band_pass
+    plain = composed["karl_kvg"]
+    assert {k: v for k, v in on.items() if k not in ("karl", "trainer")} == {
+        k: v for k, v in plain.items() if k not in ("karl", "trainer")}
+    assert {k: v for k, v in on["karl"].items() if k != "curriculum"} == {
+        k: v for k, v in plain["karl"].items() if k != "curriculum"}
