@@ -318,6 +318,11 @@ class TestConfig:
         banded = CurriculumConfig(max_success_rate=0.95)
         assert banded.band_pass and not banded.is_uniform
 
+    def test_the_pre_flight_check_reports_curriculum_problems_with_the_others(self):
+        _, _, problems = KarlConfig.check_sections({"curriculum": {"decay": 2}, "mastery": {"seed": -1}}, None)
+        assert any(p.startswith("karl.curriculum.decay:") for p in problems)
+        assert any(p.startswith("karl.mastery.seed:") for p in problems)
+
     def test_sampler_refuses_a_training_set_smaller_than_a_batch(self):
         with pytest.raises(CurriculumError, match="fewer than one batch"):
             PromptCurriculum(["a"] * 3, CurriculumConfig(), batch_size=4)
