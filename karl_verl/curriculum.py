@@ -229,7 +229,7 @@ class PromptCurriculum:
         if self.verl_order:
             self._permutation = self._draw_permutation()
         else:
-            self.reweight(None, "epoch")
+            self.reweight(None, "epoch_start")
 
     def _draw_permutation(self) -> list[int]:
         if not self.shuffle:

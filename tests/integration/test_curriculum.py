@@ -1,21 +1,28 @@
 """The curriculum's verl glue (karl_verl/integration/curriculum.py): loader, rows, data.pt and the JSON copy."""
 
+import copy
 import json
 import logging
+import os
 
 import datasets
 import pytest
 import torch
+import verl
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
 from verl.trainer.ppo.utils import create_rl_sampler
+from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 from verl.utils.dataset.rl_dataset import collate_fn
 
 from karl_verl.config import CurriculumConfig
 from karl_verl.curriculum import CurriculumError
 from karl_verl.integration import curriculum as glue
-from karl_verl.integration.curriculum import CURRICULUM_FILE, TrainerCurriculum, dataset_rows
+from karl_verl.integration.curriculum import CURRICULUM_FILE, CurriculumLoader, TrainerCurriculum, dataset_rows
+from karl_verl.integration.trainer import LEVEL_FIELD, KarlTrainer
 from karl_verl.mastery import MasteryTable
+from karl_verl.mastery_state import RefreshRecord
 
 ENTITIES = ["Su-30", "F-16", "MiG-29", "Tu-160", "J-10"]
 
@@ -35,7 +42,8 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         self.accessed += 1
-        return {"row": torch.tensor([index]), "index": index}
+        return {"row": torch.tensor([index]), "index": index, "raw_prompt": [{"role": "user", "content": "Find."}],
+                **self.dataframe[index]}
 
 
 def build(config, dataset=None, *, batch_size=4, seed=3):
@@ -177,3 +185,54 @@ def test_only_the_json_copy_is_enough(tmp_path, caplog):
         resumed.restore(str(tmp_path / "global_step_2"), TABLE)
     assert "continuing from" in caplog.text
     assert rows_of(take(resumed.loader, 4)) == expected
+
+
+# ----------------------------------------------------------------------------- the karl trainer's hooks
+
+
+@pytest.fixture(scope="module")
+def trainer_config():
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose("ppo_trainer", overrides=["algorithm.adv_estimator=karl_grpo", "trainer.v1.trainer_mode=karl",
+                                                   "data.train_batch_size=4", "data.seed=5",
+                                                   "actor_rollout_ref.actor.ppo_mini_batch_size=4"])
+    OmegaConf.set_struct(config, False)
+    return config
+
+
+def karl_trainer(config, monkeypatch, curriculum):
+    """A KarlTrainer whose verl ``_init_dataloader`` builds verl's loader over a FrameDataset."""
+    config = copy.deepcopy(config)
+    config.karl = {"mastery": {"source": "online"}, "curriculum": curriculum}
+    trainer = KarlTrainer(config)
+
+    def verl_init_dataloader(self):
+        self.train_dataset = FrameDataset()
+        self.train_dataloader = verl_loader(self.train_dataset, seed=config.data.seed)
+        self.train_dataloader_it = None
+        self.steps_per_epoch = len(self.train_dataset) // config.data.train_batch_size
+
+    monkeypatch.setattr(PPOTrainer, "_init_dataloader", verl_init_dataloader)
+    trainer._init_dataloader()
+    return trainer
+
+
+def test_the_trainer_keeps_verls_loader_with_the_curriculum_off(trainer_config, monkeypatch):
+    trainer = karl_trainer(trainer_config, monkeypatch, {})
+    assert trainer.karl_curriculum is None and type(trainer.train_dataloader) is StatefulDataLoader
+    assert not any(key.startswith("karl/curriculum") for key in trainer.karl_consume_metrics())
+
+
+def test_the_trainer_draws_through_the_curriculum_and_tags_the_same_levels(trainer_config, monkeypatch):
+    trainer = karl_trainer(trainer_config, monkeypatch, {"enable": True, "level_weights": [1, 0, 1, 1, 1]})
+    assert isinstance(trainer.train_dataloader, CurriculumLoader) and trainer.karl_curriculum is not None
+    assert trainer.karl_curriculum.curriculum.batch_size == 4 and trainer.karl_curriculum.curriculum.seed == 5
+    trainer.global_steps = 1
+    record = RefreshRecord(step=1, epoch=0, trigger="train_begin", source="table_file")
+    trainer._karl_swap(TABLE, base=TABLE, record=record, time_share=None)  # a table is installed
+    levels = [level for _ in range(6) for level in trainer._fetch_one_gen_batch()[LEVEL_FIELD]]
+    assert len(levels) == 24 and 2 not in levels  # F-16 is level 2, weight 0
+    metrics = trainer.karl_consume_metrics()
+    assert [metrics[f"karl/curriculum/level_{k}/drawn"] for k in range(1, 6)] == [levels.count(k) for k in range(1, 6)]
+    assert metrics["karl/curriculum/reweights"] == 3  # the table, the first epoch start, the second
