@@ -38,6 +38,7 @@ The per-row levels are not in it: they come from the mastery table, saved with t
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,8 @@ from karl_verl.mastery import NUM_LEVELS
 from karl_verl.online import OnlineMastery
 
 STATE_FORMAT = "karl-verl/curriculum-state-v1"
+
+logger = logging.getLogger(__name__)
 METRIC_PREFIX = "karl/curriculum"
 
 
@@ -69,6 +72,10 @@ def _rng_state_from_text(text: Any, where: str) -> torch.Tensor:
     except (ValueError, RuntimeError, TypeError) as err:
         raise CurriculumError(f"{where}: not a torch generator state ({err})") from None
     return state
+
+
+def _mode(verl_order: bool) -> str:
+    return "verl's own order (equal weights, no band-pass)" if verl_order else "weighted draws"
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -311,11 +318,16 @@ class PromptCurriculum:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CurriculumError(f"{source}: not a karl-verl curriculum state (expected key 'format' = "
                                   f"{STATE_FORMAT!r})")
-        for key, expected in (("num_rows", self.num_rows), ("batch_size", self.batch_size),
-                              ("verl_order", self.verl_order)):
+        for key, expected in (("num_rows", self.num_rows), ("batch_size", self.batch_size)):
             if state.get(key) != expected:
                 raise CurriculumError(f"{source}: key {key!r} is {state.get(key)!r} but this run has {expected!r} "
-                                      "(the training set, data batch size or karl.curriculum weights changed)")
+                                      "(the training set or the data batch size changed since it was saved)")
+        if state.get("verl_order") != self.verl_order:
+            # New weights at resume (equal ones and no band-pass, or the other way round): the epoch,
+            # its position and the generator carry over; the rest of the epoch is drawn the new way.
+            logger.warning("%s was saved with %s; this run draws %s from epoch %s, position %s on", source,
+                           _mode(bool(state.get("verl_order"))), _mode(self.verl_order), state.get("epoch"),
+                           state.get("position"))
         try:
             epoch, position = int(state["epoch"]), int(state["position"])
             skipped = {str(entity): int(since) for entity, since in dict(state["skipped"]).items()}

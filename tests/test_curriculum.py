@@ -181,7 +181,7 @@ class TestState:
 
     @pytest.mark.parametrize(("change", "key"), [
         ({"format": "other"}, "format"), ({"num_rows": 41}, "num_rows"), ({"batch_size": 8}, "batch_size"),
-        ({"verl_order": False}, "verl_order"), ({"rng": "not base64!"}, "rng"), ({"position": 99}, "position"),
+        ({"rng": "not base64!"}, "rng"), ({"position": 99}, "position"), ({"skipped": ["a"]}, "malformed"),
     ])
     def test_a_state_that_does_not_fit_is_refused_naming_the_key(self, change, key):
         sampler = curriculum()
@@ -189,6 +189,18 @@ class TestState:
         state = {**sampler.state_dict(), **change}
         with pytest.raises(CurriculumError, match=key):
             curriculum().load_state_dict(state, source="ckpt/global_step_2/karl_curriculum_state.json")
+
+    def test_new_weights_at_resume_carry_epoch_position_and_generator_over(self, caplog):
+        plain = curriculum()
+        draw(plain, 3)
+        weighted = curriculum(CurriculumConfig(enable=True, level_weights=(1.0, 0.0, 0.0, 0.0, 0.0)))
+        with caplog.at_level("WARNING", logger="karl_verl.curriculum"):
+            weighted.load_state_dict(plain.state_dict())
+        assert "this run draws weighted draws from epoch 0, position 12" in caplog.text
+        assert {LEVELS[i] for batch in draw(weighted, 2) for i in batch} == {1} and weighted.position == 20
+        back = curriculum()  # and back to verl's order: the rest of the same epoch's permutation
+        back.load_state_dict(weighted.state_dict())
+        assert draw(back, 5) == verl_order(40, 4, 1, shuffle=True, seed=7)[5:]
 
     def test_levels_must_fit_the_rows(self):
         with pytest.raises(CurriculumError, match="expected 40 levels"):
