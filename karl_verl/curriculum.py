@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,11 +232,8 @@ class PromptCurriculum:
         self.position = 0
         self._drawn_epoch[:] = 0
         self._epoch_rng = _rng_state_to_text(self._rng)
-        self._permutation = None
-        if self.verl_order:
-            self._permutation = self._draw_permutation()
-        else:
-            self.reweight(None, "epoch_start")
+        self._permutation = self._draw_permutation() if self.verl_order else None
+        self.reweight(None, "epoch_start")
 
     def _draw_permutation(self) -> list[int]:
         if not self.shuffle:
@@ -259,7 +256,7 @@ class PromptCurriculum:
         self._drawn_epoch += drawn
         return batch
 
-    def epoch_batches(self) -> Any:
+    def epoch_batches(self) -> Iterator[list[int]]:
         """The batches of one pass (an epoch, or the rest of the current one after a resume).
 
         A pass that starts with the current epoch used up starts the next epoch; it ends when its
