@@ -440,6 +440,16 @@ class CurriculumConfig:
         return _from_mapping(cls, data, "karl.curriculum")
 
 
+#: Named ``karl.curriculum`` settings, Hydra nodes ``karl/curriculum/<name>`` (recipe karl_kvg_curriculum
+#: selects "focus"): partly known entities (levels 3, 4) three times as often as mastered ones (level 1);
+#: an entity whose rollouts hit IoU 0.5 in under 5% or over 95% of 8 counted rollouts (two groups of
+#: n=4) skipped for one epoch.
+CURRICULUM_PRESETS: dict[str, dict[str, Any]] = {
+    "focus": {"enable": True, "level_weights": (0.5, 1.0, 1.5, 1.5, 1.0), "min_success_rate": 0.05,
+              "max_success_rate": 0.95, "min_observations": 8.0, "revisit_every_epochs": 1},
+}
+
+
 @dataclass(frozen=True)
 class KarlConfig:
     """Everything under the ``karl`` key of a verl config."""
@@ -527,6 +537,7 @@ def hydra_default_nodes() -> dict[str, dict[str, Any]]:
     nodes: dict[str, Any] = {f"karl/reward/{preset}": RewardConfig(preset=preset) for preset in REWARD_PRESETS}
     nodes.update({f"karl/{name}/default": section() for name, section in KarlConfig.sections().items()
                   if name != "reward"})
+    nodes.update({f"karl/curriculum/{name}": CurriculumConfig(**values) for name, values in CURRICULUM_PRESETS.items()})
     nodes["karl/advantage/default"] = AdvantageConfig()
     return {name: {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
             for name, config in nodes.items()}

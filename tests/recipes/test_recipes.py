@@ -274,6 +274,7 @@ def test_curriculum_is_off_by_default_and_on_in_its_recipe(composed):
     assert composed["karl_kvg"]["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/default"]
     assert CurriculumConfig.from_mapping(composed["karl_kvg"]["karl"]["curriculum"]) == CurriculumConfig()
     on = composed["karl_kvg_curriculum"]
+    assert on["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/focus"]
     curriculum = CurriculumConfig.from_mapping(on["karl"]["curriculum"])
     assert curriculum.enable and not curriculum.is_uniform and curriculum.band_pass
     plain = composed["karl_kvg"]
