@@ -174,4 +174,6 @@ class TrainerCurriculum:
         elif saved is None and from_data is None:
             logger.warning("karl.curriculum: the checkpoint in %s has no curriculum state (saved by a run without "
                            "karl.curriculum): the curriculum starts afresh", folder)
+        elif saved is None:
+            logger.warning("karl.curriculum: %s is missing; continuing from the state in data.pt", path)
         self.curriculum.set_levels(self.levels(table))

@@ -236,3 +236,17 @@ def test_the_trainer_draws_through_the_curriculum_and_tags_the_same_levels(train
     metrics = trainer.karl_consume_metrics()
     assert [metrics[f"karl/curriculum/level_{k}/drawn"] for k in range(1, 6)] == [levels.count(k) for k in range(1, 6)]
     assert metrics["karl/curriculum/reweights"] == 3  # the table, the first epoch start, the second
+
+
+def test_only_data_pt_is_enough(tmp_path, caplog):
+    first = build(WEIGHTED)
+    first.on_table(TABLE, "train_begin")
+    checkpoint(first, tmp_path / "global_step_2", 3)
+    (tmp_path / "global_step_2" / CURRICULUM_FILE).unlink()
+    expected = rows_of(take(first.loader, 4))
+    resumed = build(WEIGHTED)
+    resumed.loader.load_state_dict(torch.load(tmp_path / "global_step_2" / "data.pt", weights_only=False))
+    with caplog.at_level(logging.WARNING, logger=glue.__name__):
+        resumed.restore(str(tmp_path / "global_step_2"), TABLE)
+    assert f"{CURRICULUM_FILE} is missing" in caplog.text
+    assert rows_of(take(resumed.loader, 4)) == expected
