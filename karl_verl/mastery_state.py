@@ -30,6 +30,9 @@ STATE_FORMAT = "karl-verl/mastery-state-v1"
 
 #: Prefix of every metric this package logs through verl's logger.
 METRIC_PREFIX = "karl"
+#: The per-sample non-tensor field carrying the mastery level: the ``karl`` trainer puts it on every
+#: prompt, verl copies it into each rollout, the reward manager and the advantage read it.
+LEVEL_FIELD = "knowledge_level"
 
 
 # ----------------------------------------------------------------------------- entity of a sample

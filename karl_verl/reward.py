@@ -45,6 +45,9 @@ from karl_verl.mastery import MasteryError, MasteryTable, parse_level
 # text after </answer> is allowed. Evaluated by has_tag_structure, which gives the same answer.
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
+#: The breakdown key that says whether the KA-IoU term took its success branch (dynamic sampling reads it).
+SUCCESS_FIELD = "success"
+
 #: Level source values reported in ``level_source``.
 LEVEL_FROM_EXTRA_INFO, LEVEL_FROM_TABLE, LEVEL_DEFAULT = "extra_info", "table", "default"
 
@@ -84,9 +87,16 @@ def format_reward(response: str, config: RewardConfig) -> float:
     return score
 
 
+def passes_threshold(iou: float | None, config: RewardConfig) -> bool:
+    """Whether the KA-IoU term counts ``iou`` as a success: above tau (at or above it if inclusive)."""
+    if iou is None:
+        return False
+    return iou >= config.tau if config.inclusive_threshold else iou > config.tau
+
+
 def ka_iou_reward(iou: float | None, level: int, config: RewardConfig) -> float:
     """R_KA-IoU for an answered response of an entity at ``level`` (``iou`` None: a miss)."""
-    if iou is not None and (iou >= config.tau if config.inclusive_threshold else iou > config.tau):
+    if passes_threshold(iou, config):
         return min(config.pos_scale[level - 1] * iou, config.cap)
     return config.neg_scale[level - 1]
 
@@ -143,7 +153,10 @@ def score_response(
     """Score one response for an entity at mastery ``level``; never raises on model text.
 
     Returns ``score`` (the reward), ``ka_iou`` (its KA-IoU part), ``format``, ``iou`` (0 for a
-    miss or no answer), ``acc`` (1.0 if IoU >= 0.5), ``answered`` and ``parsed`` (a box was read).
+    miss or no answer), ``acc`` (1.0 if IoU >= 0.5), ``success`` (1.0 when the KA-IoU term took its
+    success branch: an answer, an entity in the ground truth, and IoU past tau as
+    :func:`passes_threshold` decides; the group filter of dynamic sampling reads it), ``answered``
+    and ``parsed`` (a box was read).
     """
     response = response if isinstance(response, str) else ""
     ground_truth = ground_truth if isinstance(ground_truth, str) else ""
@@ -155,10 +168,8 @@ def score_response(
         pred = _read_answer_box(answer, config, extra_info or {})
         # The released reader scores "no box" as the box (0, 0, 0, 0): a miss either way.
         iou = box_iou(pred or ZERO_BOX, read_box_reference(ground_truth))
-    if answer is None or entity_of(ground_truth) is None:
-        ka_iou = 0.0
-    else:
-        ka_iou = ka_iou_reward(iou, level, config)
+    scored = answer is not None and entity_of(ground_truth) is not None
+    ka_iou = ka_iou_reward(iou, level, config) if scored else 0.0
     iou_value = iou if iou is not None else 0.0
     return {
         "score": ka_iou + fmt,
@@ -166,6 +177,7 @@ def score_response(
         "format": fmt,
         "iou": iou_value,
         "acc": 1.0 if iou_value >= 0.5 else 0.0,
+        SUCCESS_FIELD: 1.0 if scored and passes_threshold(iou, config) else 0.0,
         "answered": 1.0 if answer is not None else 0.0,
         "parsed": 1.0 if pred is not None else 0.0,
     }
@@ -258,11 +270,13 @@ def _load_table_version(path: str, version: tuple[int, ...] | None) -> MasteryTa
 
 __all__ = [
     "FORMAT_PATTERN",
+    "SUCCESS_FIELD",
     "KarlReward",
     "MasteryError",
     "compute_score",
     "format_reward",
     "ka_iou_reward",
+    "passes_threshold",
     "resolve_level",
     "score_response",
 ]

@@ -11,6 +11,7 @@ message, every problem of:
   directory without ``config.json``);
 * ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
   once) and, for the ``karl`` trainer, no way to a first mastery table;
+* dynamic sampling (``algorithm.filter_groups``) on a key the ``karl`` reward's breakdown lacks;
 * ``wandb`` in ``trainer.logger`` without credentials, unless ``WANDB_MODE`` is offline or disabled;
 * fewer local GPUs than ``trainer.n_gpus_per_node`` on a single-node run that starts its own Ray
   (not when a Ray address is given, nor with ``trainer.device=cpu``).
@@ -72,6 +73,26 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     if uses_karl_trainer and mastery is not None and (problem := mastery.missing_inputs()):
         problems.append(problem)
     return problems
+
+
+def filter_groups_problem(config: DictConfig) -> str | None:
+    """Dynamic sampling with the ``karl`` reward manager on a key its breakdown does not have.
+
+    verl would find out at the first finished group, inside the trainer, after every worker started.
+    """
+    filter_groups = _select(config, "algorithm.filter_groups")
+    if not filter_groups or not filter_groups.get("enable", False):
+        return None
+    if _select(config, "reward.reward_manager.name") != "karl" or _select(config, "reward.custom_reward_function.path"):
+        return None
+    from karl_verl.reward import SUCCESS_FIELD, KarlReward
+
+    metric = filter_groups.get("metric", None)
+    keys = sorted([*KarlReward()(None, "", "", {}), "reward_error"])
+    if metric == "reward" or metric in keys:
+        return None
+    return (f"algorithm.filter_groups.metric: {metric!r} is not in the karl reward's breakdown; use "
+            f"{SUCCESS_FIELD} (groups that all succeed or all fail carry no GRPO signal) or one of {', '.join(keys)}")
 
 
 #: The example command of the stop message, unless the recipe gives its own (``example``).
@@ -184,6 +205,8 @@ def run_problems(config: DictConfig, required: Iterable[str], environ: Mapping[s
     """(unset required keys, other problems) of a composed run configuration."""
     environ = os.environ if environ is None else environ
     problems = path_problems(config) + karl_config_problems(config)
+    if (problem := filter_groups_problem(config)) is not None:
+        problems.append(problem)
     problems += [p for p in (wandb_problem(config, environ), gpu_problem(config, environ, count_gpus)) if p]
     return unset_keys(config, required), problems
 

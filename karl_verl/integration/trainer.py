@@ -29,7 +29,11 @@ Metrics (verl's logger: console, wandb, ...): every step ``karl/level_k/{count, 
 iou_mean, acc@0.5, adv_mean, adv_abs_mean}`` and ``karl/level/reward_level_mismatch`` (samples whose
 reward worker scored them at another level than the one the advantage used; always 0) and
 ``karl/reward/errors`` (samples whose scoring raised and scored as a miss); at each refresh
-``karl/refresh/*`` and ``karl/mastery/level_k/*`` (see :mod:`karl_verl.mastery_state`).
+``karl/refresh/*`` and ``karl/mastery/level_k/*`` (see :mod:`karl_verl.mastery_state`). With
+dynamic sampling (``algorithm.filter_groups.enable``) every step also ``karl/filter/*``: groups
+dropped and prompts refilled per level (see :mod:`karl_verl.integration.dynamic_sampling`). With
+the prompt curriculum (``karl.curriculum.enable``) ``karl/curriculum/*``: prompts drawn per level,
+skipped entities, re-weights (see :mod:`karl_verl.integration.curriculum`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from tensordict import TensorDict
 from verl.protocol import DataProto
 from verl.trainer.ppo.ray_trainer import apply_kl_penalty
 from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
@@ -57,9 +62,17 @@ from verl.workers.utils.padding import response_to_nested
 from karl_verl.advantage import compute_karl_grpo_advantage
 from karl_verl.config import ConfigError, KarlConfig
 from karl_verl.integration.curriculum import TrainerCurriculum
+from karl_verl.integration.dynamic_sampling import (
+    KarlReplayBuffer,
+    constant_groups,
+    filter_metric,
+    filter_metrics,
+    row_metric_values,
+)
 from karl_verl.integration.estimator import NAME as KARL_ESTIMATOR
 from karl_verl.mastery import MasteryError, MasteryTable, parse_level
 from karl_verl.mastery_state import (
+    LEVEL_FIELD,
     LevelStats,
     MasteryState,
     RefreshRecord,
@@ -76,8 +89,6 @@ from karl_verl.online import OnlineMastery, blend_table, online_table
 REGISTRY = "trainer (verl.trainer.ppo.v1.trainer_base)"
 NAME = "karl"
 
-#: The per-sample non-tensor field carrying the mastery level (the reward manager reads it too).
-LEVEL_FIELD = "knowledge_level"
 #: The mastery state's file inside each verl ``global_step_N`` checkpoint folder.
 STATE_FILE = "karl_mastery_state.json"
 
@@ -233,6 +244,8 @@ class KarlTrainer(PPOTrainerSync):
         self.karl_state = MasteryState(online=self._karl_new_online())
         self._karl_step_stats = LevelStats()
         self._karl_counts: Counter[str] = Counter()
+        #: Prompts generated to replace groups the dynamic-sampling filter dropped, per level.
+        self._karl_refilled: Counter[int] = Counter()
         self._karl_pending_metrics: dict[str, float] = {}
         self._karl_questions: list[Any] | None = None
         self._karl_last_refresh_end: float | None = None
@@ -247,6 +260,19 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_check_config()
 
     # ------------------------------------------------------------------ configuration
+
+    def _build_replay_buffer(self) -> ReplayBuffer:
+        """verl's replay buffer; with dynamic sampling on, the one that counts dropped groups per level
+        and honours ``algorithm.filter_groups.max_num_gen_batches`` (see
+        :mod:`karl_verl.integration.dynamic_sampling`)."""
+        buffer = super()._build_replay_buffer()
+        if self.trainer_mode == "sync" and type(buffer) is ReplayBuffer and filter_metric(self.config):
+            budget = int(self.config.algorithm.filter_groups.get("max_num_gen_batches", 0) or 0)
+            if budget > 0:
+                logger.info("karl: dynamic sampling stops filtering within a step after %d prompt batches "
+                            "(algorithm.filter_groups.max_num_gen_batches)", budget)
+            buffer = KarlReplayBuffer.specialise(buffer, max_gen_batches=budget)
+        return buffer
 
     def _karl_new_online(self) -> OnlineMastery | None:
         mastery = self.karl_config.mastery
@@ -565,6 +591,12 @@ class KarlTrainer(PPOTrainerSync):
         tu.assign_non_tensor_stack(batch, LEVEL_FIELD, levels)
         return batch
 
+    def _add_prompts_to_generate(self, num_prompts: int) -> int:
+        """verl's refill (the replay buffer calls it to replace dropped groups), counted per level."""
+        batch = self._next_train_batch(num_prompts)
+        self._karl_refilled.update(int(level) for level in _field(batch, LEVEL_FIELD, len(batch)))
+        return self._submit_batch_to_rollout(batch)
+
     def _karl_tag_batch_dict(self, batch_dict: dict) -> None:
         size = len(batch_dict["raw_prompt"])
         levels = self._karl_levels(_field(batch_dict, "extra_info", size), _field(batch_dict, "reward_model", size),
@@ -705,6 +737,10 @@ class KarlTrainer(PPOTrainerSync):
         if self.karl_curriculum is not None:
             self.karl_curriculum.observe(_field(data, "extra_info", size), _field(data, "reward_model", size), valid,
                                          list(accs))
+        metric = filter_metric(self.config)
+        if metric is not None:
+            values = row_metric_values(metric, infos, rewards)
+            self._karl_counts["trained_constant_groups"] += constant_groups(batch.keys, values, valid)
         online = self.karl_state.online
         if online is not None:
             if all(acc is None for acc in accs[valid]):
@@ -734,6 +770,12 @@ class KarlTrainer(PPOTrainerSync):
         out["karl/reward/errors"] = float(self._karl_counts["reward_errors"])
         if self.karl_curriculum is not None:
             out.update(self.karl_curriculum.metrics())
+        metric = filter_metric(self.config)
+        if metric is not None and isinstance(self.replay_buffer, KarlReplayBuffer):
+            dropped, exhausted = self.replay_buffer.karl_take_dropped()
+            out.update(filter_metrics(metric, dropped, self._karl_refilled, exhausted,
+                                      self._karl_counts["trained_constant_groups"]))
+        self._karl_refilled = Counter()
         out.update(self._karl_pending_metrics)
         self._karl_step_stats = LevelStats()
         self._karl_counts.clear()

@@ -199,3 +199,18 @@ def test_empty_paths_are_left_to_the_unset_key_check(inputs):
     assert path_problems(cfg) == []
     assert unset_keys(cfg, ["data.val_files", "actor_rollout_ref.model.path"]) == [
         "data.val_files", "actor_rollout_ref.model.path"]
+
+
+@pytest.mark.parametrize(("metric", "stops"), [("success", False), ("reward", False), ("acc", False),
+                                               ("sucess", True), ("seq_reward", True)])
+def test_dynamic_sampling_on_a_key_the_karl_reward_lacks(metric, stops):
+    from karl_verl.integration.preflight import filter_groups_problem
+
+    config = OmegaConf.create({"reward": {"reward_manager": {"name": "karl"}, "custom_reward_function": {"path": None}},
+                               "algorithm": {"filter_groups": {"enable": True, "metric": metric}}})
+    problem = filter_groups_problem(config)
+    assert (problem is not None) == stops
+    if stops:
+        assert problem.startswith("algorithm.filter_groups.metric:") and "success" in problem
+    config.algorithm.filter_groups.enable = False
+    assert filter_groups_problem(config) is None

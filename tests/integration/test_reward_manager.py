@@ -4,6 +4,8 @@ Built the way verl's reward loop builds it (``load_reward_manager`` with
 ``reward.reward_manager.name=karl`` and no custom score function), with a locally built tokenizer.
 """
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from omegaconf import OmegaConf
 from verl import DataProto
 from verl.trainer.ppo.reward import load_reward_manager
 
+from karl_verl.config import RewardConfig
 from karl_verl.mastery import MasteryEntry, MasteryTable
 from karl_verl.reward import compute_score
 from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
@@ -111,3 +114,37 @@ def test_custom_score_function_is_honoured(tokenizer, tmp_path):
     manager = load_reward_manager(verl_config(custom_path=str(module)), tokenizer)
     (result,) = run(manager, make_rows(tokenizer, ["abc"], [GT], [{}]))
     assert result["reward_score"] == 0.25 and result["reward_extra_info"]["len"] == 3
+
+
+@pytest.mark.parametrize("inclusive", [False, True], ids=["strict", "inclusive"])
+@pytest.mark.parametrize("preset", ["karl", "v1", "v2", "no_pos", "no_neg", "uniform"])
+def test_success_is_the_rewards_own_threshold_rule(tokenizer, preset, inclusive):
+    """``success`` in the breakdown verl's reward loop gets: 1 exactly when the answer's IoU passes tau
+    as this preset and threshold mode count it, 0 without an answer, for a miss, and without an entity.
+
+    The oracle is the rule read independently: IoU as an exact fraction (the answer's box shares the
+    ground truth's left, top and right edges, so IoU = (y2 - 100) / 200) against tau as a decimal."""
+    tau = 0.65 if preset != "uniform" else 0.5
+    manager = load_reward_manager(verl_config({"reward": {"preset": preset, "tau": tau,
+                                                          "inclusive_threshold": inclusive}}), tokenizer)
+    bottoms = [100, 229, 230, 231, 199, 200, 201, 300, 260]
+    responses = [f"<think>t</think><answer>(100,100),(300,{y})</answer>" for y in bottoms]
+    expected = []
+    for y in bottoms:
+        iou, threshold = Fraction(y - 100, 200), Fraction(str(tau))
+        expected.append(1.0 if (iou >= threshold if inclusive else iou > threshold) else 0.0)
+    no_entity = "<|box_start|>(100,100),(300,300)<|box_end|>"
+    responses += ["<think>t</think>(100,100),(300,300)", "<think>t</think><answer>no box</answer>",
+                  "<think>t</think><answer>(100,100),(300,300)</answer>"]
+    ground_truths = [GT] * (len(responses) - 1) + [no_entity]
+    expected += [0.0, 0.0, 0.0]
+    results = run(manager, make_rows(tokenizer, responses, ground_truths, [{}] * len(responses),
+                                     levels=[4] * len(responses)))
+    infos = [result["reward_extra_info"] for result in results]
+    assert [info["success"] for info in infos] == expected
+    assert sum(expected) >= 3 and expected.count(0.0) >= 5  # both sides of tau, in both modes
+    # The reward takes its success branch on exactly these rows: KA-IoU there is min(s+ * IoU, cap).
+    config = RewardConfig(preset=preset, tau=tau, inclusive_threshold=inclusive)
+    for info, success in zip(infos, expected, strict=True):
+        if success:
+            assert info["ka_iou"] == pytest.approx(min(config.pos_scale[3] * info["iou"], config.cap))

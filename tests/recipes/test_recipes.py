@@ -14,12 +14,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2",
-           "karl_kvg_curriculum"]
+RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "karl_kvg_v1", "karl_kvg_v2"]
 #: Recipes of verl's SFT trainer (stage 1).
 SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
 CPU_RECIPES = ["karl_kvg_cpu", "karl_cot_sft_cpu"]
+#: karl-verl's additions beyond the paper, each karl_kvg plus one feature.
+EXTENSION_RECIPES = ["karl_kvg_dynamic", "karl_kvg_curriculum"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,24 @@ def composed(installed, tmp_path_factory):
 
 def test_recipe_files_are_installed(installed):
     shipped = sorted(p.stem for p in (installed / "karl_verl" / "recipes" / "recipe").glob("*.yaml"))
-    assert shipped == sorted(RECIPES + SFT_RECIPES + CPU_RECIPES)
+    assert shipped == sorted(RECIPES + SFT_RECIPES + CPU_RECIPES + EXTENSION_RECIPES)
     assert (installed / "hydra_plugins" / "karl_verl_recipes" / "__init__.py").is_file()
+
+
+def _without(config: dict, dotted: str) -> dict:
+    out = {**config}
+    head, _, rest = dotted.partition(".")
+    out[head] = _without(out[head], rest) if rest else None
+    return out
+
+
+def test_karl_kvg_dynamic_is_karl_kvg_with_the_success_filter(installed, composed, tmp_path):
+    cfg = compose(installed, tmp_path, "karl_kvg_dynamic")
+    filter_groups = cfg["algorithm"]["filter_groups"]
+    assert filter_groups["enable"] is True and filter_groups["metric"] == "success"
+    assert filter_groups["max_num_gen_batches"] > 1
+    # Everything else is the paper's run.
+    assert _without(cfg, "algorithm.filter_groups") == _without(composed["karl_kvg"], "algorithm.filter_groups")
 
 
 def test_karl_kvg_is_the_paper_run(composed):
@@ -266,14 +283,14 @@ def test_karl_cot_sft_runs_the_freeze_callback(installed, tmp_path):
     assert "karl.sft.freeze_vision_tower: expected true or false, got 'maybe'" in result.stderr
 
 
-def test_curriculum_is_off_by_default_and_on_in_its_recipe(composed):
+def test_curriculum_is_off_by_default_and_on_in_its_recipe(installed, composed, tmp_path):
     """karl.curriculum shows every key in the composed config; karl_kvg_curriculum turns the sampler on
     and changes nothing else."""
     from karl_verl.config import CurriculumConfig, hydra_default_nodes
 
     assert composed["karl_kvg"]["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/default"]
     assert CurriculumConfig.from_mapping(composed["karl_kvg"]["karl"]["curriculum"]) == CurriculumConfig()
-    on = composed["karl_kvg_curriculum"]
+    on = compose(installed, tmp_path, "karl_kvg_curriculum")
     assert on["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/focus"]
     curriculum = CurriculumConfig.from_mapping(on["karl"]["curriculum"])
     assert curriculum.enable and not curriculum.is_uniform and curriculum.band_pass
