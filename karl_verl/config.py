@@ -68,6 +68,13 @@ def _float_table(value: Any, key: str) -> tuple[float, ...]:
     return table
 
 
+def _nonnegative_table(value: Any, key: str) -> tuple[float, ...]:
+    table = _float_table(value, key)
+    if any(v < 0 for v in table) or not any(v > 0 for v in table):
+        raise ConfigError(f"{key}: expected {NUM_LEVELS} numbers >= 0, at least one > 0, got {table}")
+    return table
+
+
 def _number(value: Any, key: str, low: float | None = None, high: float | None = None, *,
             low_open: bool = False) -> float:
     """A finite number, optionally in [low, high] (or (low, high] with ``low_open``)."""
@@ -475,6 +482,75 @@ class InjectConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> InjectConfig:
         return _from_mapping(cls, data, "karl.inject")
+def _optional_seed(value: Any, key: str) -> int | None:
+    return None if value is None else _integer(value, key, 0)
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """Mastery-aware prompt sampling (``karl.curriculum``; karl-verl's addition, not the paper's).
+
+    See :mod:`karl_verl.curriculum`. Off by default; on with uniform weights and the band-pass off
+    it draws verl's own prompt order.
+    """
+
+    enable: bool = False
+    #: Sampling weight of a prompt per mastery level 1..5 (>= 0); equal weights: verl's own order.
+    level_weights: tuple[float, ...] = _ONES
+    #: Band-pass: skip an entity whose rollouts' acc@0.5 rate is below this (0: no lower bound).
+    min_success_rate: float = 0.0
+    #: Band-pass: skip an entity whose rollouts' acc@0.5 rate is above this (1: no upper bound).
+    max_success_rate: float = 1.0
+    #: Counted rollouts an entity needs before the band-pass judges it.
+    min_observations: float = 8.0
+    #: A skipped entity's prompts weigh this times their level weight (0: never drawn while skipped).
+    skipped_weight: float = 0.0
+    #: A skipped entity comes back, counts reset, this many epochs after it was skipped (0: never).
+    revisit_every_epochs: int = 1
+    #: The band-pass counts are multiplied by this at every epoch start (1: no decay).
+    decay: float = 1.0
+    #: Seed of the draws; None: verl's ``data.seed`` (so uniform weights give verl's order).
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "karl.curriculum", {
+            "enable": _boolean,
+            "level_weights": _nonnegative_table,
+            "min_success_rate": lambda v, k: _number(v, k, 0.0, 1.0),
+            "max_success_rate": lambda v, k: _number(v, k, 0.0, 1.0),
+            "min_observations": lambda v, k: _number(v, k, 0.0),
+            "skipped_weight": lambda v, k: _number(v, k, 0.0, 1.0),
+            "revisit_every_epochs": lambda v, k: _integer(v, k, 0),
+            "decay": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
+            "seed": _optional_seed,
+        })
+        if self.min_success_rate > self.max_success_rate:
+            raise ConfigError(f"karl.curriculum.min_success_rate: expected at most karl.curriculum.max_success_rate "
+                              f"({self.max_success_rate}), got {self.min_success_rate}")
+
+    @property
+    def band_pass(self) -> bool:
+        """True when the success-rate band can skip anything (a bound inside (0, 1))."""
+        return self.min_success_rate > 0.0 or self.max_success_rate < 1.0
+
+    @property
+    def is_uniform(self) -> bool:
+        """Equal level weights and no band-pass: the draws are verl's own order."""
+        return len(set(self.level_weights)) == 1 and not self.band_pass
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> CurriculumConfig:
+        return _from_mapping(cls, data, "karl.curriculum")
+
+
+#: Named ``karl.curriculum`` settings, Hydra nodes ``karl/curriculum/<name>`` (recipe karl_kvg_curriculum
+#: selects "focus"): partly known entities (levels 3, 4) three times as often as mastered ones (level 1);
+#: an entity whose rollouts hit IoU 0.5 in under 5% or over 95% of 8 counted rollouts (two groups of
+#: n=4) skipped for one epoch.
+CURRICULUM_PRESETS: dict[str, dict[str, Any]] = {
+    "focus": {"enable": True, "level_weights": (0.5, 1.0, 1.5, 1.5, 1.0), "min_success_rate": 0.05,
+              "max_success_rate": 0.95, "min_observations": 8.0, "revisit_every_epochs": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -484,6 +560,7 @@ class KarlConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     mastery: MasteryConfig = field(default_factory=MasteryConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     @classmethod
     def sections(cls) -> dict[str, type]:
@@ -564,6 +641,7 @@ def hydra_default_nodes() -> dict[str, dict[str, Any]]:
     nodes: dict[str, Any] = {f"karl/reward/{preset}": RewardConfig(preset=preset) for preset in REWARD_PRESETS}
     nodes.update({f"karl/{name}/default": section() for name, section in KarlConfig.sections().items()
                   if name != "reward"})
+    nodes.update({f"karl/curriculum/{name}": CurriculumConfig(**values) for name, values in CURRICULUM_PRESETS.items()})
     nodes["karl/advantage/default"] = AdvantageConfig()
     return {name: {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
             for name, config in nodes.items()}

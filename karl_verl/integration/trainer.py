@@ -33,6 +33,8 @@ reward worker scored them at another level than the one the advantage used; alwa
 dynamic sampling (``algorithm.filter_groups.enable``) every step also ``karl/filter/*``: groups
 dropped and prompts refilled per level (see :mod:`karl_verl.integration.dynamic_sampling`). With
 ``karl.inject.enable``, ``karl/inject/*`` (knowledge-infused rollouts, :mod:`karl_verl.integration.inject`).
+With the prompt curriculum (``karl.curriculum.enable``) ``karl/curriculum/*``: prompts drawn per
+level, skipped entities, re-weights (see :mod:`karl_verl.integration.curriculum`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from verl.workers.utils.padding import response_to_nested
 
 from karl_verl.advantage import compute_karl_grpo_advantage
 from karl_verl.config import ConfigError, KarlConfig
+from karl_verl.integration.curriculum import TrainerCurriculum
 from karl_verl.integration.dynamic_sampling import (
     KarlReplayBuffer,
     constant_groups,
@@ -257,6 +260,8 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_seconds_per_question: float | None = None
         self._karl_step_started: float | None = None
         self._karl_budget_reported = False
+        #: The prompt curriculum (karl.curriculum), built with the train loader when enabled.
+        self.karl_curriculum: TrainerCurriculum | None = None
         self._karl_check_config()
         #: Knowledge-infused rollouts (karl.inject), None when off.
         self.karl_inject = None
@@ -319,6 +324,13 @@ class KarlTrainer(PPOTrainerSync):
             self.actor_rollout_wg.set_loss_fn(self.karl_inject.loss_fn(actor_config))
 
     # ------------------------------------------------------------------ hooks
+
+    def _init_dataloader(self) -> None:
+        """verl's loaders; with ``karl.curriculum.enable`` the train loader draws through the curriculum."""
+        super()._init_dataloader()
+        if self.karl_config.curriculum.enable:
+            self.karl_curriculum = TrainerCurriculum.from_trainer(self)
+            self.train_dataloader = self.karl_curriculum.loader
 
     def on_train_begin(self) -> None:
         """Load the configured table, or probe; nothing to do when the table is already there.
@@ -474,6 +486,8 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_pending_metrics.update(refresh_metrics(record, failures_total=state.num_failures,
                                                           time_share=time_share))
         self._karl_pending_metrics.update(distribution_metrics(table))
+        if self.karl_curriculum is not None:
+            self.karl_curriculum.on_table(table, record.trigger)
         logger.info("karl: mastery table from %s at step %d (%s): %d entities, distribution %s, %d up / %d down, "
                     "%.1f s", record.source, record.step, record.trigger, len(table), record.distribution,
                     diff.moved_up, diff.moved_down, record.wall_time_s)
@@ -743,6 +757,9 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_counts["reward_level_mismatch"] += sum(
             1 for ok, lv, level in zip(valid, scored, levels, strict=True)
             if ok and lv is not None and int(lv) != int(level))
+        if self.karl_curriculum is not None:
+            self.karl_curriculum.observe(_field(data, "extra_info", size), _field(data, "reward_model", size), valid,
+                                         list(accs))
         metric = filter_metric(self.config)
         if metric is not None:
             values = row_metric_values(metric, infos, rewards)
@@ -774,6 +791,8 @@ class KarlTrainer(PPOTrainerSync):
         out["karl/level/reward_level_seen"] = float(self._karl_counts["reward_level_seen"])
         out["karl/level/reward_level_mismatch"] = float(self._karl_counts["reward_level_mismatch"])
         out["karl/reward/errors"] = float(self._karl_counts["reward_errors"])
+        if self.karl_curriculum is not None:
+            out.update(self.karl_curriculum.metrics())
         metric = filter_metric(self.config)
         if metric is not None and isinstance(self.replay_buffer, KarlReplayBuffer):
             dropped, exhausted = self.replay_buffer.karl_take_dropped()
@@ -801,6 +820,8 @@ class KarlTrainer(PPOTrainerSync):
         """
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         self.karl_state.save(self.karl_state_path(folder))
+        if self.karl_curriculum is not None:
+            self.karl_curriculum.save(folder)
         super()._save_checkpoint()
 
     def _karl_resume_folder(self) -> str:
@@ -813,6 +834,12 @@ class KarlTrainer(PPOTrainerSync):
         return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
 
     def _load_checkpoint(self) -> None:
+        """verl's resume, the mastery state, then the curriculum's (its levels come from the restored table)."""
+        self._karl_load_checkpoint()
+        if self.karl_curriculum is not None and self.global_steps > 0:
+            self.karl_curriculum.restore(self._karl_resume_folder(), self.karl_state.table)
+
+    def _karl_load_checkpoint(self) -> None:
         """verl's resume, then the mastery state saved with that checkpoint (table, history, posterior)."""
         super()._load_checkpoint()
         if self.global_steps <= 0:

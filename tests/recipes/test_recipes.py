@@ -5,6 +5,7 @@ a wheel would lay it out, and ``python -m verl.trainer.main_ppo +recipe=NAME --c
 from an empty working directory against it.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
 CPU_RECIPES = ["karl_kvg_cpu", "karl_cot_sft_cpu"]
 #: karl-verl's additions beyond the paper, each karl_kvg plus one feature.
-EXTENSION_RECIPES = ["karl_kvg_dynamic", "karl_kvg_inject"]
+EXTENSION_RECIPES = ["karl_kvg_dynamic", "karl_kvg_inject", "karl_kvg_curriculum"]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,8 @@ def test_inject_turns_on_injection_and_its_agent_loop_only(installed, composed, 
     assert composed["karl_kvg"]["karl"]["inject"]["enable"] is False
     assert cfg["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "karl_inject_agent"
     assert cfg["trainer"]["experiment_name"] == "karl_kvg_inject"
-    base, ours = dict(composed["karl_kvg"]), dict(cfg)
+    # Deep copies: the module's composed configs are shared with the other tests.
+    base, ours = copy.deepcopy(composed["karl_kvg"]), copy.deepcopy(cfg)
     for config in (base, ours):
         config["karl"] = {k: v for k, v in config["karl"].items() if k != "inject"}
         config["trainer"] = {k: v for k, v in config["trainer"].items() if k != "experiment_name"}
@@ -297,3 +299,21 @@ def test_karl_cot_sft_runs_the_freeze_callback(installed, tmp_path):
                          timeout=120)
     assert result.returncode != 0
     assert "karl.sft.freeze_vision_tower: expected true or false, got 'maybe'" in result.stderr
+
+
+def test_curriculum_is_off_by_default_and_on_in_its_recipe(installed, composed, tmp_path):
+    """karl.curriculum shows every key in the composed config; karl_kvg_curriculum turns the sampler on
+    and changes nothing else."""
+    from karl_verl.config import CurriculumConfig, hydra_default_nodes
+
+    assert composed["karl_kvg"]["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/default"]
+    assert CurriculumConfig.from_mapping(composed["karl_kvg"]["karl"]["curriculum"]) == CurriculumConfig()
+    on = compose(installed, tmp_path, "karl_kvg_curriculum")
+    assert on["karl"]["curriculum"] == hydra_default_nodes()["karl/curriculum/focus"]
+    curriculum = CurriculumConfig.from_mapping(on["karl"]["curriculum"])
+    assert curriculum.enable and not curriculum.is_uniform and curriculum.band_pass
+    plain = composed["karl_kvg"]
+    assert {k: v for k, v in on.items() if k not in ("karl", "trainer")} == {
+        k: v for k, v in plain.items() if k not in ("karl", "trainer")}
+    assert {k: v for k, v in on["karl"].items() if k != "curriculum"} == {
+        k: v for k, v in plain["karl"].items() if k != "curriculum"}
