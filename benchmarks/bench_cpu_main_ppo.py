@@ -4,9 +4,14 @@ Both run ``karl_kvg_cpu`` on the same built-in data and warmed-up tiny Qwen3-VL,
 manager; they differ only in ``trainer.v1.trainer_mode`` (``karl`` vs ``sync``) and the estimator
 (``karl_grpo`` vs ``grpo``). The karl runs do not refresh mastery (``refresh_every_epochs=0``), so
 the ratio is the per-step overhead of level tagging, the level fetch, karl_grpo and the per-level
-metrics (goal: at most 5%). A third run with the dry run's schedule (probe at train begin, refresh
-every epoch) gives the probe's share of the training time. Runs alternate (karl, sync, karl, ...)
-so that machine noise hits both; the first step of each run (warm-up of every worker) is left out.
+metrics (goal: at most 5%). The ``features`` runs are the karl runs with karl-verl's additions
+beyond the paper switched on the way a user would leave them while not injecting: the mastery-aware
+prompt sampler (``karl/curriculum=focus``: per-level weights and the band-pass) and the
+knowledge-infusion agent loop (``karl_inject_agent``) with ``karl.inject.enable=false`` (goal: at
+most 5% over the karl runs). A last run with the dry run's schedule (probe at train begin, refresh
+every epoch) gives the probe's share of the training time. Runs alternate (karl, sync, features,
+karl, ...) so that machine noise hits all; the first step of each run (warm-up of every worker) is
+left out.
 
     python benchmarks/bench_cpu_main_ppo.py --repeats 2 --steps 4
 """
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "karl": ["karl.mastery.refresh_every_epochs=0"],
         "sync": ["trainer.v1.trainer_mode=sync", "algorithm.adv_estimator=grpo"],
+        "features": ["karl.mastery.refresh_every_epochs=0", "karl/curriculum=focus", "karl.inject.enable=false",
+                     "actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent"],
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     walls: dict[str, list[float]] = {name: [] for name in variants}
@@ -72,16 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     probe_total = sum(float(r["data"].get("karl/refresh/probe_time_s", 0.0)) for r in probe.steps)
     refreshes = sum(1 for r in probe.steps if "karl/refresh/probe_time_s" in r["data"])
 
-    karl, sync = statistics.median(times["karl"]), statistics.median(times["sync"])
+    karl, sync, features = (statistics.median(times[name]) for name in ("karl", "sync", "features"))
     print()
     print(f"{'benchmark (2-core CPU, tiny Qwen3-VL, 4 prompts x n=4)':<64}{'figure':>12}{'target':>10}")
     print(f"{'median step time, karl trainer (no refresh)':<64}{karl:>11.2f}s")
     print(f"{'median step time, verl sync trainer + grpo':<64}{sync:>11.2f}s")
     print(f"{'karl / sync step time':<64}{karl / sync:>11.3f}x{'<= 1.05x':>10}")
+    print(f"{'median step time, karl + curriculum + inject agent loop (inject off)':<64}{features:>11.2f}s")
+    print(f"{'features / karl step time':<64}{features / karl:>11.3f}x{'<= 1.05x':>10}")
     print(f"{'probe share of training time (' + str(refreshes) + ' probes, ' + str(len(probe.steps)) + ' steps)':<64}"
           f"{probe_total / max(probe_total + step_total, 1e-9):>11.1%}")
-    print(f"{'main_ppo wall time per run (karl / sync, mean)':<64}"
-          f"{statistics.mean(walls['karl']):>6.0f}s/{statistics.mean(walls['sync']):.0f}s")
+    print(f"{'main_ppo wall time per run (karl / sync / features, mean)':<64}"
+          f"{statistics.mean(walls['karl']):>4.0f}s/{statistics.mean(walls['sync']):.0f}s/"
+          f"{statistics.mean(walls['features']):.0f}s")
     print(f"{'probe-share run wall time':<64}{probe_wall:>11.0f}s")
     print(f"{'peak memory of a run (sum of its processes)':<64}{max(peaks + [probe.peak_memory_bytes]) / 2**30:>10.1f}G"
           f"{'< 8G':>10}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,10 @@ class KarlReplayBuffer(ReplayBuffer):
     karl_max_gen_batches: int
     karl_dropped: Counter
     karl_budget_exhausted: int
+    #: Called with (partition id, trajectory keys) of the groups about to be dropped, while their rows
+    #: are still in TransferQueue: the trainer counts their outcomes (online mastery, curriculum),
+    #: which would otherwise only ever see the groups the filter keeps.
+    karl_observe_dropped: Callable[[str, list[str]], None] | None
 
     @classmethod
     def specialise(cls, buffer: ReplayBuffer, *, max_gen_batches: int) -> KarlReplayBuffer:
@@ -77,6 +81,7 @@ class KarlReplayBuffer(ReplayBuffer):
         buffer.karl_max_gen_batches = int(max_gen_batches)
         buffer.karl_dropped = Counter()
         buffer.karl_budget_exhausted = 0
+        buffer.karl_observe_dropped = None
         buffer._karl_refilled = 0
         buffer._karl_filtering = True
         refill = buffer.refill_fn
@@ -136,6 +141,10 @@ class KarlReplayBuffer(ReplayBuffer):
         first_key: dict[str, str] = {}
         for key in self.partitions[partition_id]:
             first_key.setdefault(group_of(key), key)
+        if self.karl_observe_dropped is not None:
+            rows = [key for key in self.partitions[partition_id] if group_of(key) in uids]
+            if rows:
+                self.karl_observe_dropped(partition_id, rows)
         uids_with_rows = sorted(uid for uid in uids if uid in first_key)
         levels: list[Any] = [None] * len(uids_with_rows)
         if uids_with_rows:

@@ -155,6 +155,12 @@ def _field(data: Any, key: str, size: int) -> list[Any]:
     return values if len(values) == size else [None] * size
 
 
+def _reward_infos(data: Any, size: int) -> list[dict]:
+    """Each row's reward breakdown (``extra_fields["reward_extra_info"]``), {} where there is none."""
+    return [extra.get("reward_extra_info", {}) if isinstance(extra, dict) else {}
+            for extra in _field(data, "extra_fields", size)]
+
+
 def _final_sessions(batch_keys: Sequence[str]) -> tuple[list[int], list[int]]:
     """Rows of each ``{uid}_{session}`` session's final output, and each row's session index.
 
@@ -283,7 +289,28 @@ class KarlTrainer(PPOTrainerSync):
                 logger.info("karl: dynamic sampling stops filtering within a step after %d prompt batches "
                             "(algorithm.filter_groups.max_num_gen_batches)", budget)
             buffer = KarlReplayBuffer.specialise(buffer, max_gen_batches=budget)
+            buffer.karl_observe_dropped = self._karl_observe_dropped
         return buffer
+
+    def _karl_observe_dropped(self, partition_id: str, keys: list[str]) -> None:
+        """The outcomes of groups the dynamic-sampling filter drops, counted like trained ones.
+
+        Without this the online mastery estimate and the curriculum's band-pass would only see the
+        groups the filter keeps (mixed ones): an entity that always fails would never be counted as
+        failing. Nothing reaches the per-step training statistics (these rows are not trained on).
+        """
+        online = self.karl_state.online
+        if online is None and self.karl_curriculum is None:
+            return
+        data = tq.kv_batch_get(keys=keys, partition_id=partition_id,
+                               select_fields=["extra_fields", "extra_info", "reward_model"])
+        size = len(keys)
+        accs = [finite_or_none(info.get("acc")) for info in _reward_infos(data, size)]
+        extra_infos, reward_models = _field(data, "extra_info", size), _field(data, "reward_model", size)
+        if self.karl_curriculum is not None:
+            self.karl_curriculum.observe(extra_infos, reward_models, np.ones(size, dtype=bool), accs)
+        if online is not None and any(acc is not None for acc in accs):
+            online.observe([sample_entity(e, r) for e, r in zip(extra_infos, reward_models, strict=True)], accs)
 
     def _karl_new_online(self) -> OnlineMastery | None:
         mastery = self.karl_config.mastery
@@ -742,8 +769,7 @@ class KarlTrainer(PPOTrainerSync):
         token_count = mask.sum(dim=-1)
         advantage_sum = (_padded(data["advantages"]).float() * mask).sum(dim=-1)
         advantages = torch.where(token_count > 0, advantage_sum / token_count.clamp(min=1), torch.nan).numpy()
-        infos = [extra.get("reward_extra_info", {}) if isinstance(extra, dict) else {}
-                 for extra in _field(data, "extra_fields", size)]
+        infos = _reward_infos(data, size)
         ious = np.array([finite_or_none(info.get("iou")) for info in infos], dtype=object)
         accs = np.array([finite_or_none(info.get("acc")) for info in infos], dtype=object)
         self._karl_step_stats.add(levels[valid], rewards[valid], ious[valid], accs[valid], advantages[valid])

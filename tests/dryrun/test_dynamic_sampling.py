@@ -5,9 +5,12 @@ of the ``karl_kvg_dynamic`` recipe. tau is lowered to 0.05 so that the tiny mode
 both kinds (it rarely reaches the paper's 0.65): most groups still fail everywhere and are dropped.
 """
 
+import json
+
 import pytest
 
 from karl_verl.dryrun.pipeline import DryRunOptions, compose_recipe, train, training_overrides
+from karl_verl.integration.curriculum import CURRICULUM_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +29,9 @@ def test_the_filter_drops_exactly_the_constant_groups_and_counts_them_per_level(
              "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
     overrides = training_overrides(options, paths, checkpoints=tmp_path / "checkpoints", hydra_dir=tmp_path / "hydra",
                                    total_epochs=1, total_steps=2)
-    overrides += ["trainer.save_freq=-1", "karl.reward.tau=0.05", *_recipe_filter_overrides()]
+    # The curriculum (verl's order: equal weights) counts every rollout's outcome, dropped ones included.
+    overrides += ["trainer.save_freq=2", "karl.reward.tau=0.05", "karl.curriculum.enable=true",
+                  *_recipe_filter_overrides()]
     assert "algorithm.filter_groups.metric=success" in overrides
     run = train(options, paths, "dynamic", overrides, 2)
     assert run.ok, run.log_tail()
@@ -49,3 +54,8 @@ def test_the_filter_drops_exactly_the_constant_groups_and_counts_them_per_level(
     assert sum(step["karl/filter/dropped_groups"] for step in data) > 0
     assert sum(step["karl/filter/refilled_prompts"] for step in data) > 0
     assert any(step["karl/filter/budget_exhausted"] == 0 for step in data), data
+    # The outcomes of dropped groups were counted before the filter cleared them (n=4 rollouts a group):
+    # the curriculum's band-pass and the online estimate see every generated group, not only kept ones.
+    state = json.loads((tmp_path / "checkpoints" / "global_step_2" / CURRICULUM_FILE).read_text())
+    counted = sum(s + f for s, f in state["counts"]["counts"].values())
+    assert counted == 4 * (2 * 4 + sum(step["karl/filter/dropped_groups"] for step in data))
