@@ -10,7 +10,8 @@ message, every problem of:
 * data, model, mastery-table, probe-set and reference-response paths that do not exist or cannot be read (a model
   directory without ``config.json``);
 * ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
-  once) and, for the ``karl`` trainer, no way to a first mastery table;
+  once) and, for the ``karl`` trainer, no way to a first mastery table, and knowledge-infused
+  rollouts with verl settings they cannot run with (agent loop, group size);
 * dynamic sampling (``algorithm.filter_groups``) on a key the ``karl`` reward's breakdown lacks;
 * ``wandb`` in ``trainer.logger`` without credentials, unless ``WANDB_MODE`` is offline or disabled;
 * fewer local GPUs than ``trainer.n_gpus_per_node`` on a single-node run that starts its own Ray
@@ -73,7 +74,29 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     _, mastery, problems = KarlConfig.check_sections(_select(config, "karl"), _select(config, "algorithm.karl"))
     if uses_karl_trainer and mastery is not None and (problem := mastery.missing_inputs()):
         problems.append(problem)
+    if uses_karl_trainer and (problem := _inject_problem(config)):
+        problems.append(problem)
     return problems
+
+
+def _inject_problem(config: DictConfig) -> str | None:
+    """With ``karl.inject.enable``: the verl settings injection cannot run with (agent loop, group size, ...),
+    which the trainer would otherwise find only after Ray and the workers are up."""
+    from karl_verl.config import ConfigError, InjectConfig
+
+    try:
+        inject = InjectConfig.from_mapping(_select(config, "karl.inject"))
+    except ConfigError:
+        return None  # reported with the other karl.* problems
+    if not inject.enable:
+        return None
+    from karl_verl.integration.inject import check_trainer_config
+
+    try:
+        check_trainer_config(inject, config)
+    except ConfigError as err:
+        return "; ".join(err.problems)
+    return None
 
 
 def filter_groups_problem(config: DictConfig) -> str | None:

@@ -85,6 +85,10 @@ MISTAKES = {
                                   "karl.inject.responses_path: needed with karl.inject.source=file"),
     "inject_references": ({"karl.inject.enable": "true", "karl.inject.responses_path": "/no/such/refs.jsonl"}, {},
                           "karl.inject.responses_path: reference responses /no/such/refs.jsonl does not exist"),
+    # karl_kvg's agent loop, not karl_kvg_inject's: found before Ray, not once the workers are up.
+    "inject_agent_loop": ({"karl.inject.enable": "true", "karl.inject.responses_path": "{home}"}, {},
+                          "actor_rollout_ref.rollout.agent.default_agent_loop: karl.inject.enable needs "
+                          "'karl_inject_agent'"),
 }
 
 
