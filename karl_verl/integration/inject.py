@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 import transfer_queue as tq
 from verl.utils import tensordict_utils as tu
 
@@ -35,18 +34,9 @@ from karl_verl.inject import instance_key, load_references, plan_prompt
 from karl_verl.integration.inject_agent_loop import NAME as AGENT_LOOP
 from karl_verl.integration.inject_agent_loop import REFERENCE_FIELD, SESSIONS_FIELD, STATUS_KEY
 from karl_verl.integration.inject_loss import INJECTED_FIELD, karl_inject_ppo_loss
+from karl_verl.integration.tq_fields import padded, row_values
 
 logger = logging.getLogger(__name__)
-
-
-def _values(data: Any) -> list[Any]:
-    if isinstance(data, torch.Tensor):
-        return data.tolist()
-    return list(data.tolist()) if hasattr(data, "tolist") else list(data)
-
-
-def _padded(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_padded_tensor(0.0) if tensor.is_nested else tensor
 
 
 def check_trainer_config(inject: InjectConfig, config: Any) -> None:
@@ -105,14 +95,14 @@ class InjectionDriver:
         fields = [INJECTED_FIELD, "old_log_probs", "response_mask", "rm_scores", "extra_fields"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         valid = [not tag.get("is_padding", False) for tag in batch.tags]
-        injected = _values(data[INJECTED_FIELD])
-        mask = _padded(data["response_mask"]).float()
-        log_probs = _padded(data["old_log_probs"]).float()
-        rewards = _padded(data["rm_scores"]).float().sum(dim=-1)
+        injected = row_values(data[INJECTED_FIELD])
+        mask = padded(data["response_mask"]).float()
+        log_probs = padded(data["old_log_probs"]).float()
+        rewards = padded(data["rm_scores"]).float().sum(dim=-1)
         tokens = mask.sum(dim=-1).clamp(min=1)
         logprob_mean = (log_probs * mask).sum(dim=-1) / tokens
         prob_mean = (log_probs.exp() * mask).sum(dim=-1) / tokens
-        for row, extra in enumerate(_values(data["extra_fields"])):
+        for row, extra in enumerate(row_values(data["extra_fields"])):
             if not valid[row]:
                 continue
             if isinstance(extra, dict) and extra.get(STATUS_KEY) == "fallback":
@@ -126,7 +116,7 @@ class InjectionDriver:
         if not self.inject.on_policy_group_stats:
             return None
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[INJECTED_FIELD])
-        return np.array([not int(v) for v in _values(data[INJECTED_FIELD])], dtype=bool)
+        return np.array([not int(v) for v in row_values(data[INJECTED_FIELD])], dtype=bool)
 
     def consume_metrics(self) -> dict[str, float]:
         """The metrics gathered since the last call, then reset."""

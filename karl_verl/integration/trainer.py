@@ -72,6 +72,7 @@ from karl_verl.integration.dynamic_sampling import (
     row_metric_values,
 )
 from karl_verl.integration.estimator import NAME as KARL_ESTIMATOR
+from karl_verl.integration.tq_fields import padded, row_field
 from karl_verl.mastery import MasteryError, MasteryTable, parse_level
 from karl_verl.mastery_state import (
     LEVEL_FIELD,
@@ -133,32 +134,10 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float, *, on_timeout: Ca
     return outcome["result"]
 
 
-def _values(data: Any) -> list[Any]:
-    """Per-row Python values of a TensorDict field (tensor, NonTensorStack, numpy array or list)."""
-    if isinstance(data, torch.Tensor):
-        return data.tolist()
-    if hasattr(data, "tolist"):
-        return list(data.tolist())
-    return list(data)
-
-
-def _padded(tensor: torch.Tensor) -> torch.Tensor:
-    """A per-response TransferQueue tensor as [batch, max_len], zero-padded (TransferQueue nests them)."""
-    return tensor.to_padded_tensor(0.0) if tensor.is_nested else tensor
-
-
-def _field(data: Any, key: str, size: int) -> list[Any]:
-    """``data[key]`` as per-row values, or Nones when the field is absent (dict or TensorDict)."""
-    if key not in data.keys():
-        return [None] * size
-    values = _values(data[key])
-    return values if len(values) == size else [None] * size
-
-
 def _reward_infos(data: Any, size: int) -> list[dict]:
     """Each row's reward breakdown (``extra_fields["reward_extra_info"]``), {} where there is none."""
     return [extra.get("reward_extra_info", {}) if isinstance(extra, dict) else {}
-            for extra in _field(data, "extra_fields", size)]
+            for extra in row_field(data, "extra_fields", size)]
 
 
 def _final_sessions(batch_keys: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -299,18 +278,14 @@ class KarlTrainer(PPOTrainerSync):
         groups the filter keeps (mixed ones): an entity that always fails would never be counted as
         failing. Nothing reaches the per-step training statistics (these rows are not trained on).
         """
-        online = self.karl_state.online
-        if online is None and self.karl_curriculum is None:
+        if self.karl_state.online is None and self.karl_curriculum is None:
             return
         data = tq.kv_batch_get(keys=keys, partition_id=partition_id,
                                select_fields=["extra_fields", "extra_info", "reward_model"])
         size = len(keys)
         accs = [finite_or_none(info.get("acc")) for info in _reward_infos(data, size)]
-        extra_infos, reward_models = _field(data, "extra_info", size), _field(data, "reward_model", size)
-        if self.karl_curriculum is not None:
-            self.karl_curriculum.observe(extra_infos, reward_models, np.ones(size, dtype=bool), accs)
-        if online is not None and any(acc is not None for acc in accs):
-            online.observe([sample_entity(e, r) for e, r in zip(extra_infos, reward_models, strict=True)], accs)
+        self._karl_count_outcomes(row_field(data, "extra_info", size), row_field(data, "reward_model", size),
+                                  np.ones(size, dtype=bool), accs)
 
     def _karl_new_online(self) -> OnlineMastery | None:
         mastery = self.karl_config.mastery
@@ -632,22 +607,23 @@ class KarlTrainer(PPOTrainerSync):
         """verl's prompt batch, each prompt tagged with its level before it goes to rollout."""
         batch = super()._fetch_one_gen_batch()
         size = len(batch)
-        levels = self._karl_levels(_field(batch, "extra_info", size), _field(batch, "reward_model", size), count=True)
+        levels = self._karl_levels(row_field(batch, "extra_info", size), row_field(batch, "reward_model", size),
+                                   count=True)
         tu.assign_non_tensor_stack(batch, LEVEL_FIELD, levels)
         if self.karl_inject is not None:
-            self.karl_inject.tag(batch, levels, _field(batch, "extra_info", size))
+            self.karl_inject.tag(batch, levels, row_field(batch, "extra_info", size))
         return batch
 
     def _add_prompts_to_generate(self, num_prompts: int) -> int:
         """verl's refill (the replay buffer calls it to replace dropped groups), counted per level."""
         batch = self._next_train_batch(num_prompts)
-        self._karl_refilled.update(int(level) for level in _field(batch, LEVEL_FIELD, len(batch)))
+        self._karl_refilled.update(int(level) for level in row_field(batch, LEVEL_FIELD, len(batch)))
         return self._submit_batch_to_rollout(batch)
 
     def _karl_tag_batch_dict(self, batch_dict: dict) -> None:
         size = len(batch_dict["raw_prompt"])
-        levels = self._karl_levels(_field(batch_dict, "extra_info", size), _field(batch_dict, "reward_model", size),
-                                   count=False)
+        levels = self._karl_levels(row_field(batch_dict, "extra_info", size),
+                                   row_field(batch_dict, "reward_model", size), count=False)
         batch_dict[LEVEL_FIELD] = np.array(levels, dtype=object)
 
     def _validate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -671,7 +647,7 @@ class KarlTrainer(PPOTrainerSync):
         size = len(batch)
         try:
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[LEVEL_FIELD])
-            raw = _field(data, LEVEL_FIELD, size)
+            raw = row_field(data, LEVEL_FIELD, size)
         except ValueError:
             # TransferQueue refuses a field that only some samples have: treat them all as untagged.
             raw = [None] * size
@@ -683,7 +659,7 @@ class KarlTrainer(PPOTrainerSync):
             self._karl_counts["missing_field"] += len(missing)
             data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
                                    select_fields=["extra_info", "reward_model"])
-            recomputed = self._karl_levels(_field(data, "extra_info", size), _field(data, "reward_model", size),
+            recomputed = self._karl_levels(row_field(data, "extra_info", size), row_field(data, "reward_model", size),
                                            count=False)
             raw = [recomputed[i] if value is None else value for i, value in enumerate(raw)]
         return np.asarray([parse_level(value, where=f"{LEVEL_FIELD}[{i}]") for i, value in enumerate(raw)],
@@ -764,10 +740,10 @@ class KarlTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         size = len(batch)
         valid = np.array([not tag.get("is_padding", False) for tag in batch.tags], dtype=bool)
-        mask = _padded(data["response_mask"]).float()
-        rewards = _padded(data["rm_scores"]).float().sum(dim=-1).numpy()
+        mask = padded(data["response_mask"]).float()
+        rewards = padded(data["rm_scores"]).float().sum(dim=-1).numpy()
         token_count = mask.sum(dim=-1)
-        advantage_sum = (_padded(data["advantages"]).float() * mask).sum(dim=-1)
+        advantage_sum = (padded(data["advantages"]).float() * mask).sum(dim=-1)
         advantages = torch.where(token_count > 0, advantage_sum / token_count.clamp(min=1), torch.nan).numpy()
         infos = _reward_infos(data, size)
         ious = np.array([finite_or_none(info.get("iou")) for info in infos], dtype=object)
@@ -783,22 +759,28 @@ class KarlTrainer(PPOTrainerSync):
         self._karl_counts["reward_level_mismatch"] += sum(
             1 for ok, lv, level in zip(valid, scored, levels, strict=True)
             if ok and lv is not None and int(lv) != int(level))
-        if self.karl_curriculum is not None:
-            self.karl_curriculum.observe(_field(data, "extra_info", size), _field(data, "reward_model", size), valid,
-                                         list(accs))
         metric = filter_metric(self.config)
         if metric is not None:
             values = row_metric_values(metric, infos, rewards)
             self._karl_counts["trained_constant_groups"] += constant_groups(batch.keys, values, valid)
+        self._karl_count_outcomes(row_field(data, "extra_info", size), row_field(data, "reward_model", size), valid,
+                                  list(accs))
+
+    def _karl_count_outcomes(self, extra_infos: Sequence[Any], reward_models: Sequence[Any], valid: np.ndarray,
+                             accs: Sequence[float | None]) -> None:
+        """Rollout outcomes (acc@0.5) per entity for the curriculum's band-pass and the online estimate."""
+        if self.karl_curriculum is not None:
+            self.karl_curriculum.observe(extra_infos, reward_models, valid, accs)
         online = self.karl_state.online
-        if online is not None:
-            if all(acc is None for acc in accs[valid]):
-                self._karl_warn_once("no_acc", "karl: the reward reports no 'acc' (acc@0.5) per sample; the online "
-                                     "mastery estimate gets no data (use reward.reward_manager.name=karl)")
-                return
-            entities = [sample_entity(e, r) for e, r in zip(_field(data, "extra_info", size),
-                                                            _field(data, "reward_model", size), strict=True)]
-            online.observe([e for e, ok in zip(entities, valid, strict=True) if ok], list(accs[valid]))
+        if online is None:
+            return
+        kept = [acc for acc, ok in zip(accs, valid, strict=True) if ok]
+        if all(acc is None for acc in kept):
+            self._karl_warn_once("no_acc", "karl: the reward reports no 'acc' (acc@0.5) per sample; the online "
+                                 "mastery estimate gets no data (use reward.reward_manager.name=karl)")
+            return
+        entities = [sample_entity(e, r) for e, r, ok in zip(extra_infos, reward_models, valid, strict=True) if ok]
+        online.observe(entities, kept)
 
     # ------------------------------------------------------------------ metrics
 
