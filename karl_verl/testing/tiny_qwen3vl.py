@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,18 +169,41 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None) -> Qw
     )
 
 
+@dataclass(frozen=True)
+class TinySize:
+    """Widths and depths of the tiny model; the defaults are the ~0.25M-parameter fixture of the tests.
+
+    Attention heads are 16 wide: ``hidden_size`` and ``vision_hidden_size`` must be multiples of 16.
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    vision_hidden_size: int = 32
+    vision_depth: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vision_hidden_size"):
+            if getattr(self, name) < 32 or getattr(self, name) % 16:
+                raise ValueError(f"TinySize.{name}: expected a multiple of 16, >= 32; got {getattr(self, name)}")
+        for name in ("num_layers", "vision_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TinySize.{name}: expected >= 1, got {getattr(self, name)}")
+
+
 def build_tiny_model(
-    seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None
+    seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None, *, size: TinySize | None = None
 ) -> Qwen3VLForConditionalGeneration:
     """A randomly initialised ``Qwen3VLForConditionalGeneration`` (~0.25M parameters, float32, eval mode, CPU).
 
-    Sizes are tiny, for CPU tests; special token ids and the vocabulary size come from
-    ``tokenizer`` (default: :func:`build_tiny_tokenizer`). The same seed gives the same weights.
+    Sizes are tiny, for CPU tests (``size``, default :class:`TinySize`); special token ids and the
+    vocabulary size come from ``tokenizer`` (default: :func:`build_tiny_tokenizer`). The same seed
+    gives the same weights.
     """
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    size = size if size is not None else TinySize()
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"),
         ("video_token_id", "<|video_pad|>"),
@@ -189,11 +213,11 @@ def build_tiny_model(
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "hidden_size": size.hidden_size,
+            "intermediate_size": 2 * size.hidden_size,
+            "num_hidden_layers": size.num_layers,
+            "num_attention_heads": size.hidden_size // 16,
+            "num_key_value_heads": max(1, size.hidden_size // 32),
             "head_dim": 16,
             "max_position_embeddings": 4096,
             # head_dim 16 -> 8 rotary frequencies, split 2/3/3 over (time, height, width), interleaved.
@@ -206,11 +230,11 @@ def build_tiny_model(
             "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden_size,
+            "intermediate_size": 2 * size.vision_hidden_size,
+            "num_heads": size.vision_hidden_size // 16,
+            "out_hidden_size": size.hidden_size,
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -228,7 +252,7 @@ def build_tiny_model(
     return model.eval()
 
 
-def save_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0) -> Path:
+def save_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, size: TinySize | None = None) -> Path:
     """Write a tiny model + tokenizer + processor to ``directory`` (created if needed); return its path.
 
     Load back with ``Qwen3VLForConditionalGeneration.from_pretrained(directory)`` and
@@ -239,7 +263,7 @@ def save_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0) ->
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     processor = build_tiny_processor(tokenizer)
-    model = build_tiny_model(seed=seed, tokenizer=tokenizer)
+    model = build_tiny_model(seed=seed, tokenizer=tokenizer, size=size)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     # Record the stock class, so that where torchvision exists AutoProcessor loads the directory as is.

@@ -1,0 +1,140 @@
+"""The synthetic KVG world: seeded, a knowledge gap by construction, exact boxes, files our readers take."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from karl_verl.boxes import entity_of, read_box_reference
+from karl_verl.probe.questions import build_questions, load_probe_set
+from karl_verl.world import PROBE_FILE, WorldConfig, build_world, load_world
+
+SMALL = WorldConfig(train_images=48, val_images=32, warmup_images=24, warmup_probe_per_entity=4,
+                    probe_images_per_entity=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(SMALL, tmp_path_factory.mktemp("world"))
+
+
+def _digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files_other_seed_other_files(world, tmp_path):
+    again = build_world(SMALL, tmp_path / "again")
+    assert _digest(again.folder) == _digest(world.folder)
+    other = build_world(WorldConfig(**{**vars(SMALL), "seed": 4}), tmp_path / "other")
+    assert _digest(other.folder)["train.parquet"] != _digest(world.folder)["train.parquet"]
+
+
+def test_entities_names_categories_and_knowledge_split(world):
+    names = [e.name for e in world.entities]
+    assert len(names) == len(set(names)) == SMALL.categories * SMALL.entities_per_category
+    per_category = Counter(e.category for e in world.entities if e.known)
+    assert set(per_category.values()) == {SMALL.known_per_category}
+    assert len(per_category) == SMALL.categories
+    for category in per_category:  # look-alikes: one shape per category, distinct colours and homes
+        members = [e for e in world.entities if e.category == category]
+        assert len({e.shape for e in members}) == 1
+        assert len({e.colour for e in members}) == len(members)
+        assert len({e.home_cell for e in members}) == len(members)
+    config, entities = load_world(world.folder)
+    assert config == SMALL and entities == world.entities
+
+
+def _rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def _drawn_box(png: bytes, box_0_1000, size: int) -> tuple[int, int, int, int]:
+    """Pixel bounding box of non-background pixels inside the stated box's cell."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    grey = (np.abs(pixels[..., 0] - pixels[..., 1]) < 3) & (np.abs(pixels[..., 1] - pixels[..., 2]) < 3)
+    x1, y1, x2, y2 = (round(v * size / 1000) for v in box_0_1000)
+    cell = SMALL.cell_size
+    cx, cy = (x1 // cell) * cell, (y1 // cell) * cell
+    ys, xs = np.nonzero(~grey[cy:cy + cell, cx:cx + cell])
+    return cx + xs.min(), cy + ys.min(), cx + xs.max() + 1, cy + ys.max() + 1
+
+
+def test_rows_are_kvg_rows_with_exact_boxes(world):
+    for split in ("train", "val"):
+        rows = _rows(world.files[split])
+        assert len(rows) == getattr(SMALL, f"{split}_images")
+        for row in rows:
+            truth = row["reward_model"]["ground_truth"]
+            info = row["extra_info"]
+            assert entity_of(truth) == info["entity"] and info["entity"] in info["entities"]
+            assert list(read_box_reference(truth)) == [float(v) for v in info["boxes"][0]]
+            assert SMALL.objects_per_image[0] <= info["num_entities"] <= SMALL.objects_per_image[1]
+            assert row["prompt"][0]["content"].startswith("<image>Find and give the bounding box of")
+            drawn = _drawn_box(row["images"][0]["bytes"], info["boxes"][0], SMALL.canvas_size)
+            stated = tuple(round(v * SMALL.canvas_size / 1000) for v in info["boxes"][0])
+            assert max(abs(a - b) for a, b in zip(drawn, stated, strict=True)) <= 1, (drawn, stated)
+    truths = [row["reward_model"]["ground_truth"] for row in _rows(world.files["val"])]
+    assert len(truths) == len(set(truths))  # validations are paired case by case on this
+
+
+def test_every_entity_is_a_target_and_mostly_at_home(tmp_path):
+    world = build_world(WorldConfig(train_images=400, val_images=8, warmup_images=8, seed=1), tmp_path)
+    home = {e.name: e.home_cell for e in world.entities}
+    rows = _rows(world.files["train"])
+    assert {row["extra_info"]["entity"] for row in rows} == set(home)
+    at_home = []
+    for row in rows:
+        x1, y1 = row["extra_info"]["boxes"][0][:2]
+        cell = int(y1 >= 500) * 2 + int(x1 >= 500)
+        at_home.append(cell == home[row["extra_info"]["entity"]])
+    # The query is placed first, so it is home with probability home_bias (0.8): 4 binomial sd.
+    assert abs(np.mean(at_home) - 0.8) < 4 * np.sqrt(0.8 * 0.2 / len(rows))
+
+
+def test_warmup_shows_and_names_known_entities_only(world):
+    known = set(world.known)
+    records = [json.loads(line) for line in world.files["warmup"].read_text().splitlines()]
+    kinds = Counter(r["kind"] for r in records)
+    assert kinds["grounding"] == SMALL.warmup_images
+    assert kinds["probe"] == SMALL.warmup_probe_per_entity * len(known)
+    for record in records:
+        assert record["entity"] in known
+        assert (world.folder / "images" / record["image"]).is_file()
+        if record["kind"] == "grounding":
+            assert set(record["entities"]) <= known
+            assert record["target"].startswith("<think>Looking at each object.</think><answer>(")
+        else:
+            assert record["target"] in "ABCD" and len(record["target"]) == 1
+            assert f"{record['target']}. {record['entity']}\n" in record["prompt"]
+
+
+def test_probe_set_gives_four_choice_questions_over_all_entities(world):
+    items = load_probe_set(world.folder / PROBE_FILE)
+    assert Counter(i.entity for i in items) == {e.name: SMALL.probe_images_per_entity for e in world.entities}
+    questions = build_questions(items, per_entity=SMALL.probe_images_per_entity, seed=0)
+    category = {e.name: e.category for e in world.entities}
+    for question in questions:
+        assert len(set(question.options)) == 4
+        assert {category[o] for o in question.options} == {question.category}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("entities_per_category", 3), ("known_per_category", 4), ("objects_per_image", (1, 3)),
+    ("home_bias", 1.5), ("categories", 0), ("margin_range", (8, 20)),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        WorldConfig(**{field: value})
+
+
+def test_unreadable_world_file_names_the_file(tmp_path):
+    (tmp_path / "world.json").write_text("{")
+    with pytest.raises(ValueError, match="world.json"):
+        load_world(tmp_path)
