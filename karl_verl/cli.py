@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eval": "karl_verl.commands.eval",
     "probe": "karl_verl.commands.probe",
     "dryrun": "karl_verl.commands.dryrun",
+    "experiment": "karl_verl.commands.experiment",
 }
 
 

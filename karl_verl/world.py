@@ -380,14 +380,14 @@ def build_world(config: WorldConfig, folder: str | Path) -> World:
 #: names writes a *known* name for an unknown entity, its box then follows that name, and RL on
 #: unknown entities would rewire the boxes of known ones (measured: known entities' validation acc@0.5
 #: fell from 0.81 to 0.37 in 20 steps while unknown ones rose from 0.15 to 0.31).
-WARMUP_RATIONALE = "Looking at each object."
+WARMUP_RATIONALE = "I see it."
 
 
 def warmup_answer(box: Sequence[int]) -> str:
     """The stage-1 answer of a grounding example: a fixed rationale, then the box.
 
     >>> warmup_answer((47, 47, 453, 453))
-    '<think>Looking at each object.</think><answer>(47,47),(453,453)</answer>'
+    '<think>I see it.</think><answer>(47,47),(453,453)</answer>'
     """
     return f"<think>{WARMUP_RATIONALE}</think><answer>{prompts.format_box(box)}</answer>"
 

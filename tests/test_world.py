@@ -109,7 +109,7 @@ def test_warmup_shows_and_names_known_entities_only(world):
         assert (world.folder / "images" / record["image"]).is_file()
         if record["kind"] == "grounding":
             assert set(record["entities"]) <= known
-            assert record["target"].startswith("<think>Looking at each object.</think><answer>(")
+            assert record["target"].startswith("<think>I see it.</think><answer>(")
         else:
             assert record["target"] in "ABCD" and len(record["target"]) == 1
             assert f"{record['target']}. {record['entity']}\n" in record["prompt"]

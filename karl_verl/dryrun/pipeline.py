@@ -38,6 +38,7 @@ import torch
 
 from karl_verl.dryrun.launch import RunResult, run_main_ppo, run_sft_trainer
 from karl_verl.dryrun.report import TrainingSummary, format_refreshes, format_steps, plot_level_rewards, summarize
+from karl_verl.experiment.warmup import response_logprobs
 
 #: The recipe the dry run trains with (``karl_kvg`` with the CPU execution layer and tiny sizes).
 CPU_RECIPE = "karl_kvg_cpu"
@@ -173,20 +174,6 @@ def _images_of(messages: list[dict]) -> list[Any]:
             for part in message["content"] if part.get("type") == "image"]
 
 
-def _response_logprobs(model, inputs: dict, response: list[int]) -> torch.Tensor:
-    """Log-probabilities of ``response`` tokens after the prompt in ``inputs`` (grad enabled)."""
-    prompt_ids = inputs["input_ids"][0]
-    ids = torch.cat([prompt_ids, torch.tensor(response, dtype=prompt_ids.dtype)]).unsqueeze(0)
-    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
-    if "mm_token_type_ids" in inputs:  # M-RoPE needs to know which positions are image tokens
-        token_types = inputs["mm_token_type_ids"][0]
-        extra["mm_token_type_ids"] = torch.cat([token_types, token_types.new_zeros(len(response))]).unsqueeze(0)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0]
-    start = prompt_ids.shape[0]
-    logprobs = torch.log_softmax(logits[start - 1 : start - 1 + len(response)].float(), dim=-1)
-    return logprobs.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
-
-
 def warmup_format(model, processor, rows: list[dict], steps: int, seed: int, progress: bool) -> float:
     """A few supervised steps on answers in the KARL format, standing in for the stage-1 model.
 
@@ -214,7 +201,7 @@ def warmup_format(model, processor, rows: list[dict], steps: int, seed: int, pro
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="warm-up", unit="step", disable=not progress):
         inputs, ids = examples[int(rng.integers(len(examples)))]
-        loss = -_response_logprobs(model, inputs, ids).mean()
+        loss = -response_logprobs(model, inputs, ids).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

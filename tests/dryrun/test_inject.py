@@ -23,11 +23,11 @@ import torch
 from karl_verl.dryrun.pipeline import (
     DryRunOptions,
     _images_of,
-    _response_logprobs,
     compose_recipe,
     train,
     training_overrides,
 )
+from karl_verl.experiment.warmup import response_logprobs as _response_logprobs
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,10 @@ and in whatever order), and breaks what environment variables ask for, read at c
   training rollouts never do) once it has taken N weight syncs: the probe at train begin works, a
   later refresh fails.
 * ``KARL_TEST_FAIL_REWARD_ONCE=1``: each reward-loop worker's first scoring raises.
+* ``KARL_TEST_FREEZE_ROLLOUT_WEIGHTS=1``: weight sync to the rollout server is turned off: every sync
+  after the first loads the first sync's weights again (the server must be re-filled after each
+  sleep), so rollouts and validation always see the initial policy while the actor trains (the
+  negative control of ``karl-verl experiment``).
 """
 
 import importlib.abc
@@ -31,6 +35,16 @@ def _patch_rollout(module):
         return original(self, prompt_ids, params, image_data, mm_processor_kwargs)
 
     module.TransformersRolloutServer._generate = _generate
+
+    original_update = module.TransformersRolloutServer._update_weights
+
+    def _update_weights(self, state, global_steps):
+        if os.environ.get("KARL_TEST_FREEZE_ROLLOUT_WEIGHTS") == "1":
+            first = self.__dict__.setdefault("_test_first_weights", {k: v.detach().clone() for k, v in state.items()})
+            state = first
+        return original_update(self, state, global_steps)
+
+    module.TransformersRolloutServer._update_weights = _update_weights
 
 
 def _patch_reward(module):

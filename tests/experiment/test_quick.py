@@ -1,0 +1,61 @@
+"""``karl-verl experiment --quick`` end to end through verl's real main_ppo on CPU: the negative control.
+
+The control runs the quick experiment with weight sync to the rollout server turned off (test-only
+fault injection, ``tests/_support/cpu_faults``): the actor trains, but rollouts and validation keep
+the initial policy, so validation cannot change and the learning check must fail (exit 1, last line
+``DID NOT LEARN``, a rise of exactly 0 with a [0, 0] interval). The same run checks what the command
+writes: the initial probe's levels, the refresh, the report and the plots. About 4 minutes on 2 cores.
+
+The positive test (the same command without the fault exits 0 with a rise whose CI is above 0) is
+not here yet: the quick settings do not learn so far (issue notes and README, "Does it learn?").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAULTS = Path(__file__).resolve().parents[1] / "_support" / "cpu_faults"  # a sitecustomize.py
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("experiment-control")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
+           "KARL_TEST_FREEZE_ROLLOUT_WEIGHTS": "1"}
+    result = subprocess.run([sys.executable, "-m", "karl_verl", "experiment", "--quick", "--workdir", str(workdir),
+                             "--no-progress"], capture_output=True, text=True, timeout=1200, cwd=workdir, env=env)
+    report_path = workdir / "experiment.json"
+    assert report_path.is_file(), result.stdout[-4000:] + result.stderr[-4000:]
+    return result, json.loads(report_path.read_text())
+
+
+def test_without_weight_sync_the_check_fails(control):
+    result, report = control
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("DID NOT LEARN | karl: acc all: ") and "95% CI" in last_line
+    arm = report["arms"]["karl"]
+    assert arm["returncode"] == 0 and not arm["learned"] and not report["ok"]
+    rise = arm["rise"][0]
+    assert rise["group"] == "all" and rise["cases"] == report["options"]["world"]["val_images"]
+    # Greedy validation of the same weights: every case answers as at step 0.
+    assert rise["difference"] == 0.0 and rise["low"] == 0.0 and rise["high"] == 0.0 and rise["p_mcnemar"] == 1.0
+    assert set(arm["acc"]) == {"0", str(report["options"]["steps"])}  # verl's test_freq: step 0 and the last
+
+
+def test_the_run_probes_refreshes_and_plots(control):
+    _, report = control
+    levels = report["initial_levels"]
+    assert len(levels) == 16 and len(set(levels.values())) >= 2  # the knowledge gap shows as several levels
+    refreshes = report["arms"]["karl"]["refreshes"]
+    assert refreshes and all(sum(r[f"level_{k}"] for k in range(1, 6)) == 16 for r in refreshes)
+    for key in ("curves_png", "refreshes_png"):
+        assert Path(report["outputs"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
