@@ -39,7 +39,7 @@ import io
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,10 +336,10 @@ def build_world(config: WorldConfig, folder: str | Path) -> World:
     # Warm-up: composites of known entities only (so no unknown entity's look is ever shown), and
     # recognition questions about known entities on fresh single images.
     warmup = []
-    warm_config = WorldConfig(**{**asdict(config), "objects_per_image": (
-        min(config.objects_per_image[0], config.known_per_category),
-        min(config.objects_per_image[1], config.known_per_category))}) if config.known_per_category >= 2 else None
-    if warm_config is not None:
+    if config.known_per_category >= 2:
+        low, high = config.objects_per_image
+        warm_config = replace(config, objects_per_image=(min(low, config.known_per_category),
+                                                         min(high, config.known_per_category)))
         for i, (row, png) in enumerate(_grounding_rows(warm_config, known, config.warmup_images, rng,
                                                        split="warmup", targets=known, unique=False)):
             name = f"warmup_grounding_{i}.png"

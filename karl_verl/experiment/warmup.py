@@ -68,9 +68,9 @@ def response_logprobs(model: Any, inputs: dict[str, torch.Tensor], response: lis
     return logprobs.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
 
 
-def supervised_steps(model: Any, examples: list[Any], *, steps: int, lr: float, batch_size: int = 1,
+def supervised_steps(model: Any, examples: list[WarmupExample], *, steps: int, lr: float, batch_size: int = 1,
                      seed: int = 0, progress: bool = True, desc: str = "warm-up") -> list[float]:
-    """``steps`` AdamW steps of token-mean NLL on (``inputs``, ``target_ids``) examples; the loss per step.
+    """``steps`` AdamW steps of token-mean NLL on the examples' targets; the loss per step.
 
     Examples are drawn without replacement in a seeded order (a new permutation each pass).
     """
@@ -90,8 +90,7 @@ def supervised_steps(model: Any, examples: list[Any], *, steps: int, lr: float, 
             if not order:
                 order = list(rng.permutation(len(examples)))
             example = examples[order.pop()]
-            inputs, target = (example.inputs, example.target_ids) if hasattr(example, "inputs") else example
-            loss = -response_logprobs(model, inputs, target).mean() / batch_size
+            loss = -response_logprobs(model, example.inputs, example.target_ids).mean() / batch_size
             loss.backward()
             total += float(loss.detach())
         optimizer.step()
