@@ -217,7 +217,9 @@ class KarlReward:
         extra_info = extra_info if isinstance(extra_info, Mapping) else {}
         gt_text = ground_truth if isinstance(ground_truth, str) else ""
         entity = extra_info.get("entity") or entity_of(gt_text)
-        level, source = resolve_level(extra_info, entity, self.table, self.config.default_level_number)
+        # The table is only read for a sample without its own level (a node may not have the file).
+        table = None if extra_info.get("knowledge_level") is not None else self.table
+        level, source = resolve_level(extra_info, entity, table, self.config.default_level_number)
         result = score_response(solution_str, gt_text, level, self.config, extra_info)
         result["knowledge_level"] = level
         result["level_from_table"] = 1.0 if source == LEVEL_FROM_TABLE else 0.0

@@ -9,12 +9,16 @@ the verl config it is given:
   when the file changes on disk (an atomic swap by another process is seen whole). The ``karl``
   trainer does not write this file: its refreshed levels reach the workers on each sample.
 * a sample's level: the sample's ``knowledge_level`` field (set by the ``karl`` trainer), else
-  ``extra_info["knowledge_level"]``, else the table by entity, else ``default_level``.
+  ``extra_info["knowledge_level"]``, else the table by entity, else ``default_level``. The table
+  file is only opened for a sample that carries no level: a worker on a node without the file
+  scores the trainer's tagged samples, and one that does need the file and cannot read it stops
+  the run (:class:`MasteryTableUnavailable`) instead of scoring every sample as a miss.
 
 If ``reward.custom_reward_function.path`` is set, that function scores instead (verl's contract).
 
 A sample whose scoring raises (a bug, or data the pre-flight would have refused) scores as a miss
-with ``reward_error`` 1 in its breakdown and a warning naming it, and the run goes on. verl 0.9.1
+with ``reward_error`` 1 in its breakdown and a warning naming it, and the run goes on; an unreadable
+mastery table is not such a sample (it would zero every reward of the worker) and is raised. verl 0.9.1
 has no handler there: the agent loop awaits the reward worker
 (``verl/experimental/agent_loop/agent_loop.py:1026``) inside a plain ``asyncio.gather`` (``:654``),
 so one exception from a reward manager ends the whole run.
@@ -32,13 +36,17 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from verl.experimental.reward_loop.reward_manager.registry import REWARD_MANAGER
 
 from karl_verl.config import KarlConfig
-from karl_verl.mastery import MasteryTable
+from karl_verl.mastery import MasteryError, MasteryTable
 from karl_verl.reward import KarlReward, _load_table_cached
 
 logger = logging.getLogger(__name__)
 
 REGISTRY = "reward manager (verl.experimental.reward_loop.reward_manager)"
 NAME = "karl"
+
+
+class MasteryTableUnavailable(RuntimeError):
+    """A reward worker needs the mastery table (a sample without a level) and cannot read it."""
 
 
 def karl_config_from(config: Any) -> KarlConfig:
@@ -62,10 +70,22 @@ class KarlRewardManager(RewardManagerBase):
         self.scorer = KarlReward(karl.reward, table=None)
 
     def current_table(self) -> MasteryTable | None:
-        return _load_table_cached(self.table_path) if self.table_path else None
+        if not self.table_path:
+            return None
+        try:
+            return _load_table_cached(self.table_path)
+        except MasteryError as err:
+            import socket
+
+            raise MasteryTableUnavailable(
+                f"karl reward worker on {socket.gethostname()}: a sample has no knowledge_level, so its level "
+                f"comes from the mastery table, which cannot be read: {err}. On a multi-node run the table "
+                "(karl.reward.mastery_path / karl.mastery.table_path) must be on a filesystem every node sees"
+            ) from None
 
     def score(self, response: str, ground_truth: str, extra_info: dict, data_source: Any) -> dict:
-        self.scorer.set_table(self.current_table())
+        if extra_info.get("knowledge_level") is None:
+            self.scorer.set_table(self.current_table())
         return self.scorer(data_source, response, ground_truth, extra_info)
 
     async def run_single(self, data: DataProto) -> dict:
@@ -86,6 +106,8 @@ class KarlRewardManager(RewardManagerBase):
             if not isinstance(result, dict):
                 result = {"score": float(result)}
             result = {**result, "score": float(result["score"]), "reward_error": 0.0}
+        except MasteryTableUnavailable:
+            raise
         except Exception as err:
             logger.warning("karl reward: scoring a sample of %r (ground truth %.80r) raised %s: %s; it scores as a "
                            "miss (reward_error=1)", data_source, ground_truth, type(err).__name__, err)

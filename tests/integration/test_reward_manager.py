@@ -148,3 +148,21 @@ def test_success_is_the_rewards_own_threshold_rule(tokenizer, preset, inclusive)
     for info, success in zip(infos, expected, strict=True):
         if success:
             assert info["ka_iou"] == pytest.approx(min(config.pos_scale[3] * info["iou"], config.cap))
+
+
+@pytest.mark.parametrize("key", ["mastery.table_path", "reward.mastery_path"])
+def test_tagged_samples_never_read_the_table_and_a_needed_missing_table_is_loud(tokenizer, tmp_path, key):
+    """A worker on a node without the table file scores the samples the trainer tagged; a sample
+    that needs the table there stops the run with the path and the host, instead of a silent miss."""
+    section, field = key.split(".")
+    missing = tmp_path / "not-on-this-node" / "mastery.json"
+    manager = load_reward_manager(verl_config({section: {field: str(missing)}}), tokenizer)
+    hit = "<think>x</think><answer>(100,100),(300,280)</answer>"
+    tagged = make_rows(tokenizer, [hit, hit], [GT, GT], [{}, {"knowledge_level": 2}], levels=[3, None])
+    for result, level in zip(run(manager, tagged), (3, 2), strict=True):
+        assert result["reward_extra_info"]["reward_error"] == 0.0
+        assert result["reward_extra_info"]["knowledge_level"] == level
+        assert result["reward_score"] > 1.0
+    untagged = make_rows(tokenizer, [hit], [GT], [{}])
+    with pytest.raises(RuntimeError, match="not-on-this-node.*filesystem every node sees"):
+        run(manager, untagged)
