@@ -119,6 +119,39 @@ def filter_groups_problem(config: DictConfig) -> str | None:
             f"{SUCCESS_FIELD} (groups that all succeed or all fail carry no GRPO signal) or one of {', '.join(keys)}")
 
 
+def trainer_mode_problem(config: DictConfig) -> str | None:
+    """A config that asks for the ``karl`` trainer's work while ``trainer.v1.trainer_mode`` selects another trainer.
+
+    verl then runs its own trainer (``sync``, ``colocate_async``, ``separate_async``) without a word:
+    ``karl_grpo`` gets no mastery levels (every sample weighted as the default level), and the
+    refresh, curriculum and injection never run. Plain GRPO with the karl reward
+    (``karl_kvg_grpo``: verl's ``grpo``, refresh off) is a valid run on verl's ``sync`` trainer.
+    """
+    mode = _select(config, "trainer.v1.trainer_mode")
+    karl = _select(config, "karl")
+    if mode in (None, "karl") or karl is None:
+        return None
+
+    def number(key: str) -> float:
+        value = _select(config, key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+    asks = []
+    if _select(config, "algorithm.adv_estimator") == "karl_grpo":
+        asks.append("algorithm.adv_estimator=karl_grpo (its mastery levels come from the karl trainer)")
+    if number("karl.mastery.refresh_every_epochs") > 0 or number("karl.mastery.refresh_every_steps") > 0:
+        asks.append("a mastery refresh (karl.mastery.refresh_every_epochs / refresh_every_steps > 0)")
+    for section in ("curriculum", "inject"):
+        if _select(config, f"karl.{section}.enable") is True:
+            asks.append(f"karl.{section}.enable=true")
+    if not asks:
+        return None
+    return (f"trainer.v1.trainer_mode={mode}: verl's own {mode!r} trainer would run and silently skip what this "
+            f"config asks of the karl trainer: {'; '.join(asks)}. The karl trainer is synchronous: use "
+            "trainer.v1.trainer_mode=karl (the karl recipes set it), or turn those off for a plain GRPO run "
+            "(+recipe=karl_kvg_grpo)")
+
+
 #: The example command of the stop message, unless the recipe gives its own (``example``).
 MAIN_PPO_EXAMPLE = (
     "python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
@@ -229,8 +262,7 @@ def run_problems(config: DictConfig, required: Iterable[str], environ: Mapping[s
     """(unset required keys, other problems) of a composed run configuration."""
     environ = os.environ if environ is None else environ
     problems = path_problems(config) + karl_config_problems(config)
-    if (problem := filter_groups_problem(config)) is not None:
-        problems.append(problem)
+    problems += [p for p in (filter_groups_problem(config), trainer_mode_problem(config)) if p]
     problems += [p for p in (wandb_problem(config, environ), gpu_problem(config, environ, count_gpus)) if p]
     return unset_keys(config, required), problems
 

@@ -317,3 +317,26 @@ def test_curriculum_is_off_by_default_and_on_in_its_recipe(installed, composed, 
         k: v for k, v in plain.items() if k not in ("karl", "trainer")}
     assert {k: v for k, v in on["karl"].items() if k != "curriculum"} == {
         k: v for k, v in plain["karl"].items() if k != "curriculum"}
+
+
+@pytest.mark.parametrize("mode", ["colocate_async", "separate_async", "sync"])
+def test_another_trainer_mode_under_a_karl_recipe_is_refused_before_ray(composed, mode):
+    """verl would run its own trainer: no levels for karl_grpo, no refresh, curriculum or injection."""
+    from omegaconf import OmegaConf
+
+    from karl_verl.integration.preflight import run_problems, trainer_mode_problem
+
+    assert trainer_mode_problem(OmegaConf.create(composed["karl_kvg"])) is None
+    config = OmegaConf.create(composed["karl_kvg"])
+    config.trainer.v1.trainer_mode = mode
+    problem = trainer_mode_problem(config)
+    assert problem.startswith(f"trainer.v1.trainer_mode={mode}:")
+    assert "karl_grpo" in problem and "mastery refresh" in problem and "trainer_mode=karl" in problem
+    assert problem in run_problems(config, [], count_gpus=lambda: 8)[1]
+    config.karl.curriculum.enable = True
+    assert "karl.curriculum.enable=true" in trainer_mode_problem(config)
+    # Plain GRPO with the karl reward on verl's trainer (karl_kvg_grpo) is a valid run.
+    grpo = OmegaConf.create(composed["karl_kvg_grpo"])
+    assert trainer_mode_problem(grpo) is None
+    grpo.trainer.v1.trainer_mode = mode
+    assert trainer_mode_problem(grpo) is None
