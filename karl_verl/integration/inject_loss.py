@@ -12,6 +12,13 @@ while the aggregation (``loss_agg_mode``, the global token and sequence counts v
 micro-batch), the entropy term and the KL term still see every row. The shaped term ``-A * f(p)``
 of the injected rows is aggregated the same way and added. A micro-batch without injected rows
 is verl's ``ppo_loss`` bitwise.
+
+Every micro-batch reports the same metric keys, injected rows or not: verl all-gathers each key's
+per-micro-batch values from every rank and ``Metric.aggregate_dp`` refuses ranks with different
+counts (and a key only some ranks report would be averaged over those alone). The shaped ratio is
+reported as a sum and a token count (SUM over micro-batches, averaged over ranks alike); the
+``karl`` trainer turns them into ``actor/karl_offpolicy_ratio_mean``
+(:func:`offpolicy_ratio_mean`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,32 @@ from karl_verl.offpolicy import offpolicy_token_losses, on_policy_advantages, ro
 
 #: The per-row field (int 0/1) saying that a row's response was injected, not sampled.
 INJECTED_FIELD = "karl_injected"
+
+OFFPOLICY_LOSS = "actor/karl_offpolicy_loss"
+RATIO_SUM, RATIO_TOKENS, RATIO_MEAN = ("actor/karl_offpolicy_ratio_sum", "actor/karl_offpolicy_tokens",
+                                       "actor/karl_offpolicy_ratio_mean")
+
+
+def offpolicy_ratio_mean(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` (reduced actor metrics) with the ratio sum replaced by the mean over injected tokens.
+
+    The mean is left out of a step without injected tokens (there is nothing to average).
+    """
+    if RATIO_SUM not in metrics:
+        return metrics
+    out = dict(metrics)
+    total = float(out.pop(RATIO_SUM))
+    tokens = float(out.get(RATIO_TOKENS, 0.0))
+    if tokens > 0:
+        out[RATIO_MEAN] = total / tokens
+    return out
+
+
+def _offpolicy_metrics(loss: torch.Tensor | float, ratio_sum: torch.Tensor | float, tokens: torch.Tensor | float,
+                       aggregation: Any) -> dict[str, Metric]:
+    return {OFFPOLICY_LOSS: Metric(value=loss, aggregation=aggregation),
+            RATIO_SUM: Metric(value=ratio_sum, aggregation=AggregationType.SUM),
+            RATIO_TOKENS: Metric(value=tokens, aggregation=AggregationType.SUM)}
 
 
 def _zero_injected_advantages(advantages: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -58,7 +91,10 @@ def karl_inject_ppo_loss(config: Any, model_output: Any, data: TensorDict, dp_gr
     """verl's ``ppo_loss`` signature (bind ``config`` and ``shaping_gamma`` with ``functools.partial``)."""
     rows = injected_rows(data)
     if rows is None:
-        return ppo_loss(config, model_output, data, dp_group)
+        loss, metrics = ppo_loss(config, model_output, data, dp_group)
+        aggregation = metrics["actor/pg_loss"].aggregation if "actor/pg_loss" in metrics else AggregationType.MEAN
+        metrics.update(_offpolicy_metrics(0.0, 0.0, 0.0, aggregation))
+        return loss, metrics
 
     sampled = data.copy()  # a shallow copy: only the advantages are replaced
     sampled["advantages"] = _zero_injected_advantages(data["advantages"], rows)
@@ -74,8 +110,7 @@ def karl_inject_ppo_loss(config: Any, model_output: Any, data: TensorDict, dp_gr
 
     injected_mask = response_mask & rows.reshape(-1, 1).to(response_mask.device)
     with torch.no_grad():
-        ratio_mean = (shaped_ratio(log_prob, shaping_gamma) * injected_mask).sum() / injected_mask.sum().clamp(min=1)
+        ratio_sum = (shaped_ratio(log_prob, shaping_gamma) * injected_mask).sum()
     aggregation = metrics["actor/pg_loss"].aggregation if "actor/pg_loss" in metrics else AggregationType.MEAN
-    metrics["actor/karl_offpolicy_loss"] = Metric(value=offpolicy_loss, aggregation=aggregation)
-    metrics["actor/karl_offpolicy_ratio_mean"] = Metric(value=ratio_mean, aggregation=AggregationType.MEAN)
+    metrics.update(_offpolicy_metrics(offpolicy_loss.detach(), ratio_sum, injected_mask.sum().float(), aggregation))
     return loss + offpolicy_loss, metrics

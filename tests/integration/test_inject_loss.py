@@ -69,7 +69,8 @@ def test_mixed_batch_loss_is_the_hand_computed_value():
     assert loss.item() == pytest.approx(-4.2 / 5, abs=1e-6)
     assert metrics["actor/karl_offpolicy_loss"].aggregate() == pytest.approx(-2.8 / 5, abs=1e-6)
     assert metrics["actor/pg_loss"].aggregate() == pytest.approx(-1.4 / 5, abs=1e-6)
-    assert metrics["actor/karl_offpolicy_ratio_mean"].aggregate() == pytest.approx((0.5 + 0.9) / 2, abs=1e-6)
+    assert metrics["actor/karl_offpolicy_ratio_sum"].aggregate() == pytest.approx(0.5 + 0.9, abs=1e-6)
+    assert metrics["actor/karl_offpolicy_tokens"].aggregate() == 2
     loss.backward()
     grads = _token_grads(flat)
     # Sampled: the clipped token has no gradient, the unclipped one -A * ratio / 5 = -0.2;
@@ -103,3 +104,36 @@ def test_a_batch_without_the_field_is_verls_ppo_loss():
     config2, model_output2, data2, _ = _batch([0, 0, 0])
     assert torch.equal(karl_inject_ppo_loss(config, model_output, data, shaping_gamma=0.1)[0],
                        ppo_loss(config2, model_output2, data2)[0])
+
+
+def test_every_micro_batch_reports_the_same_keys_and_ranks_aggregate_to_the_injected_token_mean():
+    """verl all-gathers each key's per-micro-batch values from every rank; Metric.aggregate_dp refuses
+    ranks with different counts. Rank 0 has micro-batches [mixed, sampled only], rank 1 [sampled only,
+    sampled only]: every key must aggregate, and the ratio must be the mean over injected tokens."""
+    from verl.utils.metric import Metric, reduce_metrics
+
+    from karl_verl.integration.inject_loss import offpolicy_ratio_mean
+
+    def micro_batch(injected):
+        config, model_output, data, _ = _batch(injected)
+        return karl_inject_ppo_loss(config, model_output, data, shaping_gamma=0.1)[1]
+
+    ranks = [[micro_batch([0, 1, 0]), micro_batch([0, 0, 0])], [micro_batch([0, 0, 0]), micro_batch([0, 0, 0])]]
+    keys = {frozenset(m) for rank in ranks for m in rank}
+    assert len(keys) == 1
+    gathered = {}
+    for key in next(iter(keys)):
+        per_rank = []
+        for rank in ranks:
+            metric = rank[0][key].init_list()
+            for m in rank:
+                metric.extend(m[key])
+            per_rank.append(metric)
+        gathered[key] = Metric.aggregate_dp(per_rank)
+    reduced = offpolicy_ratio_mean(reduce_metrics(gathered))
+    assert reduced["actor/karl_offpolicy_ratio_mean"] == pytest.approx((0.5 + 0.9) / 2, abs=1e-6)
+    assert reduced["actor/karl_offpolicy_tokens"] == pytest.approx(2 / 2)  # 2 injected tokens, mean over 2 ranks
+    assert "actor/karl_offpolicy_ratio_sum" not in reduced
+    # A step without injected tokens reports no ratio at all (not a 0 that reads as "every p near 0").
+    assert "actor/karl_offpolicy_ratio_mean" not in offpolicy_ratio_mean(
+        {"actor/karl_offpolicy_ratio_sum": 0.0, "actor/karl_offpolicy_tokens": 0.0})
