@@ -49,6 +49,37 @@ def filter_metric(config: Any) -> str | None:
     return filter_groups.get("metric", None)
 
 
+#: The start of verl's warning (``PPOTrainer._resolve_filter_groups_metric``) that its v1 buffer ignores the budget.
+VERL_BUDGET_WARNING = "algorithm.filter_groups.max_num_gen_batches="
+
+
+class HeldBudgetWarning(logging.Filter):
+    """Holds back verl's "max_num_gen_batches is ignored" warning while the replay buffer is built.
+
+    verl logs it whenever the budget is set, also when the karl trainer goes on to honour the budget
+    (:class:`KarlReplayBuffer`), where it would tell the user the opposite of what happens. The
+    trainer installs this filter around verl's ``_build_replay_buffer`` and then either says once
+    that the budget is honoured, or, when it does not specialise the buffer, lets verl's warning
+    out as it was (:meth:`release`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(VERL_BUDGET_WARNING):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self, target: logging.Logger) -> None:
+        """Log the held records on ``target`` as verl would have."""
+        for record in self.held:
+            target.handle(record)
+        self.held.clear()
+
+
 def group_of(key: str) -> str:
     """The prompt uid of a trajectory key ``{uid}_{session}_{index}`` (verl's key format)."""
     return key.split("_")[0]

@@ -65,6 +65,7 @@ from karl_verl.advantage import compute_karl_grpo_advantage
 from karl_verl.config import ConfigError, KarlConfig
 from karl_verl.integration.curriculum import TrainerCurriculum
 from karl_verl.integration.dynamic_sampling import (
+    HeldBudgetWarning,
     KarlReplayBuffer,
     constant_groups,
     filter_metric,
@@ -261,14 +262,24 @@ class KarlTrainer(PPOTrainerSync):
         """verl's replay buffer; with dynamic sampling on, the one that counts dropped groups per level
         and honours ``algorithm.filter_groups.max_num_gen_batches`` (see
         :mod:`karl_verl.integration.dynamic_sampling`)."""
-        buffer = super()._build_replay_buffer()
+        from verl.trainer.ppo.v1 import trainer_base
+
+        held = HeldBudgetWarning()
+        trainer_base.logger.addFilter(held)
+        try:
+            buffer = super()._build_replay_buffer()
+        finally:
+            trainer_base.logger.removeFilter(held)
         if self.trainer_mode == "sync" and type(buffer) is ReplayBuffer and filter_metric(self.config):
             budget = int(self.config.algorithm.filter_groups.get("max_num_gen_batches", 0) or 0)
             if budget > 0:
-                logger.info("karl: dynamic sampling stops filtering within a step after %d prompt batches "
-                            "(algorithm.filter_groups.max_num_gen_batches)", budget)
+                logger.warning("karl: algorithm.filter_groups.max_num_gen_batches=%d is honoured: dynamic sampling "
+                               "stops filtering within a step after %d prompt batches (verl's own v1 trainer "
+                               "would ignore it)", budget, budget)
             buffer = KarlReplayBuffer.specialise(buffer, max_gen_batches=budget)
             buffer.karl_observe_dropped = self._karl_observe_dropped
+        else:
+            held.release(trainer_base.logger)
         return buffer
 
     def _karl_observe_dropped(self, partition_id: str, keys: list[str]) -> None:

@@ -109,3 +109,33 @@ def test_after_the_budget_groups_with_a_signal_are_selected_first_in_verls_order
     buffer._karl_filtering = False
     selected, _, _ = buffer._select_prompt_uids("train", set(steps), 4)
     assert selected[:3] == ["u2", "u3", "u5"] and selected[3] in ("u1", "u4")
+
+
+def _trainer_for_buffer(sampler: dict | None = None):
+    from karl_verl.integration.trainer import KarlTrainer
+
+    trainer = KarlTrainer.__new__(KarlTrainer)
+    trainer.trainer_mode = "sync"
+    trainer.config = OmegaConf.create({
+        "trainer": {"v1": {"sampler": {"max_off_policy_threshold": None, "max_off_policy_strategy": "drop",
+                                       "sampler_kwargs": {}, **(sampler or {})}}},
+        "algorithm": {"filter_groups": {"enable": True, "metric": "success", "max_num_gen_batches": 3}},
+        "reward": {"reward_model": {"enable": False}},
+        "data": {"train_batch_size": 4},
+    })
+    trainer._add_prompts_to_generate = lambda num_prompts: num_prompts
+    trainer._karl_observe_dropped = lambda partition_id, keys: None
+    return trainer
+
+
+def test_verls_budget_ignored_warning_is_replaced_by_ours_where_the_budget_is_honoured(caplog):
+    """verl warns that max_num_gen_batches is ignored; under the karl trainer it is honoured: one line
+    of ours says so, verl's does not appear."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        buffer = _trainer_for_buffer()._build_replay_buffer()
+    assert isinstance(buffer, KarlReplayBuffer) and buffer.karl_max_gen_batches == 3
+    messages = [r.getMessage() for r in caplog.records if "max_num_gen_batches" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("karl: algorithm.filter_groups.max_num_gen_batches=3 is "
+                                                         "honoured")
