@@ -84,6 +84,11 @@ class WorldConfig:
     #: Chance that an entity stands in its home cell (when free); else a random free cell. Each
     #: entity of a category has its own home, so where an entity tends to be is knowledge about it.
     home_bias: float = 0.8
+    #: The box a warm-up answer gives: "cell", the object's cell at the middle margin (IoU >= 0.84
+    #: with any object drawn in that cell at the default sizes), or "exact", the drawn box. With
+    #: "cell" the warm-up teaches where an entity is and not the margin noise of each drawing, which
+    #: a model that cannot see margins would otherwise sample and RL would chase.
+    warmup_boxes: str = "cell"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -114,6 +119,8 @@ class WorldConfig:
         if not 0 <= m_low <= m_high or 2 * m_high >= self.cell_size - 2:
             problems.append(f"margin_range: expected 0 <= low <= high and 2 * high < cell_size - 2, "
                             f"got {self.margin_range}")
+        if self.warmup_boxes not in ("cell", "exact"):
+            problems.append(f"warmup_boxes: expected 'cell' or 'exact', got {self.warmup_boxes!r}")
         if problems:
             raise ValueError("WorldConfig: " + "; ".join(problems))
 
@@ -217,6 +224,17 @@ def _cell_box(config: WorldConfig, cell: int, rng: random.Random) -> tuple[int, 
     x0, y0 = (cell % config.grid) * size, (cell // config.grid) * size
     return (x0 + rng.randint(low, high), y0 + rng.randint(low, high),
             x0 + size - rng.randint(low, high), y0 + size - rng.randint(low, high))
+
+
+def cell_answer_box(config: WorldConfig, box: Sequence[int]) -> tuple[int, int, int, int]:
+    """The 0-1000 box of the cell holding ``box`` (0-1000), at the middle margin: a warm-up answer."""
+    size, (low, high) = config.cell_size, config.margin_range
+    scale = 1000 / config.canvas_size
+    column = min(int((box[0] + box[2]) / 2 / scale) // size, config.grid - 1)
+    row = min(int((box[1] + box[3]) / 2 / scale) // size, config.grid - 1)
+    margin = (low + high) / 2
+    x0, y0 = column * size, row * size
+    return tuple(round(v * scale) for v in (x0 + margin, y0 + margin, x0 + size - margin, y0 + size - margin))
 
 
 def _background(rng: random.Random) -> tuple[int, int, int]:
@@ -345,6 +363,8 @@ def build_world(config: WorldConfig, folder: str | Path) -> World:
             name = f"warmup_grounding_{i}.png"
             (folder / "images" / name).write_bytes(png)
             box = row["extra_info"]["boxes"][0]
+            if config.warmup_boxes == "cell":
+                box = cell_answer_box(config, box)
             warmup.append({"kind": "grounding", "prompt": row["prompt"][0]["content"], "image": name,
                            "entity": row["extra_info"]["entity"], "entities": row["extra_info"]["entities"],
                            "target": warmup_answer(box)})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +16,7 @@ from PIL import Image
 
 from karl_verl.boxes import entity_of, read_box_reference
 from karl_verl.probe.questions import build_questions, load_probe_set
-from karl_verl.world import PROBE_FILE, WorldConfig, build_world, load_world
+from karl_verl.world import PROBE_FILE, WorldConfig, _cell_box, build_world, load_world
 
 SMALL = WorldConfig(train_images=48, val_images=32, warmup_images=24, warmup_probe_per_entity=4,
                     probe_images_per_entity=4, seed=3)
@@ -138,3 +140,30 @@ def test_unreadable_world_file_names_the_file(tmp_path):
     (tmp_path / "world.json").write_text("{")
     with pytest.raises(ValueError, match="world.json"):
         load_world(tmp_path)
+
+
+def test_warmup_answers_give_the_objects_cell_and_clear_the_reward_threshold(world, tmp_path):
+    """warmup_boxes="cell": each answer is the middle-margin box of the cell the object stands in,
+    the same digits for every drawing in a cell, and every drawn box in it scores IoU >= 0.84."""
+    import re
+
+    from karl_verl.boxes import box_iou
+    from karl_verl.world import cell_answer_box
+
+    answers = {}
+    for record in map(json.loads, world.files["warmup"].read_text().splitlines()):
+        if record["kind"] == "grounding":
+            numbers = [int(v) for v in re.findall(r"\d+", record["target"].split("<answer>")[1])]
+            answers[tuple(numbers)] = answers.get(tuple(numbers), 0) + 1
+    assert 1 < len(answers) <= SMALL.grid ** 2
+    assert all(answer == cell_answer_box(SMALL, answer) for answer in answers)
+    rng = random.Random(0)
+    scale = 1000 / SMALL.canvas_size
+    for cell in range(SMALL.grid ** 2):
+        for _ in range(50):
+            drawn = tuple(round(v * scale) for v in _cell_box(SMALL, cell, rng))
+            answer = cell_answer_box(SMALL, drawn)
+            assert box_iou(answer, drawn) >= 0.84
+    exact = build_world(replace(SMALL, warmup_boxes="exact"), tmp_path / "exact")
+    targets = {json.loads(line)["target"] for line in exact.files["warmup"].read_text().splitlines()}
+    assert len(targets) > 4 * SMALL.grid ** 2  # the drawn boxes: many margins per cell
