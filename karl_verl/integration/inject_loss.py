@@ -18,7 +18,7 @@ per-micro-batch values from every rank and ``Metric.aggregate_dp`` refuses ranks
 counts (and a key only some ranks report would be averaged over those alone). The shaped ratio is
 reported as a sum and a token count (SUM over micro-batches, averaged over ranks alike); the
 ``karl`` trainer turns them into ``actor/karl_offpolicy_ratio_mean``
-(:func:`offpolicy_ratio_mean`).
+(:func:`fold_offpolicy_ratio`).
 """
 
 from __future__ import annotations
@@ -42,19 +42,17 @@ RATIO_SUM, RATIO_TOKENS, RATIO_MEAN = ("actor/karl_offpolicy_ratio_sum", "actor/
                                        "actor/karl_offpolicy_ratio_mean")
 
 
-def offpolicy_ratio_mean(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``metrics`` (reduced actor metrics) with the ratio sum replaced by the mean over injected tokens.
+def fold_offpolicy_ratio(metrics: dict[str, Any]) -> None:
+    """Replace, in the reduced actor ``metrics``, the ratio sum by the mean over injected tokens.
 
     The mean is left out of a step without injected tokens (there is nothing to average).
     """
     if RATIO_SUM not in metrics:
-        return metrics
-    out = dict(metrics)
-    total = float(out.pop(RATIO_SUM))
-    tokens = float(out.get(RATIO_TOKENS, 0.0))
+        return
+    total = float(metrics.pop(RATIO_SUM))
+    tokens = float(metrics.get(RATIO_TOKENS, 0.0))
     if tokens > 0:
-        out[RATIO_MEAN] = total / tokens
-    return out
+        metrics[RATIO_MEAN] = total / tokens
 
 
 def _offpolicy_metrics(loss: torch.Tensor | float, ratio_sum: torch.Tensor | float, tokens: torch.Tensor | float,

@@ -797,11 +797,9 @@ class KarlTrainer(PPOTrainerSync):
 
     def _compute_metrics(self, batch: Any, metrics: dict, timing_raw: dict, global_steps: int, epoch: int) -> None:
         """verl's metrics, plus this step's per-level metrics and any refresh metrics."""
-        from karl_verl.integration.inject_loss import offpolicy_ratio_mean
+        from karl_verl.integration.inject_loss import fold_offpolicy_ratio
 
-        reduced = offpolicy_ratio_mean(metrics)
-        metrics.clear()
-        metrics.update(reduced)
+        fold_offpolicy_ratio(metrics)
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
         metrics.update(self.karl_consume_metrics())
 

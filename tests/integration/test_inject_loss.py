@@ -112,7 +112,7 @@ def test_every_micro_batch_reports_the_same_keys_and_ranks_aggregate_to_the_inje
     sampled only]: every key must aggregate, and the ratio must be the mean over injected tokens."""
     from verl.utils.metric import Metric, reduce_metrics
 
-    from karl_verl.integration.inject_loss import offpolicy_ratio_mean
+    from karl_verl.integration.inject_loss import fold_offpolicy_ratio
 
     def micro_batch(injected):
         config, model_output, data, _ = _batch(injected)
@@ -130,10 +130,16 @@ def test_every_micro_batch_reports_the_same_keys_and_ranks_aggregate_to_the_inje
                 metric.extend(m[key])
             per_rank.append(metric)
         gathered[key] = Metric.aggregate_dp(per_rank)
-    reduced = offpolicy_ratio_mean(reduce_metrics(gathered))
+    reduced = reduce_metrics(gathered)
+    fold_offpolicy_ratio(reduced)
     assert reduced["actor/karl_offpolicy_ratio_mean"] == pytest.approx((0.5 + 0.9) / 2, abs=1e-6)
     assert reduced["actor/karl_offpolicy_tokens"] == pytest.approx(2 / 2)  # 2 injected tokens, mean over 2 ranks
     assert "actor/karl_offpolicy_ratio_sum" not in reduced
     # A step without injected tokens reports no ratio at all (not a 0 that reads as "every p near 0").
-    assert "actor/karl_offpolicy_ratio_mean" not in offpolicy_ratio_mean(
-        {"actor/karl_offpolicy_ratio_sum": 0.0, "actor/karl_offpolicy_tokens": 0.0})
+    empty = {"actor/karl_offpolicy_ratio_sum": 0.0, "actor/karl_offpolicy_tokens": 0.0, "actor/pg_loss": 0.5}
+    fold_offpolicy_ratio(empty)
+    assert empty == {"actor/karl_offpolicy_tokens": 0.0, "actor/pg_loss": 0.5}
+    # A run without injection: the step's metrics stay as they are.
+    plain = {"actor/pg_loss": 0.5, "actor/kl_loss": 0.1}
+    fold_offpolicy_ratio(plain)
+    assert plain == {"actor/pg_loss": 0.5, "actor/kl_loss": 0.1}
