@@ -17,7 +17,7 @@ from pathlib import Path
 HELP = "train KARL and GRPO on a synthetic world through verl's main_ppo on CPU and show that they learn"
 
 #: ``--quick``: one arm, sizes that fit a CI job on 2 cores.
-QUICK = {"arms": ("karl",), "steps": 20, "test_freq": 20, "refresh_every_steps": 10}
+QUICK = {"arms": ("karl",), "steps": 20, "test_freq": 20, "refresh_every_steps": 20}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,12 @@
-"""``karl-verl experiment --quick`` end to end through verl's real main_ppo on CPU: the negative control.
+"""``karl-verl experiment`` end to end through verl's real main_ppo on CPU: it learns, and the check can fail.
 
-The control runs the quick experiment with weight sync to the rollout server turned off (test-only
-fault injection, ``tests/_support/cpu_faults``): the actor trains, but rollouts and validation keep
-the initial policy, so validation cannot change and the learning check must fail (exit 1, last line
-``DID NOT LEARN``, a rise of exactly 0 with a [0, 0] interval). The same run checks what the command
-writes: the initial probe's levels, the refresh, the report and the plots. About 4 minutes on 2 cores.
-
-The positive test (the same command without the fault exits 0 with a rise whose CI is above 0) is
-not here yet: the quick settings do not learn so far (issue notes and README, "Does it learn?").
+* ``--quick`` (one arm, 20 steps) must exit 0 with ``LEARNED`` and a validation rise whose 95% CI
+  lies above 0 on its last line (about 5 minutes on 2 cores).
+* The negative control runs a shorter experiment with weight sync to the rollout server turned off
+  (test-only fault injection, ``tests/_support/cpu_faults``): the actor trains, but rollouts and
+  validation keep the initial policy, so validation cannot change and the check must fail (exit 1,
+  ``DID NOT LEARN``, a rise of exactly 0 with a [0, 0] interval). It also checks what the command
+  writes: the initial probe's levels, a refresh, the report and the plots (about 4 minutes).
 """
 
 from __future__ import annotations
@@ -25,16 +24,39 @@ FAULTS = Path(__file__).resolve().parents[1] / "_support" / "cpu_faults"  # a si
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def control(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("experiment-control")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
-           "KARL_TEST_FREEZE_ROLLOUT_WEIGHTS": "1"}
-    result = subprocess.run([sys.executable, "-m", "karl_verl", "experiment", "--quick", "--workdir", str(workdir),
-                             "--no-progress"], capture_output=True, text=True, timeout=1200, cwd=workdir, env=env)
+def _experiment(workdir: Path, *args: str, env: dict[str, str] | None = None):
+    result = subprocess.run([sys.executable, "-m", "karl_verl", "experiment", *args, "--workdir", str(workdir),
+                             "--no-progress"], capture_output=True, text=True, timeout=1200, cwd=workdir,
+                            env=env or dict(os.environ))
     report_path = workdir / "experiment.json"
     assert report_path.is_file(), result.stdout[-4000:] + result.stderr[-4000:]
     return result, json.loads(report_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    return _experiment(tmp_path_factory.mktemp("experiment-quick"), "--quick")
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
+           "KARL_TEST_FREEZE_ROLLOUT_WEIGHTS": "1"}
+    return _experiment(tmp_path_factory.mktemp("experiment-control"), "--arms", "karl", "--steps", "4",
+                       "--test-freq", "4", "--refresh-every-steps", "2", env=env)
+
+
+def test_quick_learns(quick):
+    """The quick settings learn: validation acc@0.5 and IoU rise from step 0 to step 20, CIs above 0."""
+    result, report = quick
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("LEARNED | karl: acc all: ") and "95% CI +" in last_line
+    arm = report["arms"]["karl"]
+    assert arm["learned"] and report["ok"]
+    rise, rise_iou = arm["rise"][0], arm["rise_iou"][0]
+    assert rise["group"] == "all" and rise["low"] > 0 and rise_iou["low"] > 0
+    assert rise["p_mcnemar"] < 0.05
 
 
 def test_without_weight_sync_the_check_fails(control):
@@ -54,8 +76,10 @@ def test_without_weight_sync_the_check_fails(control):
 def test_the_run_probes_refreshes_and_plots(control):
     _, report = control
     levels = report["initial_levels"]
-    assert len(levels) == 16 and len(set(levels.values())) >= 2  # the knowledge gap shows as several levels
+    world = report["options"]["world"]
+    entities = world["categories"] * world["entities_per_category"]
+    assert len(levels) == entities and len(set(levels.values())) >= 2  # the knowledge gap shows as several levels
     refreshes = report["arms"]["karl"]["refreshes"]
-    assert refreshes and all(sum(r[f"level_{k}"] for k in range(1, 6)) == 16 for r in refreshes)
+    assert refreshes and all(sum(r[f"level_{k}"] for k in range(1, 6)) == entities for r in refreshes)
     for key in ("curves_png", "refreshes_png"):
         assert Path(report["outputs"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
