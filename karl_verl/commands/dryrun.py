@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in run: supervised steps on the answer format first (default 150)")
     parser.add_argument("--stages", default="2", choices=["2", "1,2"],
                         help="built-in run: 2 (default) the RL run from a warmed-up tiny model; 1,2 first verl's SFT "
-                             "trainer on a built-in CoT set (karl_cot_sft_cpu), whose checkpoint main_ppo then loads")
+                             "trainer fine-tunes it on a built-in CoT set (karl_cot_sft_cpu), and main_ppo loads "
+                             "that checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=2000,
                         help="pre-flight: rows checked per data file (default 2000; 0: all)")

@@ -499,18 +499,24 @@ BUILTIN_FILE = "cot.json"
 
 
 def builtin_rationale(instance: CotInstance) -> str:
-    """A rationale in the KARL format for a synthetic composite: compare the candidates, name the place, box."""
+    """A short rationale in the KARL format for a synthetic composite: where the entity is, then its box.
+
+    Short on purpose: the dry run's stage 2 caps responses at 48 tokens of the tiny tokenizer, and a
+    rationale that does not end inside the cap leaves no answer to reward (a comparison of every
+    candidate took about 150 tokens, and every stage-2 reward was 0).
+
+    >>> builtin_rationale(CotInstance(row=1, index=0, entity="Fiat 500", category="car", candidates=("Fiat 500",),
+    ...                               prompt=(), images=(), boxes=((10, 20, 300, 310),)))
+    '<think>The Fiat 500 is at the top left.</think><answer>(10,20),(300,310)</answer>'
+    """
     from karl_verl.data.prompts import format_box
 
     box = instance.boxes[0]
     x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     column = "left" if x < 1000 / 3 else "right" if x > 2000 / 3 else "centre"
     row = "top" if y < 1000 / 3 else "bottom" if y > 2000 / 3 else "middle"
-    others = [c for c in instance.candidates if c != instance.entity]
-    compared = f"The other candidates are {', '.join(others)}. " if others else ""
-    return (f"<think>The {instance.entity} is a {instance.category} with a shape of its own. {compared}"
-            f"Comparing their shapes, the {instance.entity} is the one at the {row} {column} of the image."
-            f"</think><answer>{format_box([int(round(v)) for v in box])}</answer>")
+    return (f"<think>The {instance.entity} is at the {row} {column}.</think>"
+            f"<answer>{format_box([int(round(v)) for v in box])}</answer>")
 
 
 def write_builtin_cot_set(out_dir: str | Path, *, num_images: int = 12, tile_size: int = 64, seed: int = 0,

@@ -7,7 +7,8 @@ Stages (each timed; what runs where is said per stage):
 2. model    a tiny randomly initialised Qwen3-VL, tokenizer and processor built locally (no download),
             then a short supervised warm-up on answers in the KARL format, standing in for the
             stage-1 model (a random model never writes ``<answer>``, so every reward would be 0); the
-            checkpoint ``main_ppo`` loads is the warmed-up model (this process)
+            checkpoint ``main_ppo`` loads is the warmed-up model, or with ``--stages 1,2`` the one
+            verl's SFT trainer makes from it on the built-in CoT set (this process, then a child)
 3. train    ``python -m verl.trainer.main_ppo +recipe=karl_kvg_cpu`` for two epochs: Ray, verl's
             TaskRunner, the ``karl`` trainer's ``fit``, verl's FSDP2 actor and reference over gloo,
             TransferQueue, reward-loop workers running the ``karl`` reward manager, the agent loop
@@ -65,7 +66,8 @@ class DryRunOptions:
     #: A main_ppo run slower than this is killed and reported as failed.
     timeout_s: float = 900.0
     #: KARL stages run: (2,) the RL run from the warmed-up tiny model; (1, 2) first verl's SFT trainer
-    #: on the built-in CoT set (recipe karl_cot_sft_cpu), whose checkpoint main_ppo then starts from.
+    #: fine-tunes the warmed-up model on the built-in CoT set (recipe karl_cot_sft_cpu), and main_ppo
+    #: starts from its checkpoint.
     stages: tuple[int, ...] = (2,)
     #: Stage 1: epochs over the built-in CoT set (12 rows, 4 a step: 3 steps an epoch).
     sft_epochs: int = 3
@@ -341,8 +343,9 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
     workdir.mkdir(parents=True, exist_ok=True)
     options = DryRunOptions(**{**vars(options), "workdir": workdir})
     torch.manual_seed(options.seed)
-    if 1 in options.stages:  # the stage-1 model replaces the format warm-up
-        options = DryRunOptions(**{**vars(options), "warmup_steps": 0})
+    # Stage 1 fine-tunes the format-warmed model: verl's SFT trainer cannot teach a random model the
+    # answer format in the few steps a dry run has (measured: 9 steps from random weights, and every
+    # stage-2 response ran past the cap without an answer).
     paths = prepare_inputs(options, report, say)
     if 1 in options.stages:
         with _stage(report, "sft", say):
