@@ -24,12 +24,15 @@ the per-worker adapter, ``workers/rollout/replica.py:RolloutReplicaRegistry`` fo
   drains verl's weight generator (every rank must: gathering a sharded tensor is a collective)
   and the replica's leader rank sends the full tensors to its server.
 
-Requests run one at a time per server (in a worker thread, so that control calls such as
-``abort_all_requests`` stay responsive). A request without a ``seed`` gets one derived from the
-server's seed, the weight version, the prompt and how many times the same prompt was asked since
-the last sync, so a run and its resumed twin sample the same responses. Policies never write image
-placeholders; a random tiny model does, and verl's actor would then find image tokens without
-image features, so the four vision placeholder tokens are never sampled.
+Requests are queued and answered in batches (in a worker thread, so that control calls such as
+``abort_all_requests`` stay responsive): the ``n`` samples of one prompt, which the agent loop sends
+together, share one batched ``generate``, each row sampling from its own seeded generator so that
+an answer does not depend on its batch mates. Other requests run one by one. A request without a
+``seed`` gets one derived from the server's seed, the weight version, the prompt and how many times
+the same prompt was asked since the last sync, so a run and its resumed twin sample the same
+responses. Policies never write image placeholders; a random tiny model does, and verl's actor
+would then find image tokens without image features, so the four vision placeholder tokens are
+never sampled.
 
 Runs only in CPU runs (recipe ``karl_kvg_cpu``); a GPU run never imports it.
 """
@@ -37,7 +40,10 @@ Runs only in CPU runs (recipe ``karl_kvg_cpu``); a GPU run never imports it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -111,12 +117,89 @@ class _AllowedTokens:
         return masked
 
 
+class _RowSampler:
+    """The last logits processor: warps each row as vLLM's sampling parameters say and picks its token.
+
+    Temperature 0 is greedy. Otherwise each row draws from its own ``torch.Generator`` seeded with the
+    request's seed, so twins batched together sample independently and reproducibly. The processed
+    log-probability of each chosen token is kept; the returned scores leave only that token finite.
+    """
+
+    def __init__(self, seeds: list[int], *, temperature: float, top_k: int, top_p: float) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.greedy = temperature <= 0
+        self.warpers: list[Any] = []
+        if not self.greedy and temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if not self.greedy and top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k=top_k))
+        if not self.greedy and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.chosen_logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        log_probs = torch.log_softmax(scores.float(), dim=-1)
+        if self.greedy:
+            chosen = scores.argmax(dim=-1)
+        else:
+            probs = log_probs.exp()
+            chosen = torch.stack([torch.multinomial(probs[row], 1, generator=generator)[0]
+                                  for row, generator in enumerate(self.generators)])
+        self.chosen_logprobs.append(log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))
+        only_chosen = torch.full_like(scores, float("-inf"))
+        only_chosen.scatter_(-1, chosen.unsqueeze(-1), 0.0)
+        return only_chosen
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """One queued ``generate`` call; requests with the same :attr:`group` can share a batch."""
+
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    image_data: list[Any] | None
+    mm_processor_kwargs: dict[str, Any]
+    future: asyncio.Future | None
+
+    @functools.cached_property
+    def group(self) -> Any:
+        images = [_image_fingerprint(image) for image in (self.image_data or [])]
+        if any(fingerprint is None for fingerprint in images):
+            return id(self)  # an image we cannot compare is batched with nothing
+        settings = {k: v for k, v in self.params.items() if k != "seed"}
+        return (tuple(self.prompt_ids), tuple(images), json.dumps(settings, sort_keys=True, default=repr),
+                json.dumps(self.mm_processor_kwargs, sort_keys=True, default=repr))
+
+
+def _image_fingerprint(image: Any) -> str | None:
+    """A digest of a PIL image's pixels (None for anything else)."""
+    tobytes = getattr(image, "tobytes", None)
+    if tobytes is None or not hasattr(image, "mode") or not hasattr(image, "size"):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}|{image.size}|".encode())
+    digest.update(tobytes())
+    return digest.hexdigest()
+
+
+def _repeat_rows(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """One prompt's model inputs for ``rows`` identical rows (Qwen-VL pixel values are stacked per image)."""
+    if rows == 1:
+        return inputs
+    return {name: value.repeat(rows, *([1] * (value.dim() - 1))) for name, value in inputs.items()}
+
+
 class TransformersRolloutServer:
     """One rollout replica's model, served with transformers (a Ray actor; see the module docstring)."""
 
     def __init__(self, model_path: str, *, replica_rank: int, response_length: int, prompt_length: int,
                  max_model_len: int | None, seed: int, dtype: str = "float32",
-                 logprobs_mode: str = "processed_logprobs") -> None:
+                 logprobs_mode: str = "processed_logprobs", max_batch_size: int = 64,
+                 batch_wait_ms: float = 10.0) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
         from verl.utils.tokenizer import hf_processor, hf_tokenizer
 
@@ -153,6 +236,13 @@ class TransformersRolloutServer:
         self._occurrences: Counter[tuple[int, ...]] = Counter()
         self._kept_buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.max_batch_size = int(max_batch_size)
+        self.batch_wait_s = float(batch_wait_ms) / 1000.0
+        self.batches = 0
+        self._pending: list[_Request] = []
+        self._batcher: asyncio.Future | None = None
 
     def _eos_token_ids(self) -> list[int]:
         ids = set()
@@ -171,21 +261,61 @@ class TransformersRolloutServer:
         if video_data:
             raise ValueError("the transformers rollout server does not take videos")
         if self.aborting:
-            return TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted",
-                               extra_fields={"global_steps": self.global_steps})
-        prompt_ids = [int(t) for t in prompt_ids]
-        return await asyncio.to_thread(self._generate, prompt_ids, dict(sampling_params or {}), image_data,
-                                       dict(mm_processor_kwargs or {}))
+            return self._aborted()
+        request = _Request(prompt_ids=[int(t) for t in prompt_ids], params=dict(sampling_params or {}),
+                           image_data=image_data, mm_processor_kwargs=dict(mm_processor_kwargs or {}),
+                           future=asyncio.get_running_loop().create_future())
+        self._pending.append(request)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.ensure_future(self._serve_pending())
+        return await request.future
+
+    def _aborted(self) -> TokenOutput:
+        return TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted",
+                           extra_fields={"global_steps": self.global_steps})
+
+    async def _serve_pending(self) -> None:
+        """Answer queued requests, oldest first, each turn taking every queued twin of the oldest one.
+
+        The agent loop sends a prompt's ``n`` samples at once; a short wait lets them all arrive, so
+        one batched ``generate`` answers the group (a model step costs about the same for 1 row or 64).
+        """
+        await asyncio.sleep(self.batch_wait_s)
+        while self._pending:
+            head = self._pending[0]
+            batch = [r for r in self._pending if r.group == head.group][: self.max_batch_size]
+            chosen = {id(r) for r in batch}
+            self._pending = [r for r in self._pending if id(r) not in chosen]
+            try:
+                outputs = await asyncio.to_thread(self._generate_batch, batch)
+            except Exception as error:  # every request of the batch fails with the batch's error
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            for request, output in zip(batch, outputs, strict=True):
+                if not request.future.done():
+                    request.future.set_result(output)
 
     def _generate(self, prompt_ids: list[int], params: dict[str, Any], image_data: list[Any] | None,
                   mm_processor_kwargs: dict[str, Any]) -> TokenOutput:
+        """One request, answered as a batch of one (tests call it directly)."""
+        request = _Request(prompt_ids=[int(t) for t in prompt_ids], params=dict(params), image_data=image_data,
+                           mm_processor_kwargs=dict(mm_processor_kwargs), future=None)
+        return self._generate_batch([request])[0]
+
+    def _generate_batch(self, batch: list[_Request]) -> list[TokenOutput]:
+        """Answer requests that share prompt, images and sampling parameters (all but the seed) in one pass."""
+        first = batch[0]
+        prompt_ids, params = first.prompt_ids, dict(first.params)
         with self._lock:
             if not (self.weights_loaded and self.weights_synced and self.kv_cache_ready):
                 raise RolloutServerAsleep(
                     f"transformers rollout server {self.replica_rank}: generate while asleep (weights loaded: "
                     f"{self.weights_loaded}, synced: {self.weights_synced}, cache ready: {self.kv_cache_ready}); "
                     "verl must wake it and sync weights first")
-            self.requests += 1
+            self.requests += len(batch)
+            self.batches += 1
             headroom = self.max_model_len - len(prompt_ids)
             if headroom < 1:
                 raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within max_model_len "
@@ -194,25 +324,27 @@ class TransformersRolloutServer:
             if max_tokens is None:
                 max_tokens = min(self.response_length, self.prompt_length + self.response_length - len(prompt_ids))
             max_tokens = max(1, min(int(max_tokens), headroom))
-            seed = params.get("seed")
-            if seed is None:
-                key = tuple(prompt_ids)
-                seed = derived_seed(self.seed, self.weight_version, prompt_ids, self._occurrences[key])
-                self._occurrences[key] += 1
-            inputs = self._model_inputs(prompt_ids, image_data, mm_processor_kwargs)
+            seeds = []
+            key = tuple(prompt_ids)
+            for request in batch:
+                seed = request.params.get("seed")
+                if seed is None:
+                    seed = derived_seed(self.seed, self.weight_version, prompt_ids, self._occurrences[key])
+                    self._occurrences[key] += 1
+                seeds.append(int(seed))
+            inputs = self._model_inputs(prompt_ids, first.image_data, first.mm_processor_kwargs)
             extra: dict[str, Any] = {"global_steps": self.global_steps, "weight_version": self.weight_version}
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed))
+            with torch.no_grad():
                 top_prompt = params.get("prompt_logprobs")
                 if top_prompt is not None:
                     logits = self.model(**inputs).logits[0].float()
                     extra["prompt_ids"], extra["prompt_logprobs"] = prompt_logprob_entries(
                         torch.log_softmax(logits, dim=-1), prompt_ids, int(top_prompt))
-                token_ids, log_probs = self._decode(inputs, params, max_tokens)
+                rows = self._decode(_repeat_rows(inputs, len(batch)), params, max_tokens, seeds)
         want_logprobs = params.get("logprobs")
-        return TokenOutput(token_ids=token_ids,
-                           log_probs=log_probs if want_logprobs not in (None, False) else None,
-                           stop_reason="completed", extra_fields=extra)
+        return [TokenOutput(token_ids=tokens, log_probs=log_probs if want_logprobs not in (None, False) else None,
+                            stop_reason="completed", extra_fields=dict(extra))
+                for tokens, log_probs in rows]
 
     def _model_inputs(self, prompt_ids: list[int], image_data: list[Any] | None,
                       mm_processor_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -234,41 +366,46 @@ class TransformersRolloutServer:
             inputs["mm_token_type_ids"] = token_types
         return inputs
 
-    def _decode(self, inputs: dict[str, torch.Tensor], params: dict[str, Any], max_tokens: int
-                ) -> tuple[list[int], list[float]]:
-        from transformers import GenerationConfig
+    def _decode(self, inputs: dict[str, torch.Tensor], params: dict[str, Any], max_tokens: int, seeds: list[int]
+                ) -> list[tuple[list[int], list[float]]]:
+        from transformers import GenerationConfig, LogitsProcessorList
 
-        temperature = float(params.get("temperature", 1.0))
-        top_k = int(params.get("top_k", -1) or -1)
         ignore_eos = bool(params.get("ignore_eos", False))
+        # Greedy search over scores in which a row sampler left one finite token per row: generate keeps
+        # the cache and positions, and each row samples from its own seeded generator, so a request's
+        # answer does not depend on which twins shared its batch.
         config = GenerationConfig(
-            max_new_tokens=max_tokens, min_new_tokens=max_tokens if ignore_eos else 0,
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-            top_p=float(params.get("top_p", 1.0)), top_k=top_k if top_k > 0 else 0,
+            max_new_tokens=max_tokens, min_new_tokens=max_tokens if ignore_eos else 0, do_sample=False,
             repetition_penalty=float(params.get("repetition_penalty", 1.0)),
             eos_token_id=None if ignore_eos else self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             suppress_tokens=self.suppressed_token_ids or None,
-            output_logits=True, output_scores=True, return_dict_in_generate=True,
+            output_logits=self.logprobs_mode == "raw_logprobs", return_dict_in_generate=True,
         )
+        sampler = _RowSampler(seeds, temperature=float(params.get("temperature", 1.0)),
+                              top_k=int(params.get("top_k", -1) or -1), top_p=float(params.get("top_p", 1.0)))
+        processors = LogitsProcessorList()
         allowed = params.get("allowed_token_ids")
-        processors = None
         if allowed:
-            from transformers import LogitsProcessorList
-
-            processors = LogitsProcessorList([_AllowedTokens([int(t) for t in allowed])])
+            processors.append(_AllowedTokens([int(t) for t in allowed]))
+        processors.append(sampler)
         output = self.model.generate(**inputs, generation_config=config, logits_processor=processors)
         prompt_len = inputs["input_ids"].shape[1]
-        tokens = output.sequences[0, prompt_len:].tolist()
-        for i, token in enumerate(tokens):
-            if not ignore_eos and token in self.eos_token_ids:
-                tokens = tokens[: i + 1]
-                break
-        # As vLLM's logprobs_mode: "processed" after temperature / top-k / top-p, "raw" from the logits.
-        steps = output.scores if self.logprobs_mode == "processed_logprobs" else output.logits
-        log_probs = [float(torch.log_softmax(step[0].float(), dim=-1)[token])
-                     for step, token in zip(steps, tokens, strict=False)]
-        return tokens, log_probs
+        rows = []
+        for row in range(len(seeds)):
+            tokens = output.sequences[row, prompt_len:].tolist()
+            for i, token in enumerate(tokens):
+                if not ignore_eos and token in self.eos_token_ids:
+                    tokens = tokens[: i + 1]
+                    break
+            # As vLLM's logprobs_mode: "processed" after temperature / top-k / top-p, "raw" from the logits.
+            if self.logprobs_mode == "processed_logprobs":
+                log_probs = [float(step[row]) for step in sampler.chosen_logprobs[: len(tokens)]]
+            else:
+                log_probs = [float(torch.log_softmax(step[row].float(), dim=-1)[token])
+                             for step, token in zip(output.logits, tokens, strict=False)]
+            rows.append((tokens, log_probs))
+        return rows
 
     # ------------------------------------------------------------------ weights and memory
 
@@ -342,9 +479,13 @@ class TransformersRolloutServer:
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False
                                  ) -> dict[str, Any]:
-        """New requests return ``aborted`` until :meth:`resume_generation`; the running one finishes."""
+        """Queued and new requests return ``aborted`` until :meth:`resume_generation`; a running batch finishes."""
         self.aborting = True
-        return {"aborted_count": 0, "request_ids": []}
+        queued, self._pending = self._pending, []
+        for request in queued:
+            if request.future is not None and not request.future.done():
+                request.future.set_result(self._aborted())
+        return {"aborted_count": len(queued), "request_ids": []}
 
     async def abort_request(self, request_id: str, reset_prefix_cache: bool = True) -> dict[str, Any]:
         return {"aborted": False, "request_id": request_id}
@@ -365,7 +506,7 @@ class TransformersRolloutServer:
         """What the server did (tests read it): requests answered, syncs, weight version, state."""
         return {"requests": self.requests, "syncs": self.syncs, "weight_version": self.weight_version,
                 "global_steps": self.global_steps, "weights_loaded": self.weights_loaded,
-                "weights_synced": self.weights_synced, "kv_cache_ready": self.kv_cache_ready,
+                "weights_synced": self.weights_synced, "kv_cache_ready": self.kv_cache_ready, "batches": self.batches,
                 "replica_rank": self.replica_rank, "pid": os.getpid()}
 
     async def first_parameter_sum(self) -> float:

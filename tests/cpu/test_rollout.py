@@ -415,6 +415,92 @@ def test_abort_returns_aborted_until_generation_resumes(server):
     assert asyncio.run(server.stats())["requests"] == 1
 
 
+def _image_prompt(checkpoints, colour=(240, 240, 20)):
+    from PIL import Image
+
+    processor = load_tiny_processor(checkpoints[0])
+    image = Image.new("RGB", (64, 96), (30, 140, 220))
+    image.paste(colour, (10, 10, 40, 50))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find the bird."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist(), image
+
+
+async def _concurrently(server, requests):
+    return await asyncio.gather(*[server.generate(f"r{i}", prompt, params, image_data=images)
+                                  for i, (prompt, params, images) in enumerate(requests)])
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_twins_share_one_batch_and_each_answers_as_if_alone(server, checkpoints, with_image):
+    """A prompt's n samples arrive together and run as one batch; each row samples from its own
+    seed, so every answer equals the same request answered alone."""
+    if with_image:
+        prompt, image = _image_prompt(checkpoints)
+        images = [image]
+    else:
+        prompt, images = _prompt(server), None
+    sample = {"temperature": 1.0, "max_tokens": 10, "ignore_eos": True, "logprobs": True}
+    before = asyncio.run(server.stats())
+    batched = asyncio.run(_concurrently(server, [(prompt, {**sample, "seed": s}, images) for s in range(5)]))
+    after = asyncio.run(server.stats())
+    assert after["requests"] - before["requests"] == 5 and after["batches"] - before["batches"] == 1
+    assert len({tuple(output.token_ids) for output in batched}) > 1  # five seeds, not one sample copied
+    for seed, output in enumerate(batched):
+        alone = server._generate(prompt, {**sample, "seed": seed}, images, {})
+        assert output.token_ids == alone.token_ids
+        assert output.log_probs == pytest.approx(alone.log_probs, abs=1e-4)
+
+
+def test_requests_that_differ_in_prompt_image_or_settings_are_not_batched(server, checkpoints):
+    prompt, image = _image_prompt(checkpoints)
+    _, other_image = _image_prompt(checkpoints, colour=(0, 0, 0))
+    sample = {"temperature": 1.0, "max_tokens": 4, "seed": 1}
+    requests = [
+        (prompt, sample, [image]),
+        (prompt, sample, [image]),  # the only twin of the first
+        (prompt, sample, [other_image]),
+        (prompt, {**sample, "temperature": 0.5}, [image]),
+        (_prompt(server), sample, None),
+    ]
+    before = asyncio.run(server.stats())
+    outputs = asyncio.run(_concurrently(server, requests))
+    after = asyncio.run(server.stats())
+    assert after["batches"] - before["batches"] == 4
+    assert outputs[0].token_ids == outputs[1].token_ids  # same seed, same batch, same answer
+
+
+def test_unseeded_twins_in_one_batch_draw_different_samples(server):
+    prompt = _prompt(server)
+    sample = {"temperature": 1.0, "max_tokens": 8, "ignore_eos": True}
+    outputs = asyncio.run(_concurrently(server, [(prompt, sample, None)] * 4))
+    assert len({tuple(output.token_ids) for output in outputs}) == 4
+
+
+def test_abort_answers_queued_requests_with_aborted(server):
+    prompt = _prompt(server)
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(server.generate(f"r{i}", prompt, {"max_tokens": 3, **GREEDY}))
+                 for i in range(3)]
+        await asyncio.sleep(0)  # queued, waiting for their twins
+        aborted = await server.abort_all_requests()
+        return aborted, await asyncio.gather(*tasks)
+
+    requests_before = asyncio.run(server.stats())["requests"]
+    aborted, outputs = asyncio.run(scenario())
+    assert aborted["aborted_count"] == 3
+    assert [output.stop_reason for output in outputs] == ["aborted"] * 3
+    assert asyncio.run(server.stats())["requests"] == requests_before
+
+
+def test_a_failing_batch_fails_each_of_its_requests(server):
+    prompt = _prompt(server)
+    asyncio.run(server.sleep())
+    with pytest.raises(RolloutServerAsleep):
+        asyncio.run(_concurrently(server, [(prompt, {"max_tokens": 3, **GREEDY}, None)] * 2))
+
+
 # ---------------------------------------------------------------------------- the per-worker adapter
 
 
