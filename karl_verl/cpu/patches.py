@@ -1,7 +1,8 @@
 """The places where verl 0.9.1 has no extension point for a CPU run, each mended by one small function.
 
-Both are installed by :func:`karl_verl.cpu.activate` in CPU runs only (never on a GPU run), are
-idempotent, and change nothing when their precondition is absent.
+They are installed in CPU runs only (never on a GPU run): by the CPU plugin in every process, and
+the replay buffer's poll interval in the trainer's process when verl's v1 trainer package loads
+(:mod:`karl_verl.integration`). Each is idempotent and changes nothing when its precondition is absent.
 """
 
 from __future__ import annotations
@@ -123,3 +124,30 @@ def install_unpinned_offload_policy() -> None:
             super().__init__(pin_memory=False)
 
     transformer_impl.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+#: Seconds between the CPU trainer's looks at finished rollouts (verl: 2.0, no setting).
+CPU_REPLAY_POLL_INTERVAL_S = 0.2
+
+
+def install_replay_poll_interval(interval_s: float = CPU_REPLAY_POLL_INTERVAL_S) -> None:
+    """Let verl's replay buffer look for finished rollouts every ``interval_s`` instead of every 2 s.
+
+    ``ReplayBuffer.sample`` sleeps ``poll_interval`` between looks, and verl builds the buffer
+    without one (``verl/trainer/ppo/v1/trainer_base.py:155``, default 2.0 in ``replay_buffer.py:144``).
+    On a GPU a step is tens of seconds; a CPU step generates in 1-3 s, so every step waited for the
+    next 2-s tick (``timing_s/gen`` was 2.01 or 4.02 s in every step of an experiment run).
+    """
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    if getattr(ReplayBuffer.__init__, "_karl_cpu_poll", False):
+        return
+    original = ReplayBuffer.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.poll_interval = min(float(self.poll_interval), interval_s)
+
+    __init__._karl_cpu_poll = True  # type: ignore[attr-defined]
+    ReplayBuffer.__init__ = __init__

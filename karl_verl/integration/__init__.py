@@ -35,6 +35,9 @@ _PARTS: dict[str, str] = {
 }
 
 
+_TRAINER_HOST = "verl.trainer.ppo.v1"
+
+
 def _cpu_layer_first() -> None:
     from karl_verl.cpu import is_active as cpu_layer_active
 
@@ -57,6 +60,7 @@ def register_all() -> None:
     _cpu_layer_first()
     for module_name in _PARTS:
         _register_part(module_name)
+    _cpu_trainer_patches()
 
 
 def _host_loaded(host: str) -> None:
@@ -65,6 +69,18 @@ def _host_loaded(host: str) -> None:
     for module_name, part_host in _PARTS.items():
         if part_host == host:
             _register_part(module_name)
+    if host == _TRAINER_HOST:
+        _cpu_trainer_patches()
+
+
+def _cpu_trainer_patches() -> None:
+    """In a CPU run, the patch for the process that holds verl's trainer (whichever trainer it is)."""
+    from karl_verl.cpu import is_active as cpu_layer_active
+
+    if cpu_layer_active():
+        from karl_verl.cpu.patches import install_replay_poll_interval
+
+        install_replay_poll_interval()
 
 
 def registration_status() -> list[tuple[str, str, bool]]:

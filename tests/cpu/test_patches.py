@@ -160,3 +160,31 @@ def test_unpinned_offload_policy(monkeypatch):
     policy = transformer_impl.CPUOffloadPolicy(pin_memory=True)  # what verl's forward-only engine asks for
     assert isinstance(policy, CPUOffloadPolicy) and policy.pin_memory is False
     assert transformer_impl.CPUOffloadPolicy().pin_memory is False
+
+
+_POLL_PROBE = """
+import os, sys
+if sys.argv[1] == "cpu":
+    from karl_verl.cpu import environment
+    os.environ.update(environment())
+import karl_verl  # installs the registration hooks, as verl's entry point does in a run
+from omegaconf import OmegaConf
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+print(ReplayBuffer("sync", OmegaConf.create({}), None, "drop", OmegaConf.create({})).poll_interval)
+"""
+
+
+@pytest.mark.parametrize(("layer", "expected"), [("cpu", patches.CPU_REPLAY_POLL_INTERVAL_S), ("gpu", 2.0)])
+def test_the_trainer_process_of_a_cpu_run_polls_for_rollouts_every_fraction_of_a_second(layer, expected):
+    """verl's replay buffer sleeps 2 s between looks at finished rollouts; a CPU step generates in
+    1-3 s, so each step waited for the next tick. The CPU layer shortens it in the trainer's process
+    (installed when verl's v1 trainer package loads); a run without the CPU layer keeps verl's 2 s."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KARL_VERL_CPU", "VERL_PLATFORM")}
+    result = subprocess.run([sys.executable, "-c", _POLL_PROBE, layer], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == expected
