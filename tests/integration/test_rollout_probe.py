@@ -182,12 +182,19 @@ def test_logprob_mode_asks_each_option_once_and_choice_mode_one_constrained_toke
         backend.option_logprobs([request_of(questions[0])], list(LETTERS))
         assert sorted(tokenizer.decode(r["prompt_ids"][-1:]) for r in server.requests) == list(LETTERS)
         assert all(r["sampling_params"]["prompt_logprobs"] == 0 for r in server.requests)
+        logprob_requests = list(server.requests)
         server.requests.clear()
         picked = backend.choose_options([request_of(q) for q in questions], list(LETTERS))
     finally:
         backend.close()
     assert picked == [LETTERS.index(q.answer_letter) for q in questions]  # every entity known
     assert len(server.requests) == len(questions)
+    # The cost per question that docs/METHOD.md states: logprob mode sends the prompt (and its image)
+    # four times, each one token longer; choice mode sends it once.
+    prompt_tokens = len(server.requests[0]["prompt_ids"])
+    assert [len(r["prompt_ids"]) for r in logprob_requests] == [prompt_tokens + 1] * 4
+    assert sum(len(r["image_data"]) for r in logprob_requests) == 4
+    assert len(server.requests[0]["image_data"]) == 1
     letter_ids = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in LETTERS]
     assert all(r["sampling_params"] == {"max_tokens": 1, "temperature": 0.0, "allowed_token_ids": letter_ids,
                                         "logprobs": False, "detokenize": False} for r in server.requests)
