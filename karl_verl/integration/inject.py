@@ -26,7 +26,9 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 import transfer_queue as tq
+from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
 from karl_verl.config import ConfigError, InjectConfig
@@ -35,6 +37,9 @@ from karl_verl.integration.inject_agent_loop import NAME as AGENT_LOOP
 from karl_verl.integration.inject_agent_loop import REFERENCE_FIELD, SESSIONS_FIELD, STATUS_KEY
 from karl_verl.integration.inject_loss import INJECTED_FIELD, karl_inject_ppo_loss
 from karl_verl.integration.tq_fields import padded, row_values
+
+#: verl's rollout-vs-actor diagnostics (``verl/utils/debug/metrics.py``), recomputed without injected rows.
+DEBUG_METRICS_PREFIX = "training/rollout_"
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,10 @@ def check_trainer_config(inject: InjectConfig, config: Any) -> None:
     if distillation.get("enabled", False):
         raise ConfigError("distillation.enabled: karl.inject.enable replaces the actor's loss and does not combine "
                           "with verl's distillation loss")
+    correction = config.algorithm.get("rollout_correction") or {}
+    if correction.get("bypass_mode", False):
+        raise ConfigError("algorithm.rollout_correction.bypass_mode: karl.inject.enable needs the actor's old "
+                          "log-probs (bypass mode takes the rollout's, which injected rows do not have)")
     estimator = config.algorithm.adv_estimator
     if inject.on_policy_group_stats and estimator != "karl_grpo":
         raise ConfigError(f"karl.inject.on_policy_group_stats: needs algorithm.adv_estimator=karl_grpo, got "
@@ -89,6 +98,41 @@ class InjectionDriver:
         self._planned.update(plan.status for plan in plans)
         tu.assign_non_tensor_stack(batch, SESSIONS_FIELD, [plan.sessions for plan in plans])
         tu.assign_non_tensor_stack(batch, REFERENCE_FIELD, [plan.reference for plan in plans])
+
+    def align_rollout_log_probs(self, batch: Any, metrics: dict[str, Any]) -> None:
+        """Give injected rows the actor's own log-probs as rollout log-probs, and recompute verl's
+        rollout-vs-actor diagnostics over the sampled rows alone (``batch``: after old log-probs).
+
+        An injected row's rollout log-probs are a placeholder (0.0: the teacher's probabilities are
+        unknown). Left so, verl's ``training/rollout_probs_diff_*`` compare them with the actor's,
+        ``rollout_correction`` gives the rows importance weights of exp(old - 0) and ``rollout_rs``
+        rejects them from the loss. With the actor's values the correction sees no mismatch there
+        (weight 1, nothing rejected), and the diagnostics measure what they are for: the rollout
+        engine against the trainer on tokens the engine sampled.
+        """
+        from verl.protocol import DataProto
+        from verl.utils.debug.metrics import calculate_debug_metrics
+        from verl.workers.utils.padding import response_to_nested
+
+        fields = [INJECTED_FIELD, "rollout_log_probs", "old_log_probs", "response_mask", "responses"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        injected = torch.tensor([bool(int(v)) for v in row_values(data[INJECTED_FIELD])], dtype=torch.bool)
+        if not bool(injected.any()):
+            return
+        response_mask = data["response_mask"]
+        rollout, old = padded(data["rollout_log_probs"]).float(), padded(data["old_log_probs"]).float()
+        aligned = torch.where(injected.unsqueeze(-1), old, rollout)
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                        fields=TensorDict({"rollout_log_probs": response_to_nested(aligned, response_mask)},
+                                          batch_size=len(batch.keys)))
+        for key in [key for key in metrics if key.startswith(DEBUG_METRICS_PREFIX)]:
+            del metrics[key]
+        sampled = ~injected
+        if bool(sampled.any()):
+            rows = {"rollout_log_probs": rollout[sampled], "old_log_probs": old[sampled],
+                    "response_mask": padded(response_mask)[sampled], "responses": padded(data["responses"])[sampled]}
+            metrics.update(calculate_debug_metrics(DataProto.from_dict(tensors=rows)))
+        metrics["karl/inject/aligned_rollout_rows"] = float(injected.sum())
 
     def observe(self, batch: Any, levels: np.ndarray) -> None:
         """Gather the injected rows of a step (``batch``: its TransferQueue meta; padding rows left out)."""

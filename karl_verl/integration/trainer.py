@@ -678,6 +678,14 @@ class KarlTrainer(PPOTrainerSync):
 
     # ------------------------------------------------------------------ advantage
 
+    def _compute_old_log_prob(self, batch: Any, metrics: dict) -> Any:
+        """verl's old log-probs; with injection, injected rows then get them as rollout log-probs too
+        (:meth:`~karl_verl.integration.inject.InjectionDriver.align_rollout_log_probs`)."""
+        batch = super()._compute_old_log_prob(batch, metrics=metrics)
+        if self.karl_inject is not None and self.config.actor_rollout_ref.rollout.calculate_log_probs:
+            self.karl_inject.align_rollout_log_probs(batch, metrics)
+        return batch
+
     def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
         """verl's advantage step; with ``karl_grpo`` the estimator gets every sample's mastery level."""
         levels = self._karl_fetch_levels(batch)

@@ -7,7 +7,8 @@ model does not matter) and one without. Each saves its Hugging Face weights at t
 then measures, in this process, the mean per-token log-probability of the 8 reference responses
 under the starting model and under each run's final model.
 
-Measured when this test was written (2 cores): starting model -2.552; with injection -2.158
+The injection run also turns on verl's rejection sampling (``rollout_rs``), which must reject no
+injected row. Measured when this test was written (2 cores): starting model -2.552; with injection -2.158
 (+0.39); without -2.570 (-0.02). The assertions leave a wide margin: a rise of more than 0.15 with
 injection, less than 0.1 without, and a gap of more than 0.15 between the two.
 """
@@ -83,7 +84,11 @@ def test_injected_references_rise_in_log_probability_and_without_injection_they_
     runs = {}
     for name, extra in (("inject", ["karl.inject.enable=true", f"karl.inject.responses_path={references}",
                                     "karl.inject.levels=[1,2,3,4,5]",
-                                    "actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent"]),
+                                    "actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent",
+                                    # verl's rejection sampling on the rollout/actor ratio: an injected row
+                                    # left with its placeholder rollout log-probs (0.0) would be rejected.
+                                    "algorithm.rollout_correction.rollout_rs=seq_mean_k1",
+                                    "algorithm.rollout_correction.rollout_rs_threshold='0.5_2.0'"]),
                         ("plain", [])):
         overrides = training_overrides(options, paths, checkpoints=tmp_path / name / "checkpoints",
                                        hydra_dir=tmp_path / name / "hydra", total_epochs=1)
@@ -102,6 +107,11 @@ def test_injected_references_rise_in_log_probability_and_without_injection_they_
         assert 0 < data["karl/inject/prob_mean"] < 1 and data["karl/inject/logprob_mean"] < 0
         assert 0 < data["actor/karl_offpolicy_ratio_mean"] < 1 and data["actor/karl_offpolicy_loss"] < 0
         assert data["karl/level/reward_level_mismatch"] == 0
+        # Injected rows reach verl's rollout correction with the actor's log-probs: none rejected, and the
+        # rollout-vs-actor diagnostics measure the sampled rows only (placeholders gave a max near 0.9).
+        assert data["karl/inject/aligned_rollout_rows"] == 2
+        assert data["rollout_corr/rollout_rs_seq_masked_fraction"] == 0.0
+        assert data["training/rollout_probs_diff_max"] < 0.2
     assert not any(key.startswith(("karl/inject/", "actor/karl_offpolicy"))
                    for record in runs["plain"].steps for key in record["data"])
 

@@ -41,6 +41,8 @@ def test_configurations_injection_cannot_run_with(references):
     with pytest.raises(ConfigError, match=r"on_policy_group_stats: needs algorithm\.adv_estimator=karl_grpo"):
         check_trainer_config(InjectConfig(enable=True, responses_path=references, on_policy_group_stats=True),
                              verl_config("algorithm.adv_estimator=grpo"))
+    with pytest.raises(ConfigError, match=r"rollout_correction\.bypass_mode: .*old log-probs"):
+        check_trainer_config(inject, verl_config("algorithm.rollout_correction.bypass_mode=true"))
 
 
 def test_tag_puts_each_prompts_plan_on_it(references):
@@ -81,3 +83,56 @@ def test_observe_reports_injected_rows_per_level_with_the_policys_probability(re
     assert driver.on_policy_rows(batch) is None
     on_policy = InjectionDriver(InjectConfig(enable=True, responses_path=references, on_policy_group_stats=True), {})
     assert on_policy.on_policy_rows(batch).tolist() == [False, True, False, True, False]
+
+
+def test_injected_rows_get_the_actors_log_probs_as_rollout_log_probs_and_leave_the_diagnostics(references,
+                                                                                            monkeypatch):
+    """Injected rows carry a placeholder rollout log-prob of 0.0; after old log-probs they get the actor's,
+    so that verl's rollout correction gives them weight 1 and rejects none of them, and verl's
+    rollout-vs-actor diagnostics are recomputed over the sampled rows alone."""
+    from verl.utils.debug.metrics import calculate_debug_metrics
+
+    driver = InjectionDriver.create(InjectConfig(enable=True, responses_path=references), verl_config())
+    nested = lambda rows: torch.nested.as_nested_tensor([torch.tensor(r) for r in rows], layout=torch.jagged)  # noqa: E731
+    old = [[-0.5, -1.0], [-0.2], [-2.0, -0.1], [-0.3, -0.4]]
+    rollout = [[0.0, 0.0], [-0.25], [0.0, 0.0], [-0.3, -0.45]]  # rows 0 and 2 injected (placeholder 0.0)
+    data = TensorDict({
+        INJECTED_FIELD: torch.tensor([1, 0, 1, 0]),
+        "rollout_log_probs": nested(rollout), "old_log_probs": nested(old),
+        "response_mask": nested([[1, 1], [1], [1, 1], [1, 1]]), "responses": nested([[5, 6], [7], [8, 9], [1, 2]]),
+    }, batch_size=[4])
+    written = {}
+    monkeypatch.setattr(inject_driver.tq, "kv_batch_get", lambda **kwargs: data.select(*kwargs["select_fields"]))
+    monkeypatch.setattr(inject_driver.tq, "kv_batch_put", lambda **kwargs: written.update(kwargs["fields"].items()))
+    batch = SimpleNamespace(keys=list("abcd"), partition_id="train", tags=[{}] * 4)
+    # What verl computed over every row, injected ones included: far from agreement.
+    metrics = {"actor/entropy": 1.0, **calculate_debug_metrics(_debug_batch(old, rollout, [0, 1, 2, 3]))}
+    assert metrics["training/rollout_probs_diff_max"] > 0.8
+
+    driver.align_rollout_log_probs(batch, metrics)
+    aligned = written["rollout_log_probs"]
+    assert aligned.is_nested
+    assert [row.tolist() for row in aligned.unbind()] == [
+        pytest.approx(old[0]), pytest.approx(rollout[1]), pytest.approx(old[2]), pytest.approx(rollout[3])]
+    expected = calculate_debug_metrics(_debug_batch(old, rollout, [1, 3]))
+    assert {k: v for k, v in metrics.items() if k.startswith("training/")} == pytest.approx(expected)
+    assert metrics["training/rollout_probs_diff_max"] < 0.1
+    assert metrics["actor/entropy"] == 1.0 and metrics["karl/inject/aligned_rollout_rows"] == 2
+
+    # A step without injected rows writes nothing and leaves verl's figures alone.
+    written.clear()
+    data[INJECTED_FIELD] = torch.tensor([0, 0, 0, 0])
+    untouched = dict(metrics)
+    driver.align_rollout_log_probs(batch, metrics)
+    assert written == {} and metrics == untouched
+
+
+def _debug_batch(old, rollout, rows):
+    from verl.protocol import DataProto
+
+    width = max(len(r) for r in old)
+    pad = lambda values: torch.tensor([list(v) + [0.0] * (width - len(v)) for v in values])  # noqa: E731
+    mask = torch.tensor([[1.0] * len(old[i]) + [0.0] * (width - len(old[i])) for i in rows])
+    return DataProto.from_dict(tensors={"old_log_probs": pad([old[i] for i in rows]),
+                                        "rollout_log_probs": pad([rollout[i] for i in rows]),
+                                        "response_mask": mask, "responses": torch.zeros(len(rows), width).long()})
