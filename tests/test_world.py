@@ -167,3 +167,28 @@ def test_warmup_answers_give_the_objects_cell_and_clear_the_reward_threshold(wor
     exact = build_world(replace(SMALL, warmup_boxes="exact"), tmp_path / "exact")
     targets = {json.loads(line)["target"] for line in exact.files["warmup"].read_text().splitlines()}
     assert len(targets) > 4 * SMALL.grid ** 2  # the drawn boxes: many margins per cell
+
+
+def test_partly_known_entities_are_shown_less_and_unknown_ones_never(tmp_path):
+    config = replace(SMALL, categories=2, entities_per_category=4, known_per_category=1, partial_per_category=2,
+                     partial_exposure=0.25, warmup_images=400, warmup_probe_per_entity=8)
+    world = build_world(config, tmp_path / "partial")
+    assert len(world.known) == 2 and len(world.partial) == 4 and len(world.unknown) == 2
+    assert not set(world.known) & set(world.partial)
+    assert "2 known to the warm-up, 4 partly known, 2 unknown" in world.format()
+    records = [json.loads(line) for line in world.files["warmup"].read_text().splitlines()]
+    shown_in_images = {name for r in records if r["kind"] == "grounding" for name in r["entities"]}
+    assert shown_in_images == set(world.known) | set(world.partial)  # unknown looks are never shown
+    queries = Counter(r["entity"] for r in records if r["kind"] == "grounding")
+    per_known = np.mean([queries[name] for name in world.known])
+    per_partial = np.mean([queries[name] for name in world.partial])
+    # Expected ratio 0.25 (400 draws: a known entity about 133 times, a partial one about 33).
+    assert 0.15 < per_partial / per_known < 0.35
+    questions = Counter(r["entity"] for r in records if r["kind"] == "probe")
+    assert {questions[name] for name in world.known} == {8} and {questions[name] for name in world.partial} == {2}
+    rows = pq.read_table(world.files["train"]).to_pylist()
+    assert {r["extra_info"]["entity"] for r in rows if r["extra_info"]["partial"]} == set(world.partial)
+    with pytest.raises(ValueError, match="partial_per_category: expected 0..3"):
+        replace(config, partial_per_category=4)
+    with pytest.raises(ValueError, match="partial_exposure: expected a share in"):
+        replace(config, partial_exposure=0.0)
