@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--lr", type=float, default=defaults.actor_lr,
                         help=f"actor learning rate ({defaults.actor_lr})")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help=f"rollout sampling temperature ({defaults.temperature})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="one arm (karl), {steps} steps: the CI-sized check".format(**QUICK))
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                         val_images=args.val_images, seed=args.seed)
         options = ExperimentOptions(workdir=workdir, arms=arms, steps=args.steps, test_freq=args.test_freq,
                                     refresh_every_steps=args.refresh_every_steps, warmup_steps=args.warmup_steps,
-                                    actor_lr=args.lr, seed=args.seed, progress=not args.no_progress, world=world)
+                                    actor_lr=args.lr, temperature=args.temperature, seed=args.seed,
+                                    progress=not args.no_progress, world=world)
         if args.quick:
             options = replace(options, **QUICK)
         options.check()
