@@ -38,12 +38,16 @@ def plot_curves(report: ExperimentReport, path: Path) -> Path:
     groups = ["all"] + [f"level_{k}" for k in range(1, 6) if k in set(report.initial_levels.values())]
     figure, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4), dpi=110, sharey=True)
     axes = list(axes) if len(groups) > 1 else [axes]
-    for name, arm in report.arms.items():
+    # Arms often coincide (the same greedy answers): each gets its own marker, size and dash so that
+    # every line stays visible under the others.
+    styles = [("o", 9, "-"), ("s", 6, "--"), ("^", 4, ":"), ("D", 3, "-.")]
+    for index, (name, arm) in enumerate(report.arms.items()):
         curves = {step: mean_by_level(cases, report.initial_levels) for step, cases in sorted(arm.validations.items())}
+        marker, size, dash = styles[index % len(styles)]
         for axis, group in zip(axes, groups, strict=True):
             points = [(step, values[group]) for step, values in curves.items() if group in values]
             if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=name)
+                axis.plot(*zip(*points, strict=True), marker=marker, markersize=size, linestyle=dash, label=name)
     for axis, group in zip(axes, groups, strict=True):
         count = sum(1 for level in report.initial_levels.values() if f"level_{level}" == group)
         axis.set_title("all entities" if group == "all" else f"{group.replace('_', ' ')} ({count} entities)")
