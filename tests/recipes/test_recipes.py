@@ -76,6 +76,13 @@ def test_karl_kvg_dynamic_is_karl_kvg_with_the_success_filter(installed, compose
     assert _without(cfg, "algorithm.filter_groups") == _without(composed["karl_kvg"], "algorithm.filter_groups")
 
 
+def test_the_cpu_recipe_runs_the_gpu_recipes_fsdp_strategy(installed, composed, tmp_path):
+    cpu = compose(installed, tmp_path, "karl_kvg_cpu")
+    for role in ("actor", "ref"):
+        gpu_strategy = composed["karl_kvg"]["actor_rollout_ref"][role]["strategy"]
+        assert cpu["actor_rollout_ref"][role]["strategy"] == gpu_strategy == "fsdp2"
+
+
 def test_karl_kvg_is_the_paper_run(composed):
     cfg = composed["karl_kvg"]
     actor = cfg["actor_rollout_ref"]["actor"]
@@ -91,7 +98,9 @@ def test_karl_kvg_is_the_paper_run(composed):
     assert actor["entropy_coeff"] == 0 and cfg["algorithm"]["use_kl_in_reward"] is False
     assert cfg["data"]["max_response_length"] == 1500 and cfg["data"]["max_prompt_length"] == 4800
     assert cfg["trainer"]["total_epochs"] == 2
-    assert actor["strategy"] == "fsdp" and actor["fsdp_config"]["optimizer_offload"] is True
+    # FSDP2 (verl's recommendation), the strategy the CPU recipe runs too.
+    assert actor["strategy"] == "fsdp2" and cfg["actor_rollout_ref"]["ref"]["strategy"] == "fsdp2"
+    assert actor["fsdp_config"]["optimizer_offload"] is True
     assert cfg["actor_rollout_ref"]["model"]["enable_gradient_checkpointing"] is True
     assert cfg["data"]["image_key"] == "images"
     assert cfg["karl"]["reward"]["preset"] == "karl"
