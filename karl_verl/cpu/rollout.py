@@ -524,8 +524,17 @@ class TransformersReplica(RolloutReplica):
                              "actor_rollout_ref.rollout.tensor_model_parallel_size=1 (and data/pipeline sizes 1)")
         name = server_actor_name(self.replica_rank, self.name_suffix)
         model_path = getattr(self.model_config, "local_path", None) or self.model_config.path
+        placement: dict[str, Any] = {}
+        workers = list(getattr(self, "workers", None) or [])
+        if workers:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On its rank's node, as verl's vLLM replica places its servers: weight syncs stay on the
+            # node, and a multi-node CPU run is placed as a GPU one (one replica per node).
+            node_id = await workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
         server = ray.remote(TransformersRolloutServer).options(
-            name=name, num_cpus=0, max_concurrency=self.max_concurrency,
+            name=name, num_cpus=0, max_concurrency=self.max_concurrency, **placement,
         ).remote(
             model_path, replica_rank=self.replica_rank, response_length=self.config.response_length,
             prompt_length=self.config.prompt_length, max_model_len=self.config.max_model_len,

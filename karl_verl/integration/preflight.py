@@ -26,6 +26,7 @@ from __future__ import annotations
 import netrc
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,30 @@ def path_problems(config: DictConfig) -> list[str]:
     return problems
 
 
+#: Read or written on every node of a multi-node run, besides the inputs of FILE_KEYS and MODEL_KEYS.
+SHARED_OUTPUT_KEYS: dict[str, str] = {"trainer.default_local_dir": "checkpoints (every rank writes its shard)"}
+
+
+def shared_filesystem_notice(config: DictConfig) -> str | None:
+    """With ``trainer.nnodes > 1``: the local paths every node must see at the same place, or None.
+
+    Each FSDP rank writes its checkpoint shard and reads it back on resume; the reward workers, spread
+    over the nodes, read the mastery table when a sample carries no level; the trainer's probe reads
+    the probe set; every rank and rollout server loads the model. A path that exists only on the head
+    node fails on the others, or silently gives each node its own checkpoint.
+    """
+    nodes = _select(config, "trainer.nnodes")
+    if nodes is None or int(nodes) <= 1:
+        return None
+    keys = {**FILE_KEYS, **{key: "model" for key in MODEL_KEYS}, **SHARED_OUTPUT_KEYS}
+    local = [f"  {key}: {path} ({what})" for key, what in keys.items()
+             for path in _paths(_select(config, key)) if not _is_remote(path)]
+    if not local:
+        return None
+    return (f"karl-verl: trainer.nnodes={int(nodes)}: these paths must be on a filesystem every node mounts at "
+            "the same place (or be remote URLs):\n" + "\n".join(local))
+
+
 def _loggers(config: DictConfig) -> list[str]:
     value = _select(config, "trainer.logger")
     return [str(value)] if isinstance(value, str) else [str(v) for v in value or []]
@@ -293,6 +318,8 @@ class RequiredKeysCallback(Callback):
         if unset or problems:
             # SystemExit, not an exception: Hydra logs and swallows exceptions raised by callbacks.
             raise SystemExit(format_problems(unset, problems, self.example))
+        if notice := shared_filesystem_notice(config):
+            print(notice, file=sys.stderr, flush=True)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

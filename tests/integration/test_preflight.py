@@ -216,3 +216,18 @@ def test_dynamic_sampling_on_a_key_the_karl_reward_lacks(metric, stops):
         assert problem.startswith("algorithm.filter_groups.metric:") and "success" in problem
     config.algorithm.filter_groups.enable = False
     assert filter_groups_problem(config) is None
+
+
+def test_a_multi_node_run_is_told_which_paths_every_node_must_see(inputs, capsys):
+    from karl_verl.integration.preflight import shared_filesystem_notice
+
+    assert shared_filesystem_notice(run_config(inputs)) is None  # one node
+    cfg = run_config(inputs, **{"trainer.nnodes": 2, "data.val_files": "hdfs://cluster/val.parquet"})
+    notice = shared_filesystem_notice(cfg)
+    for key in ("trainer.default_local_dir", "karl.mastery.table_path", "karl.mastery.probe_data",
+                "data.train_files", "actor_rollout_ref.model.path"):
+        assert f"  {key}: " in notice
+    assert "hdfs://" not in notice and "trainer.nnodes=2" in notice
+    # The callback prints it before Ray starts (a notice: the run goes on).
+    RequiredKeysCallback(()).on_job_start(cfg)
+    assert "every node mounts" in capsys.readouterr().err

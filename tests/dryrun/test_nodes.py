@@ -1,0 +1,125 @@
+"""The CPU run across two Ray nodes on one machine: ``trainer.nnodes=2``, a refresh, a checkpoint, a resume.
+
+A Ray head and a second node are started with ``ray start`` (127.0.0.1, each 1 logical GPU, the CPU
+layer's variables in their environment, a private temp folder so that no other ``ray.init`` on the
+machine finds this cluster), and ``main_ppo`` joins them (``ray_kwargs.ray_init.address``): one FSDP
+rank and one rollout replica per node, a reward worker on each node (``reward.num_workers=2``, which
+verl places round-robin over nodes). The first run trains 2 epochs of 2 steps (probe at train begin,
+refresh before epoch 2, checkpoints at steps 2 and 4); the second resumes from step 4 and trains
+step 5. Placement is read from Ray's own actor table after each run. Both nodes are stopped at the
+end. About 3 minutes on 2 cores.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from karl_verl.cpu import environment
+from karl_verl.dryrun.pipeline import DryRunOptions, train, training_overrides
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TwoNodes:
+    """A Ray head and a second node on 127.0.0.1 (``ray start``), stopped by :meth:`stop`."""
+
+    def __init__(self) -> None:
+        # Short: Ray's unix sockets live under it (a socket path has about 100 characters at most).
+        self.temp_dir = tempfile.mkdtemp(prefix="kr2n", dir="/tmp")
+        self.address = f"127.0.0.1:{_free_port()}"
+        self.env = {**os.environ, **environment(), "RAY_AUTH_MODE": "disabled"}
+        common = ["--node-ip-address=127.0.0.1", "--num-cpus=8", "--num-gpus=1", "--disable-usage-stats"]
+        self._ray("start", "--head", f"--port={self.address.split(':')[1]}", f"--temp-dir={self.temp_dir}",
+                  "--include-dashboard=false", *common)
+        self._ray("start", f"--address={self.address}", *common)
+
+    def _ray(self, *args: str) -> None:
+        result = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def actors(self) -> dict[str, set[str]]:
+        """Actor class name -> the node ids it ran on (Ray's actor table, dead actors included)."""
+        script = ("import json, ray\nfrom ray._private import state\n"
+                  f"ray.init(address={self.address!r}, logging_level='ERROR')\n"
+                  "print(json.dumps([[a.get('ActorClassName'), a['Address']['NodeID']]\n"
+                  "                  for a in state.actors().values()]))")
+        result = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        placed: dict[str, set[str]] = defaultdict(set)
+        for name, node in json.loads(result.stdout.strip().splitlines()[-1]):
+            placed[name].add(node)
+        return placed
+
+    def stop(self) -> None:
+        # Only this cluster's processes: each carries its session folder, under our temp dir, on its command line.
+        subprocess.run(["pkill", "-f", self.temp_dir], check=False)
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(dry_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("nodes")
+    paths = {"grounding": dry_run.workdir / "data" / "grounding.parquet",
+             "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
+    options = DryRunOptions(workdir=workdir, progress=False)
+    cluster = TwoNodes()
+    try:
+        runs, placement = {}, {}
+        for name, epochs, steps, expected in (("first", 2, None, 4), ("resumed", 3, 5, 1)):
+            metrics = workdir / "metrics" / f"{name}.jsonl"
+            overrides = [
+                *training_overrides(options, paths, checkpoints=workdir / "checkpoints",
+                                    hydra_dir=workdir / "hydra" / name, total_epochs=epochs, total_steps=steps),
+                "trainer.nnodes=2", "trainer.n_gpus_per_node=1", "reward.num_workers=2",
+                f"+ray_kwargs.ray_init.address={cluster.address}", "ray_kwargs.ray_init.num_cpus=null",
+                "ray_kwargs.ray_init.num_gpus=null",
+                # The trainer runs on either node: verl's file logger there gets its path from the job's env.
+                f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH={metrics}",
+            ]
+            runs[name] = train(options, paths, name, overrides, expected, env={"RAY_AUTH_MODE": "disabled"})
+            assert runs[name].ok, runs[name].log_tail()
+            placement[name] = cluster.actors()
+        return runs, placement, workdir
+    finally:
+        cluster.stop()
+
+
+def test_two_nodes_train_refresh_checkpoint_and_resume(two_node_runs):
+    runs, _, workdir = two_node_runs
+    assert [int(r["step"]) for r in runs["first"].steps] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in runs["resumed"].steps] == [5]
+    assert (workdir / "checkpoints" / "global_step_4").is_dir()  # what the resume started from
+    assert (workdir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    refreshed = [int(r["step"]) for r in runs["first"].steps if r["data"].get("karl/refresh/ok") == 1]
+    assert refreshed == [1, 3]
+    assert all(r["data"]["karl/reward/errors"] == 0 for run in runs.values() for r in run.steps)
+    assert all(r["data"]["karl/level/reward_level_mismatch"] == 0 for run in runs.values() for r in run.steps)
+
+
+def test_ranks_rollout_replicas_and_reward_workers_run_on_both_nodes(two_node_runs):
+    _, placement, _ = two_node_runs
+    for name, actors in placement.items():
+        nodes = set().union(*actors.values())
+        assert len(nodes) == 2, (name, dict(actors))
+        assert len(actors["RewardLoopWorker"]) == 2, (name, dict(actors))
+        assert len(actors["TransformersRolloutServer"]) == 2, (name, dict(actors))
+        fsdp = [nodes_of for cls, nodes_of in actors.items() if cls.endswith("WorkerDict")]
+        assert fsdp and len(set().union(*fsdp)) == 2, (name, dict(actors))
