@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from karl_verl.dryrun.pipeline import DryRunOptions
 
 HELP = "run the KARL loop on built-in data on CPU, or pre-flight check a real run (with overrides)"
 
@@ -33,10 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in run: 2 (default) the RL run from a warmed-up tiny model; 1,2 first verl's SFT "
                              "trainer fine-tunes it on a built-in CoT set (karl_cot_sft_cpu), and main_ppo loads "
                              "that checkpoint")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="FSDP ranks of the training runs (trainer.n_gpus_per_node; gloo on CPU): 2 runs the "
+                             "GPU run's shape, one rollout replica per rank (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=2000,
                         help="pre-flight: rows checked per data file (default 2000; 0: all)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def dryrun_options(args: argparse.Namespace, workdir: Path) -> DryRunOptions:
+    """The dry run the command line asks for."""
+    from karl_verl.dryrun.pipeline import CPU_RECIPE, DryRunOptions
+
+    ranks = (f"trainer.n_gpus_per_node={args.ranks}",) if args.ranks > 1 else ()
+    return DryRunOptions(workdir=workdir, num_prompts=args.prompts, warmup_steps=args.warmup_steps, seed=args.seed,
+                         progress=not args.no_progress, recipe=CPU_RECIPE, extra_overrides=ranks,
+                         stages=tuple(int(stage) for stage in args.stages.split(",")))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,12 +66,13 @@ def run(args: argparse.Namespace) -> int:
         return 1 if report.problems else 0
 
     from karl_verl.atomic import atomic_write_text
-    from karl_verl.dryrun.pipeline import CPU_RECIPE, DryRunOptions, run_dryrun
+    from karl_verl.dryrun.pipeline import run_dryrun
 
+    if args.ranks < 1:
+        print(f"karl-verl dryrun: error: --ranks: expected >= 1, got {args.ranks}", file=sys.stderr)
+        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-dryrun-"))
-    report = run_dryrun(DryRunOptions(workdir=workdir, num_prompts=args.prompts, warmup_steps=args.warmup_steps,
-                                      seed=args.seed, progress=not args.no_progress, recipe=CPU_RECIPE,
-                                      stages=tuple(int(stage) for stage in args.stages.split(","))))
+    report = run_dryrun(dryrun_options(args, workdir))
     print(report.format())
     path = atomic_write_text(Path(report.outputs["workdir"]) / "dryrun_report.json",
                              json.dumps(report.to_json(), indent=2) + "\n")

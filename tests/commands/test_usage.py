@@ -136,3 +136,17 @@ def test_info_on_a_broken_verl_is_one_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "karl-verl info: verl cannot be imported here (ImportError: libcuda.so.1" in result.stderr
+
+
+def test_dryrun_ranks_flag_asks_main_ppo_for_that_many_fsdp_ranks(tmp_path):
+    import argparse
+
+    from karl_verl.commands import dryrun
+
+    parser = argparse.ArgumentParser()
+    dryrun.add_arguments(parser)
+    one = dryrun.dryrun_options(parser.parse_args([]), tmp_path)
+    assert one.extra_overrides == ()  # the dry run stays one rank unless asked
+    two = dryrun.dryrun_options(parser.parse_args(["--ranks", "2"]), tmp_path)
+    assert two.extra_overrides == ("trainer.n_gpus_per_node=2",)
+    assert dryrun.run(parser.parse_args(["--ranks", "0", "--workdir", str(tmp_path)])) == 2
