@@ -25,16 +25,18 @@ _reward_calls = {"count": 0}
 
 
 def _patch_rollout(module):
-    original = module.TransformersRolloutServer._generate
+    original = module.TransformersRolloutServer._generate_batch
 
-    def _generate(self, prompt_ids, params, image_data, mm_processor_kwargs):
+    def _generate_batch(self, batch):
+        # Every request, served alone or batched with its twins, goes through here.
         after = os.environ.get("KARL_TEST_FAIL_PROBE_AFTER_SYNCS")
+        params = batch[0].params
         probe = params.get("prompt_logprobs") is not None or params.get("allowed_token_ids") is not None
         if after is not None and probe and self.syncs >= int(after):
             raise RuntimeError(f"injected rollout-server fault during a probe (after {self.syncs} syncs)")
-        return original(self, prompt_ids, params, image_data, mm_processor_kwargs)
+        return original(self, batch)
 
-    module.TransformersRolloutServer._generate = _generate
+    module.TransformersRolloutServer._generate_batch = _generate_batch
 
     original_update = module.TransformersRolloutServer._update_weights
 
