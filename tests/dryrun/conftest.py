@@ -24,6 +24,24 @@ class DryRun:
     def data(self, run: str) -> list[dict]:
         return [record["data"] for record in self.steps[run]]
 
+    @property
+    def paths(self) -> dict[str, Path]:
+        """The inputs it built, as ``training_overrides`` takes them: data, probe set, warmed-up model."""
+        return {"grounding": self.workdir / "data" / "grounding.parquet",
+                "probe": self.workdir / "data" / "probe.parquet", "model": self.workdir / "tiny-qwen3-vl"}
+
+    def write_references(self, path: Path) -> Path:
+        """One reference response per grounding prompt: the correct box in the answer format, with a
+        rationale the model was not warmed up on (it fits the CPU recipe's 48 response tokens)."""
+        import pyarrow.parquet as pq
+
+        with path.open("w", encoding="utf-8") as handle:
+            for row in pq.read_table(self.paths["grounding"]).to_pylist():
+                box = row["reward_model"]["ground_truth"].split("<|box_start|>")[-1].split("<|box_end|>")[0]
+                response = f"<think>It is the {row['extra_info']['entity']}.</think><answer>{box}</answer>"
+                handle.write(json.dumps({"key": row["extra_info"]["index"], "response": response}) + "\n")
+        return path
+
 
 @pytest.fixture(scope="session")
 def dry_run(tmp_path_factory) -> DryRun:

@@ -26,10 +26,6 @@ N = 4  # rollouts per prompt (karl_kvg)
 BATCH = 4
 
 
-def _paths(dry_run):
-    return {"grounding": dry_run.workdir / "data" / "grounding.parquet",
-            "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
-
 
 def _prompts(rollout_dir: Path, step: int) -> list[str]:
     """The ground truths of a step's rollouts (one prompt = one ground truth, n times), sorted."""
@@ -47,7 +43,7 @@ def curriculum_runs(dry_run, tmp_path_factory):
     table = workdir / "table.json"
     table.write_text(json.dumps({e: {"knowledge_category": LEVEL_NAMES[k - 1]} for e, k in LEVELS.items()}))
     options = DryRunOptions(workdir=workdir, progress=False)
-    paths = _paths(dry_run)
+    paths = dry_run.paths
     curriculum = ["karl.curriculum.enable=true", f"karl.curriculum.level_weights={list(WEIGHTS)}",
                   "karl.curriculum.max_success_rate=0.99", "karl.curriculum.min_observations=4",
                   f"karl.mastery.table_path={table}"]

@@ -25,8 +25,7 @@ def _recipe_filter_overrides() -> list[str]:
 
 def test_the_filter_drops_exactly_the_constant_groups_and_counts_them_per_level(dry_run, tmp_path):
     options = DryRunOptions(workdir=tmp_path, progress=False)
-    paths = {"grounding": dry_run.workdir / "data" / "grounding.parquet",
-             "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
+    paths = dry_run.paths
     overrides = training_overrides(options, paths, checkpoints=tmp_path / "checkpoints", hydra_dir=tmp_path / "hydra",
                                    total_epochs=1, total_steps=2)
     # The curriculum (verl's order: equal weights) counts every rollout's outcome, dropped ones included.

@@ -19,10 +19,6 @@ FAULTS = Path(__file__).resolve().parents[1] / "_support" / "cpu_faults"  # a si
 TIMING_KEYS = {"wall_time_s"}
 
 
-def _paths(dry_run):
-    return {"grounding": dry_run.workdir / "data" / "grounding.parquet",
-            "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
-
 
 def _comparable(state):
     history = [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in state["history"]]
@@ -33,7 +29,7 @@ def test_sigkill_in_the_second_epoch_then_resume_ends_like_an_uninterrupted_run(
     """(a) SIGKILL of the whole run (driver, Ray, workers) after step 3, i.e. in epoch 2 after the
     step-2 checkpoint; a new main_ppo resumes and ends with the dry run's own run-1 table, history and step."""
     options = DryRunOptions(workdir=tmp_path, progress=False)
-    paths = _paths(dry_run)
+    paths = dry_run.paths
     checkpoints = tmp_path / "checkpoints"
     overrides = training_overrides(options, paths, checkpoints=checkpoints, hydra_dir=tmp_path / "hydra",
                                    total_epochs=2)
@@ -54,7 +50,7 @@ def test_a_failing_refresh_keeps_the_table_and_a_raising_reward_scores_a_miss(dr
     before epoch 2 fails, training goes on with the previous table and logs karl/refresh/failed.
     (c) A reward worker raises on one sample: it scores as a miss and the run goes on."""
     options = DryRunOptions(workdir=tmp_path, progress=False, num_prompts=8, steps_per_epoch=2)
-    paths = _paths(dry_run)
+    paths = dry_run.paths
     env = {
         "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "KARL_TEST_FAIL_PROBE_AFTER_SYNCS": "2",

@@ -17,7 +17,6 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -34,20 +33,6 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 
-
-def _paths(dry_run):
-    return {"grounding": dry_run.workdir / "data" / "grounding.parquet",
-            "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
-
-
-def write_references(grounding: Path, path: Path) -> None:
-    """One reference per prompt: the correct box in the answer format, with a rationale the model was not warmed up
-    on (it fits the CPU recipe's 48 response tokens)."""
-    with path.open("w", encoding="utf-8") as handle:
-        for row in pq.read_table(grounding).to_pylist():
-            box = row["reward_model"]["ground_truth"].split("<|box_start|>")[-1].split("<|box_end|>")[0]
-            response = f"<think>It is the {row['extra_info']['entity']}.</think><answer>{box}</answer>"
-            handle.write(json.dumps({"key": row["extra_info"]["index"], "response": response}) + "\n")
 
 
 def reference_logprob(model_dir: Path, paths: dict, references: Path, workdir: Path) -> float:
@@ -77,9 +62,9 @@ def reference_logprob(model_dir: Path, paths: dict, references: Path, workdir: P
 
 
 def test_injected_references_rise_in_log_probability_and_without_injection_they_do_not(dry_run, tmp_path):
-    paths = _paths(dry_run)
+    paths = dry_run.paths
     references = tmp_path / "references.jsonl"
-    write_references(paths["grounding"], references)
+    dry_run.write_references(references)
     options = DryRunOptions(workdir=tmp_path, progress=False, num_prompts=8, steps_per_epoch=STEPS)
     runs = {}
     for name, extra in (("inject", ["karl.inject.enable=true", f"karl.inject.responses_path={references}",

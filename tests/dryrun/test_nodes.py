@@ -77,8 +77,7 @@ class TwoNodes:
 @pytest.fixture(scope="module")
 def two_node_runs(dry_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("nodes")
-    paths = {"grounding": dry_run.workdir / "data" / "grounding.parquet",
-             "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
+    paths = dry_run.paths
     options = DryRunOptions(workdir=workdir, progress=False)
     cluster = TwoNodes()
     try:

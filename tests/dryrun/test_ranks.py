@@ -10,10 +10,8 @@ for level-5 prompts only, so that the other levels' groups can be constant and d
 and refills them across the two ranks. About 2 minutes on 2 cores.
 """
 
-import json
 import re
 
-import pyarrow.parquet as pq
 import pytest
 
 from karl_verl.dryrun.pipeline import DryRunOptions, train, training_overrides
@@ -26,14 +24,8 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def two_ranks(dry_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ranks")
-    paths = {"grounding": dry_run.workdir / "data" / "grounding.parquet",
-             "probe": dry_run.workdir / "data" / "probe.parquet", "model": dry_run.workdir / "tiny-qwen3-vl"}
-    references = workdir / "references.jsonl"
-    with references.open("w", encoding="utf-8") as handle:
-        for row in pq.read_table(paths["grounding"]).to_pylist():
-            box = row["reward_model"]["ground_truth"].split("<|box_start|>")[-1].split("<|box_end|>")[0]
-            response = f"<think>It is the {row['extra_info']['entity']}.</think><answer>{box}</answer>"
-            handle.write(json.dumps({"key": row["extra_info"]["index"], "response": response}) + "\n")
+    paths = dry_run.paths
+    references = dry_run.write_references(workdir / "references.jsonl")
     options = DryRunOptions(workdir=workdir, progress=False)
     overrides = [
         *training_overrides(options, paths, checkpoints=workdir / "checkpoints", hydra_dir=workdir / "hydra",
