@@ -41,13 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help=f"rollout sampling temperature ({defaults.temperature})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-start", type=Path, default=None, metavar="DIR",
+                        help="start from the warmed-up model and initial mastery table of an earlier experiment's "
+                             "workdir (same world, warm-up settings and seed) instead of warming up again")
     parser.add_argument("--quick", action="store_true",
                         help="one arm (karl), {steps} steps: the CI-sized check".format(**QUICK))
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    from karl_verl.experiment.runner import ARMS, ExperimentOptions, run_experiment, write_report
+    from karl_verl.experiment.runner import ARMS, ExperimentOptions, read_warm_start, run_experiment, write_report
 
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     unknown = [a for a in arms if a not in ARMS]
@@ -62,10 +65,12 @@ def run(args: argparse.Namespace) -> int:
         options = ExperimentOptions(workdir=workdir, arms=arms, steps=args.steps, test_freq=args.test_freq,
                                     refresh_every_steps=args.refresh_every_steps, warmup_steps=args.warmup_steps,
                                     actor_lr=args.lr, temperature=args.temperature, seed=args.seed,
-                                    progress=not args.no_progress, world=world)
+                                    progress=not args.no_progress, world=world, warm_start=args.warm_start)
         if args.quick:
             options = replace(options, **QUICK)
         options.check()
+        if options.warm_start is not None:
+            read_warm_start(options)
     except ValueError as err:
         print(f"karl-verl experiment: error: {err}", file=sys.stderr)
         return 2

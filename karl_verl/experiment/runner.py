@@ -8,6 +8,7 @@ Stages (what runs where):
 3. probe     the warmed-up model answers the probe set (:func:`karl_verl.probe.runner.run_probe`,
              transformers in this process): the initial mastery table every arm starts from, and the
              levels the report groups validation cases by
+             (``warm_start``: stages 2 and 3 are copied from an earlier experiment's workdir instead)
 4. arms      one ``python -m verl.trainer.main_ppo +recipe=karl_kvg_cpu`` per arm from the same model,
              data and seed (a child process and its Ray cluster each); verl validates every
              ``test_freq`` steps and dumps every case (``trainer.validation_data_dir``)
@@ -76,6 +77,9 @@ class ExperimentOptions:
     timeout_s: float = 1800.0
     #: Variables added to every ``main_ppo`` child (tests use it for fault injection).
     env: dict[str, str] = field(default_factory=dict)
+    #: An earlier experiment's workdir: start from its warmed-up model and initial mastery table
+    #: instead of warming up and probing again (same world, warm-up settings and seed; checked).
+    warm_start: Path | None = None
 
     def check(self) -> None:
         """Raise ValueError naming every option that cannot work."""
@@ -180,6 +184,51 @@ class ExperimentReport:
         }
 
 
+#: The options a warmed-up model depends on: a warm start must agree on every one.
+WARM_START_KEYS = ("world", "warmup_steps", "warmup_lr", "warmup_batch_size", "seed")
+
+
+@dataclass
+class WarmStart:
+    """What an earlier experiment left that a new one can start from (see :func:`read_warm_start`)."""
+
+    model: Path
+    table: Path
+    initial_levels: dict[str, int]
+    warmup_loss: tuple[float, float] | None
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def read_warm_start(options: ExperimentOptions) -> WarmStart:
+    """The warmed-up model, initial table and levels of ``options.warm_start``; ValueError naming the file
+    and the options that differ when that experiment was warmed up differently (or left no model)."""
+    folder = Path(options.warm_start).resolve()
+    report_path = folder / "experiment.json"
+    try:
+        earlier = json.loads(report_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"warm start: {report_path} not found (expected the workdir of an earlier "
+                         "karl-verl experiment)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"warm start: {report_path} is not JSON ({err})") from None
+    ours = asdict(options)
+    theirs = earlier.get("options", {})
+    differ = [f"{key} ({theirs.get(key)!r} there, {_as_json(ours[key])!r} here)" for key in WARM_START_KEYS
+              if _as_json(ours[key]) != theirs.get(key)]
+    if differ:
+        raise ValueError(f"warm start: {report_path} was warmed up with other settings: " + "; ".join(differ))
+    model, table = folder / "model", folder / "initial_mastery.json"
+    missing = [str(path) for path in (model / "config.json", table) if not path.is_file()]
+    if missing or not earlier.get("initial_levels"):
+        raise ValueError(f"warm start: {folder} lacks " + (", ".join(missing) or "initial_levels in experiment.json"))
+    loss = earlier.get("warmup_loss")
+    return WarmStart(model=model, table=table, initial_levels={k: int(v) for k, v in earlier["initial_levels"].items()},
+                     warmup_loss=tuple(loss) if loss else None)
+
+
 def warm_up_model(options: ExperimentOptions, world_files: Mapping[str, Path], report: ExperimentReport,
                   model_dir: Path) -> Path:
     """Stage 2: build the tiny model and warm it up on the world's known entities; its folder."""
@@ -216,6 +265,20 @@ def initial_table(options: ExperimentOptions, model_dir: Path, probe_file: Path,
                        progress=options.progress)
     result.table.save(out)
     return {entity: result.table.level_of(entity) for entity in result.per_entity_accuracy}
+
+
+def _copy_warm_start(warm: WarmStart, report: ExperimentReport, workdir: Path, table: Path) -> Path:
+    """Copy the earlier experiment's model and table here (this workdir stands alone); the model's folder."""
+    import shutil
+
+    model = workdir / "model"
+    if model.resolve() != warm.model.resolve():
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(warm.model, model)
+    if table.resolve() != warm.table.resolve():
+        shutil.copyfile(warm.table, table)
+    report.initial_levels, report.warmup_loss = dict(warm.initial_levels), warm.warmup_loss
+    return model
 
 
 def arm_overrides(options: ExperimentOptions, name: str, files: Mapping[str, Path], run_dir: Path) -> list[str]:
@@ -302,14 +365,19 @@ def run_experiment(options: ExperimentOptions, say: Callable[[str], None] = prin
     world = build_world(options.world, workdir / "world")
     report.world, report.known = world.format(), world.known
     done()
-    done = stage("warm-up")
     files = dict(world.files)
-    files["model"] = warm_up_model(options, files, report, workdir / "model")
-    done()
-    done = stage("probe")
     files["table"] = workdir / "initial_mastery.json"
-    report.initial_levels = initial_table(options, files["model"], files["probe"], files["table"])
-    done()
+    if options.warm_start is None:
+        done = stage("warm-up")
+        files["model"] = warm_up_model(options, files, report, workdir / "model")
+        done()
+        done = stage("probe")
+        report.initial_levels = initial_table(options, files["model"], files["probe"], files["table"])
+        done()
+    else:
+        done = stage("warm start")
+        files["model"] = _copy_warm_start(read_warm_start(options), report, workdir, files["table"])
+        done()
     for name in options.arms:
         done = stage(f"arm {name}")
         report.arms[name] = run_arm(options, name, files, report.initial_levels)
