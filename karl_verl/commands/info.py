@@ -95,5 +95,9 @@ def run(args: argparse.Namespace) -> int:
         for recipe, visible in recipes:
             ok &= visible
             print(f"  [{'ok' if visible else 'MISSING'}] {recipe}")
+    from karl_verl.cpu.vllm_cpu import vllm_rollout_status
+
+    usable, detail = vllm_rollout_status()  # optional: a GPU node has its own vLLM, the default CPU run none
+    print(f"vLLM rollout on CPU (rollout.name=vllm, optional):\n  [{'ok' if usable else 'no'}] {detail}")
     print("all parts registered" if ok else "some parts are MISSING: see above (is karl-verl installed in this env?)")
     return 0 if ok else 1

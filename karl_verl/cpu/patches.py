@@ -151,3 +151,42 @@ def install_replay_poll_interval(interval_s: float = CPU_REPLAY_POLL_INTERVAL_S)
 
     __init__._karl_cpu_poll = True  # type: ignore[attr-defined]
     ReplayBuffer.__init__ = __init__
+
+
+def install_vllm_resyncable_linear_weights() -> bool:
+    """vLLM on CPU: keep each linear layer's weight after vLLM prepacks it, so verl can sync weights in.
+
+    After loading, vLLM-CPU prepacks every unquantized linear weight for oneDNN and replaces
+    ``layer.weight`` with an empty parameter without ``weight_loader`` (``vllm/model_executor/layers/
+    linear.py``, ``UnquantizedLinearMethod.process_weights_after_loading`` ->
+    ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``). verl's weight sync then loads into
+    that parameter and fails (``'Parameter' object has no attribute 'weight_loader'``), and the trainer
+    waits on the sync with no timeout. Keeping the weight (``remove_weight=False``) lets the sync load
+    into it; verl runs ``process_weights_after_loading`` again after the last bucket, which prepacks
+    the synced weights. Cost: linear weights are held twice in the vLLM process.
+
+    Acts only in a process that already runs vLLM on the CPU platform (its engine core and workers
+    import verl's worker extension, hence this plugin, before they load the model); True when the
+    patch is in place.
+    """
+    import sys
+
+    if "vllm" not in sys.modules:
+        return False
+    from vllm.model_executor.layers import linear
+    from vllm.platforms import current_platform
+
+    method = linear.UnquantizedLinearMethod
+    if getattr(method.process_weights_after_loading, "_karl_cpu_resyncable", False):
+        return True
+    if not current_platform.is_cpu():
+        return False
+
+    def process_weights_after_loading(self: Any, layer: Any) -> None:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+
+    process_weights_after_loading._karl_cpu_resyncable = True  # type: ignore[attr-defined]
+    method.process_weights_after_loading = process_weights_after_loading
+    return True

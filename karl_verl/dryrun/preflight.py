@@ -13,7 +13,10 @@ composes the recipe as ``main_ppo`` would and reports every problem at once:
 * ``karl.*`` and ``algorithm.karl`` values the trainer or the reward workers would refuse;
 * training entities absent from the mastery table (or, with no table, from the probe set);
 * probe-set categories with fewer than 4 entities (no 4-choice question possible), or neither a
-  mastery table nor a probe set for a run whose trainer needs one.
+  mastery table nor a probe set for a run whose trainer needs one;
+* what ``main_ppo``'s stop-before-Ray callback refuses from the config alone: dynamic sampling on
+  a key the reward lacks, a trainer mode that skips the karl trainer, vLLM's
+  ``max_model_len`` above ``max_num_batched_tokens`` without chunked prefill.
 
 Runs in the driver only; nothing here starts Ray or touches a GPU.
 """
@@ -317,6 +320,16 @@ def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None
         report.add(*problem.split(": ", 1))
     if mastery is not None:
         check_mastery(report, config, reward, mastery, entities)
+    from karl_verl.integration.preflight import (
+        filter_groups_problem,
+        trainer_mode_problem,
+        vllm_batched_tokens_problem,
+    )
+
+    # The launch-time checks of main_ppo's stop-before-Ray callback that read the config alone.
+    for check in (filter_groups_problem, trainer_mode_problem, vllm_batched_tokens_problem):
+        if problem := check(config):
+            report.add(*problem.split(": ", 1))
     return report
 
 

@@ -13,6 +13,8 @@ message, every problem of:
   once) and, for the ``karl`` trainer, no way to a first mastery table, and knowledge-infused
   rollouts with verl settings they cannot run with (agent loop, group size);
 * dynamic sampling (``algorithm.filter_groups``) on a key the ``karl`` reward's breakdown lacks;
+* vLLM rollouts without chunked prefill whose ``max_model_len`` exceeds ``max_num_batched_tokens``
+  (verl 0.9.1's vLLM server dies at start on it);
 * ``wandb`` in ``trainer.logger`` without credentials, unless ``WANDB_MODE`` is offline or disabled;
 * fewer local GPUs than ``trainer.n_gpus_per_node`` on a single-node run that starts its own Ray
   (not when a Ray address is given, nor with ``trainer.device=cpu``).
@@ -153,6 +155,52 @@ def trainer_mode_problem(config: DictConfig) -> str | None:
             "(+recipe=karl_kvg_grpo)")
 
 
+def _max_position_embeddings(model_path: Any) -> int | None:
+    """``max_position_embeddings`` of a local Hugging Face model (its text config's for a VLM), else None."""
+    import json
+
+    paths = _paths(model_path)
+    if len(paths) != 1 or _is_remote(paths[0]):
+        return None
+    try:
+        config = json.loads((Path(paths[0]).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def vllm_batched_tokens_problem(config: DictConfig) -> str | None:
+    """vLLM rollouts with ``enable_chunked_prefill=false`` and ``max_model_len`` above ``max_num_batched_tokens``.
+
+    verl 0.9.1's vLLM server then raises ``max_num_batched_tokens`` to ``max_model_len`` by assigning
+    a field of its frozen ``RolloutConfig`` (``vllm_async_server.py``, ``_validate_configs``): the run
+    dies with ``FrozenInstanceError`` when the rollout servers start, after every worker loaded the
+    model. An unset ``max_model_len`` becomes the model's ``max_position_embeddings`` (262144 for
+    Qwen3-VL), which trips it. Not specific to CPUs: ``karl_kvg`` sets both keys.
+    """
+    rollout = _select(config, "actor_rollout_ref.rollout")
+    if not rollout or rollout.get("name") != "vllm" or rollout.get("enable_chunked_prefill", True) is not False:
+        return None
+    batched = rollout.get("max_num_batched_tokens")
+    model_len = rollout.get("max_model_len")
+    source = "actor_rollout_ref.rollout.max_model_len"
+    if model_len is None:
+        model_len = _max_position_embeddings(_select(config, "actor_rollout_ref.model.path"))
+        source = f"the model's max_position_embeddings ({source} unset)"
+        if model_len is None:
+            return ("actor_rollout_ref.rollout.max_model_len: unset, with enable_chunked_prefill=false: verl's vLLM "
+                    "server would take the model's max_position_embeddings and, when that exceeds "
+                    f"max_num_batched_tokens ({batched}), die at start (FrozenInstanceError); set max_model_len "
+                    "to at most max_num_batched_tokens and at least data.max_prompt_length + max_response_length")
+    if not isinstance(batched, int) or not isinstance(model_len, int) or model_len <= batched:
+        return None
+    return (f"actor_rollout_ref.rollout.max_num_batched_tokens={batched} is below {source} ({model_len}) with "
+            "enable_chunked_prefill=false: verl 0.9.1's vLLM server dies at start (FrozenInstanceError when it "
+            "raises max_num_batched_tokens); set max_model_len <= max_num_batched_tokens (prompt + response must "
+            "fit), or raise max_num_batched_tokens")
+
+
 #: The example command of the stop message, unless the recipe gives its own (``example``).
 MAIN_PPO_EXAMPLE = (
     "python -m verl.trainer.main_ppo +recipe=karl_kvg data.train_files=/data/train.parquet "
@@ -287,7 +335,8 @@ def run_problems(config: DictConfig, required: Iterable[str], environ: Mapping[s
     """(unset required keys, other problems) of a composed run configuration."""
     environ = os.environ if environ is None else environ
     problems = path_problems(config) + karl_config_problems(config)
-    problems += [p for p in (filter_groups_problem(config), trainer_mode_problem(config)) if p]
+    problems += [p for p in (filter_groups_problem(config), trainer_mode_problem(config),
+                             vllm_batched_tokens_problem(config)) if p]
     problems += [p for p in (wandb_problem(config, environ), gpu_problem(config, environ, count_gpus)) if p]
     return unset_keys(config, required), problems
 

@@ -173,21 +173,39 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None) -> Qw
 class TinySize:
     """Widths and depths of the tiny model; the defaults are the ~0.25M-parameter fixture of the tests.
 
-    Attention heads are 16 wide: ``hidden_size`` and ``vision_hidden_size`` must be multiples of 16.
+    Vision attention heads are 16 wide and text heads ``text_head_dim`` wide: ``vision_hidden_size``
+    must be a multiple of 16 and ``hidden_size`` of ``text_head_dim``. vLLM's CPU attention takes
+    text heads of 32 and more, not 16 (:data:`VLLM_CPU_SIZE`).
     """
 
     hidden_size: int = 64
     num_layers: int = 2
     vision_hidden_size: int = 32
     vision_depth: int = 1
+    text_head_dim: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "vision_hidden_size"):
-            if getattr(self, name) < 32 or getattr(self, name) % 16:
-                raise ValueError(f"TinySize.{name}: expected a multiple of 16, >= 32; got {getattr(self, name)}")
+        if self.text_head_dim < 16 or self.text_head_dim % 16:
+            raise ValueError(f"TinySize.text_head_dim: expected a multiple of 16; got {self.text_head_dim}")
+        for name, width in (("hidden_size", self.text_head_dim), ("vision_hidden_size", 16)):
+            if getattr(self, name) < 2 * width or getattr(self, name) % width:
+                raise ValueError(f"TinySize.{name}: expected a multiple of {width}, >= {2 * width}; "
+                                 f"got {getattr(self, name)}")
         for name in ("num_layers", "vision_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TinySize.{name}: expected >= 1, got {getattr(self, name)}")
+
+
+#: The fixture verl's vLLM rollout can serve on CPU: text heads of 32 (vLLM's CPU attention refuses
+#: 16), 4 heads in a 128-wide model; the vision tower as in the default fixture.
+VLLM_CPU_SIZE = TinySize(hidden_size=128, text_head_dim=32)
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Rotary frequencies (head_dim / 2) split over (time, height, width) as Qwen does: time gets the rest."""
+    frequencies = head_dim // 2
+    spatial = (frequencies * 3 // 8) or 1
+    return [frequencies - 2 * spatial, spatial, spatial]
 
 
 def build_tiny_model(
@@ -216,15 +234,15 @@ def build_tiny_model(
             "hidden_size": size.hidden_size,
             "intermediate_size": 2 * size.hidden_size,
             "num_hidden_layers": size.num_layers,
-            "num_attention_heads": size.hidden_size // 16,
-            "num_key_value_heads": max(1, size.hidden_size // 32),
-            "head_dim": 16,
+            "num_attention_heads": size.hidden_size // size.text_head_dim,
+            "num_key_value_heads": max(1, size.hidden_size // (2 * size.text_head_dim)),
+            "head_dim": size.text_head_dim,
             "max_position_embeddings": 4096,
             # head_dim 16 -> 8 rotary frequencies, split 2/3/3 over (time, height, width), interleaved.
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
+                "mrope_section": _mrope_section(size.text_head_dim),
                 "mrope_interleaved": True,
             },
             "pad_token_id": tokenizer.pad_token_id,

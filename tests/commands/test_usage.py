@@ -150,3 +150,35 @@ def test_dryrun_ranks_flag_asks_main_ppo_for_that_many_fsdp_ranks(tmp_path):
     two = dryrun.dryrun_options(parser.parse_args(["--ranks", "2"]), tmp_path)
     assert two.extra_overrides == ("trainer.n_gpus_per_node=2",)
     assert dryrun.run(parser.parse_args(["--ranks", "0", "--workdir", str(tmp_path)])) == 2
+
+
+def test_dryrun_resume_steps_flag_sets_the_resumed_run_and_zero_skips_it(tmp_path, capsys):
+    import argparse
+
+    from karl_verl.commands import dryrun
+
+    parser = argparse.ArgumentParser()
+    dryrun.add_arguments(parser)
+    assert dryrun.dryrun_options(parser.parse_args([]), tmp_path).resume_steps == 1
+    assert dryrun.dryrun_options(parser.parse_args(["--resume-steps", "0"]), tmp_path).resume_steps == 0
+    assert dryrun.run(parser.parse_args(["--resume-steps", "-1", "--workdir", str(tmp_path)])) == 2
+    assert "--resume-steps: expected >= 0, got -1" in capsys.readouterr().err
+
+
+def test_dryrun_rollout_vllm_trains_the_vllm_recipe_and_stops_at_once_without_vllm_cpu(tmp_path, capsys,
+                                                                                     monkeypatch):
+    import argparse
+
+    from karl_verl.commands import dryrun
+    from karl_verl.cpu import vllm_cpu
+
+    parser = argparse.ArgumentParser()
+    dryrun.add_arguments(parser)
+    options = dryrun.dryrun_options(parser.parse_args(["--rollout", "vllm"]), tmp_path)
+    assert options.recipe == "karl_kvg_cpu_vllm" and options.rollout == "vllm"
+    assert dryrun.dryrun_options(parser.parse_args([]), tmp_path).recipe == "karl_kvg_cpu"
+    monkeypatch.setattr(vllm_cpu, "vllm_rollout_status", lambda: (False, "vllm-cpu is not installed (...)"))
+    workdir = tmp_path / "run"
+    assert dryrun.run(parser.parse_args(["--rollout", "vllm", "--workdir", str(workdir)])) == 2
+    assert "--rollout vllm: vllm-cpu is not installed" in capsys.readouterr().err
+    assert not workdir.exists()

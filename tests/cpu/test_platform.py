@@ -116,6 +116,13 @@ def test_environment_adds_the_plugin_once_to_existing_external_modules():
     assert env["VERL_PLATFORM"] == "cpu" and env["KARL_VERL_CPU"] == "1"
 
 
+def test_environment_sets_vllm_cpus_variables_unless_the_user_did():
+    env = environment({})
+    assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_MLA_DISABLE"] == "1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"  # GiB; vLLM would size it from gpu_memory_utilization x RAM
+    assert environment({"VLLM_CPU_KVCACHE_SPACE": "4"})["VLLM_CPU_KVCACHE_SPACE"] == "4"
+
+
 def test_memory_figures_are_plausible_host_numbers():
     from karl_verl.cpu.platform import DEVICE_MODULE
 

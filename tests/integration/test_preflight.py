@@ -231,3 +231,55 @@ def test_a_multi_node_run_is_told_which_paths_every_node_must_see(inputs, capsys
     # The callback prints it before Ray starts (a notice: the run goes on).
     RequiredKeysCallback(()).on_job_start(cfg)
     assert "every node mounts" in capsys.readouterr().err
+
+
+def _vllm_rollout(model_dir, **rollout):
+    return OmegaConf.create({
+        "actor_rollout_ref": {"model": {"path": str(model_dir)},
+                              "rollout": {"name": "vllm", "enable_chunked_prefill": False,
+                                          "max_num_batched_tokens": 8192, "max_model_len": None, **rollout}},
+    })
+
+
+@pytest.mark.parametrize(("rollout", "positions", "stops"), [
+    ({"max_model_len": 8192}, 262144, None),  # karl_kvg's setting
+    ({"max_model_len": 16384}, 262144, "max_num_batched_tokens=8192 is below actor_rollout_ref.rollout.max_model_len"),
+    ({}, 262144, "below the model's max_position_embeddings (actor_rollout_ref.rollout.max_model_len unset) (262144)"),
+    ({}, 4096, None),  # a model whose whole context fits one batch
+    ({"max_model_len": 16384, "enable_chunked_prefill": True}, 262144, None),
+    ({"max_model_len": 16384, "name": "sglang"}, 262144, None),
+])
+def test_vllm_without_chunked_prefill_needs_max_model_len_within_a_batch(tmp_path, rollout, positions, stops):
+    """verl 0.9.1's vLLM server assigns a frozen field, and the run dies at start, in exactly the stopped cases."""
+    import json
+
+    from karl_verl.integration.preflight import run_problems, vllm_batched_tokens_problem
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": positions}}))
+    problem = vllm_batched_tokens_problem(_vllm_rollout(tmp_path, **rollout))
+    if stops is None:
+        assert problem is None
+    else:
+        assert stops in problem and "FrozenInstanceError" in problem
+        assert problem in run_problems(_vllm_rollout(tmp_path, **rollout), [], environ={}, count_gpus=lambda: 8)[1]
+
+
+def test_an_unreadable_model_config_with_unset_max_model_len_is_named(tmp_path):
+    from karl_verl.integration.preflight import vllm_batched_tokens_problem
+
+    problem = vllm_batched_tokens_problem(_vllm_rollout("Qwen/Qwen3-VL-8B-Instruct"))
+    assert problem.startswith("actor_rollout_ref.rollout.max_model_len: unset, with enable_chunked_prefill=false")
+
+
+@pytest.mark.parametrize("recipe", ["karl_kvg", "karl_kvg_cpu_vllm"])
+def test_the_vllm_recipes_fit_a_whole_sequence_in_a_batch(recipe):
+    from karl_verl.dryrun.pipeline import compose_recipe
+    from karl_verl.integration.preflight import vllm_batched_tokens_problem
+
+    config = compose_recipe(recipe, ["actor_rollout_ref.model.path=Qwen/Qwen3-VL-8B-Instruct"])
+    rollout = config.actor_rollout_ref.rollout
+    assert rollout.name == "vllm" and rollout.enable_chunked_prefill is False
+    assert config.data.max_prompt_length + config.data.max_response_length <= rollout.max_model_len
+    assert vllm_batched_tokens_problem(config) is None
+    if recipe == "karl_kvg_cpu_vllm":  # what vLLM on CPU cannot do
+        assert rollout.enable_sleep_mode is False and rollout.enforce_eager is True

@@ -19,7 +19,7 @@ RECIPES = ["karl_kvg", "karl_kvg_grpo", "karl_kvg_no_pos", "karl_kvg_no_neg", "k
 #: Recipes of verl's SFT trainer (stage 1).
 SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
-CPU_RECIPES = ["karl_kvg_cpu", "karl_cot_sft_cpu"]
+CPU_RECIPES = ["karl_kvg_cpu", "karl_cot_sft_cpu", "karl_kvg_cpu_vllm"]
 #: karl-verl's additions beyond the paper, each karl_kvg plus one feature.
 EXTENSION_RECIPES = ["karl_kvg_dynamic", "karl_kvg_inject", "karl_kvg_curriculum"]
 
@@ -97,6 +97,10 @@ def test_karl_kvg_is_the_paper_run(composed):
     assert actor["use_kl_loss"] is True and actor["kl_loss_coef"] == 0.02 and actor["kl_loss_type"] == "low_var_kl"
     assert actor["entropy_coeff"] == 0 and cfg["algorithm"]["use_kl_in_reward"] is False
     assert cfg["data"]["max_response_length"] == 1500 and cfg["data"]["max_prompt_length"] == 4800
+    # Without chunked prefill a whole sequence must fit a batch: verl 0.9.1's vLLM server dies at start
+    # when max_model_len (by default the model's 262144 positions) exceeds max_num_batched_tokens.
+    assert rollout["enable_chunked_prefill"] is False
+    assert 4800 + 1500 <= rollout["max_model_len"] <= rollout["max_num_batched_tokens"]
     assert cfg["trainer"]["total_epochs"] == 2
     # FSDP2 (verl's recommendation), the strategy the CPU recipe runs too.
     assert actor["strategy"] == "fsdp2" and cfg["actor_rollout_ref"]["ref"]["strategy"] == "fsdp2"

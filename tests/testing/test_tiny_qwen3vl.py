@@ -128,3 +128,22 @@ def test_processor_pickles(processor):
     text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
     assert torch.equal(clone(text=[text], images=[_image()], return_tensors="pt")["input_ids"],
                        processor(text=[text], images=[_image()], return_tensors="pt")["input_ids"])
+
+
+def test_the_vllm_cpu_size_has_32_wide_text_heads_and_generates(tokenizer, processor):
+    from karl_verl.testing.tiny_qwen3vl import VLLM_CPU_SIZE, TinySize
+
+    model = build_tiny_model(seed=0, tokenizer=tokenizer, size=VLLM_CPU_SIZE)
+    text = model.config.text_config
+    assert text.head_dim == 32 and text.num_attention_heads * text.head_dim == text.hidden_size == 128
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+    assert model.config.vision_config.hidden_size // model.config.vision_config.num_heads == 16
+    text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[_image()], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    with pytest.raises(ValueError, match="hidden_size: expected a multiple of 32"):
+        TinySize(hidden_size=48, text_head_dim=32)
+    with pytest.raises(ValueError, match="text_head_dim: expected a multiple of 16"):
+        TinySize(text_head_dim=24)
