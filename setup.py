@@ -28,7 +28,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff"],
+    "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "hypothesis>=6", "ruff"],
     # Real training on GPU nodes: vLLM rollouts (verl pins its own torch there) and flash-attn at the
     # version verl 0.9.1's own extra (flash-attn-cu130torch211, pulled in by verl[fsdp]) pins.
     "gpu": ["verl[vllm]>=0.9.1,<0.10", "flash-attn==2.8.3"],

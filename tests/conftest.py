@@ -1,6 +1,39 @@
-"""Shared test setup: the oracle and corpus helpers in tests/_support are importable by name."""
+"""Shared test setup: the oracle and corpus helpers in tests/_support are importable by name, and
+under pytest-xdist (pyproject's addopts) the tests that run verl's ``main_ppo`` share one worker."""
 
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent / "_support"))
+
+
+#: Tests that run verl's ``main_ppo`` (tests/dryrun/conftest.py holds the runs its tests share).
+MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under pytest-xdist (pyproject's ``-n auto``) every ``main_ppo`` test goes to one worker.
+
+    They run Ray and several processes that use both cores while a step computes: two at once on a
+    2-core machine each take twice as long, and a shared run (a session fixture) would run once per
+    worker. One worker takes them one after another while the others work through the quick tests,
+    many of them subprocesses that import verl (about 8 s each). xdist's own ``--dist loadgroup``
+    does not group under pytest 9.2 (it renames ``item._nodeid``, which pytest no longer reads).
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class MainPpoTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "main_ppo" if nodeid.startswith(MAIN_PPO_TESTS) else nodeid
+
+    return MainPpoTogether(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The ``main_ppo`` tests first: they are the longest chain, so their worker starts on them at once."""
+    heavy = [item for item in items if item.nodeid.startswith(MAIN_PPO_TESTS)]
+    chosen = {id(item) for item in heavy}
+    items[:] = heavy + [item for item in items if id(item) not in chosen]

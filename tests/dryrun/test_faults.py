@@ -1,7 +1,7 @@
 """Faults on the real CPU path: a crash mid-epoch and a resume, a failing refresh, a raising reward.
 
-Each test runs verl's real main_ppo (karl_kvg_cpu) in child processes; the inputs (data and the
-warmed-up tiny model) are the dry run's own.
+Each test reads verl's real main_ppo (karl_kvg_cpu) run in child processes; the inputs (data and the
+warmed-up tiny model) are the dry run's own. The crash is conftest's ``curriculum_runs``.
 """
 
 import json
@@ -25,24 +25,21 @@ def _comparable(state):
     return state["table"]["entities"], history
 
 
-def test_sigkill_in_the_second_epoch_then_resume_ends_like_an_uninterrupted_run(dry_run, tmp_path):
+def test_sigkill_in_the_second_epoch_then_resume_ends_like_an_uninterrupted_run(curriculum_runs):
     """(a) SIGKILL of the whole run (driver, Ray, workers) after step 3, i.e. in epoch 2 after the
-    step-2 checkpoint; a new main_ppo resumes and ends with the dry run's own run-1 table, history and step."""
-    options = DryRunOptions(workdir=tmp_path, progress=False)
-    paths = dry_run.paths
-    checkpoints = tmp_path / "checkpoints"
-    overrides = training_overrides(options, paths, checkpoints=checkpoints, hydra_dir=tmp_path / "hydra",
-                                   total_epochs=2)
-    crashed = train(options, paths, "crashed", overrides, 4, kill_after_step=3)
-    assert crashed.killed_after_step == 3 and crashed.returncode != 0
-    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    resumed = train(options, paths, "resumed", overrides, 2)
-    assert resumed.ok, resumed.log_tail()
-    assert [int(r["step"]) for r in resumed.steps] == [3, 4]
+    step-2 checkpoint, with the prompt curriculum on; a new main_ppo resumes and ends with the
+    uninterrupted run's table, refresh history and step (conftest's ``curriculum_runs``)."""
+    runs = curriculum_runs
+    assert runs.crashed.killed_after_step == 3 and runs.crashed.returncode != 0
+    assert [int(r["step"]) for r in runs.crashed.steps] == [1, 2, 3]
+    assert runs.latest_after_crash == "2"
+    assert [int(r["step"]) for r in runs.resumed.steps] == [3, 4]
+    checkpoints = runs.checkpoints("resumed")
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     ours = json.loads((checkpoints / "global_step_4" / STATE_FILE).read_text())
-    reference = json.loads((dry_run.workdir / "checkpoints" / "global_step_4" / STATE_FILE).read_text())
+    reference = json.loads((runs.checkpoints("full") / "global_step_4" / STATE_FILE).read_text())
     assert _comparable(ours) == _comparable(reference)
+    assert len(ours["history"]) == 2  # the probe at train begin and the refresh before epoch 2
 
 
 def test_a_failing_refresh_keeps_the_table_and_a_raising_reward_scores_a_miss(dry_run, tmp_path):

@@ -5,8 +5,9 @@
 * The negative control runs a shorter experiment with weight sync to the rollout server turned off
   (test-only fault injection, ``tests/_support/cpu_faults``): the actor trains, but rollouts and
   validation keep the initial policy, so validation cannot change and the check must fail (exit 1,
-  ``DID NOT LEARN``, a rise of exactly 0 with a [0, 0] interval). It also checks what the command
-  writes: the initial probe's levels, a refresh, the report and the plots (about 4 minutes).
+  ``DID NOT LEARN``, a rise of exactly 0 with a [0, 0] interval). It starts from the quick run's
+  warmed-up model and table (``--warm-start``), and checks what the command writes: the initial
+  probe's levels, a refresh, the report and the plots (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def quick(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def control(tmp_path_factory):
+def control(quick, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
            "KARL_TEST_FREEZE_ROLLOUT_WEIGHTS": "1"}
+    _, quick_report = quick
     return _experiment(tmp_path_factory.mktemp("experiment-control"), "--arms", "karl", "--steps", "4",
-                       "--test-freq", "4", "--refresh-every-steps", "2", env=env)
+                       "--test-freq", "4", "--refresh-every-steps", "2",
+                       "--warm-start", quick_report["outputs"]["workdir"], env=env)
 
 
 def test_quick_learns(quick):
@@ -73,7 +76,7 @@ def test_without_weight_sync_the_check_fails(control):
     assert set(arm["acc"]) == {"0", str(report["options"]["steps"])}  # verl's test_freq: step 0 and the last
 
 
-def test_the_run_probes_refreshes_and_plots(control):
+def test_the_run_probes_refreshes_and_plots(quick, control):
     _, report = control
     levels = report["initial_levels"]
     world = report["options"]["world"]
@@ -81,5 +84,9 @@ def test_the_run_probes_refreshes_and_plots(control):
     assert len(levels) == entities and len(set(levels.values())) >= 2  # the knowledge gap shows as several levels
     refreshes = report["arms"]["karl"]["refreshes"]
     assert refreshes and all(sum(r[f"level_{k}"] for k in range(1, 6)) == entities for r in refreshes)
+    # Warm-started from the quick run: its levels and warm-up, no warm-up or probe of its own.
+    quick_report = quick[1]
+    assert levels == quick_report["initial_levels"] and report["warmup_loss"] == quick_report["warmup_loss"]
+    assert "warm start" in report["stage_seconds"] and "warm-up" not in report["stage_seconds"]
     for key in ("curves_png", "refreshes_png"):
         assert Path(report["outputs"][key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

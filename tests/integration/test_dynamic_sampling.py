@@ -1,7 +1,7 @@
 """Dynamic sampling's bookkeeping (karl_verl/integration/dynamic_sampling.py), without Ray.
 
 The replay buffer is verl's own ``ReplayBuffer`` built with the arguments verl's trainer passes in
-sync mode; only TransferQueue reads are left out (the real path is tests/dryrun/test_dynamic_sampling.py).
+sync mode; only TransferQueue reads are left out (the real path is tests/dryrun/test_ranks.py).
 """
 
 from collections import Counter
