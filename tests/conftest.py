@@ -11,11 +11,14 @@ sys.path.insert(0, str(Path(__file__).parent / "_support"))
 
 #: Tests that run verl's ``main_ppo`` (tests/dryrun/conftest.py holds the runs its tests share).
 MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py")
+#: Tests whose runs use verl's vLLM rollout (the ``.venv-vllm`` environment; one module-scoped set of runs).
+VLLM_TESTS = ("tests/cpu/test_vllm_rollout.py",)
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """Under pytest-xdist (pyproject's ``-n auto``) every ``main_ppo`` test goes to one worker.
+    """Under pytest-xdist (pyproject's ``-n auto``) every ``main_ppo`` test goes to one worker, and the
+    vLLM tests, which share one set of runs, to one worker.
 
     They run Ray and several processes that use both cores while a step computes: two at once on a
     2-core machine each take twice as long, and a shared run (a session fixture) would run once per
@@ -27,13 +30,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
     class MainPpoTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "main_ppo" if nodeid.startswith(MAIN_PPO_TESTS) else nodeid
+            if nodeid.startswith(MAIN_PPO_TESTS):
+                return "main_ppo"
+            return "vllm" if nodeid.startswith(VLLM_TESTS) else nodeid
 
     return MainPpoTogether(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The ``main_ppo`` tests first: they are the longest chain, so their worker starts on them at once."""
+    """The ``main_ppo`` tests first: they are the longest chain, so their worker starts on them at once.
+    The vLLM tests last: the other worker reaches them once the quick tests are done, while the
+    ``main_ppo`` chain still runs (on 2 cores the quick tests end about 7 minutes before it)."""
     heavy = [item for item in items if item.nodeid.startswith(MAIN_PPO_TESTS)]
-    chosen = {id(item) for item in heavy}
-    items[:] = heavy + [item for item in items if id(item) not in chosen]
+    last = [item for item in items if item.nodeid.startswith(VLLM_TESTS)]
+    chosen = {id(item) for item in heavy + last}
+    items[:] = heavy + [item for item in items if id(item) not in chosen] + last

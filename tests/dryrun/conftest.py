@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from references import write_references
 
 from karl_verl.dryrun.launch import RunResult, read_step_metrics
 from karl_verl.dryrun.pipeline import DryRunOptions, train, training_overrides
@@ -38,16 +39,8 @@ class DryRun:
                 "probe": self.workdir / "data" / "probe.parquet", "model": self.workdir / "tiny-qwen3-vl"}
 
     def write_references(self, path: Path) -> Path:
-        """One reference response per grounding prompt: the correct box in the answer format, with a
-        rationale the model was not warmed up on (it fits the CPU recipe's 48 response tokens)."""
-        import pyarrow.parquet as pq
-
-        with path.open("w", encoding="utf-8") as handle:
-            for row in pq.read_table(self.paths["grounding"]).to_pylist():
-                box = row["reward_model"]["ground_truth"].split("<|box_start|>")[-1].split("<|box_end|>")[0]
-                response = f"<think>It is the {row['extra_info']['entity']}.</think><answer>{box}</answer>"
-                handle.write(json.dumps({"key": row["extra_info"]["index"], "response": response}) + "\n")
-        return path
+        """One reference response per grounding prompt (see ``tests/_support/references.py``)."""
+        return write_references(self.paths["grounding"], path)
 
 
 @pytest.fixture(scope="session")

@@ -190,3 +190,49 @@ def test_run_main_ppo_times_out(tmp_path, fake_main_ppo):
     assert result.timed_out and not result.ok and result.returncode == -9
     assert result.seconds < 30
     assert _wait_until(lambda: not _alive(fake_main_ppo()))
+
+
+LEAKER = textwrap.dedent("""
+    import sys, time
+    from multiprocessing import resource_tracker, shared_memory
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+    resource_tracker.unregister(segment._name, "shared_memory")  # leaked for good, as a killed worker's is
+    print(segment.name, flush=True)
+    time.sleep(float(sys.argv[1]))
+    sys.exit(0)
+""")
+
+
+def test_a_runs_shared_memory_is_removed_and_nobody_elses(tmp_path):
+    """vLLM leaves /dev/shm buffers behind even on a clean exit; the launcher removes what the run's
+    processes held (seen while they ran) and leaves a file this process made alone."""
+    from multiprocessing import shared_memory
+
+    ours = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        result = launch.run_verl_child([sys.executable, "-c", LEAKER, "3"], metrics_path=tmp_path / "m.jsonl",
+                                       log_path=tmp_path / "run.log", timeout_s=60)
+        name = result.log_tail().strip().splitlines()[0].lstrip("/")
+        leaked = f"{launch.SHARED_MEMORY_DIR}/{name}"
+        assert result.ok and result.shared_memory_removed == [leaked]
+        assert not os.path.exists(leaked)
+        assert os.path.exists(f"{launch.SHARED_MEMORY_DIR}/{ours.name.lstrip('/')}")
+    finally:
+        ours.close()
+        ours.unlink()
+
+
+def test_shared_memory_files_reads_maps_and_open_files_of_the_given_processes(tmp_path):
+    from multiprocessing import shared_memory
+
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        path = f"{launch.SHARED_MEMORY_DIR}/{segment.name.lstrip('/')}"
+        assert path in launch.shared_memory_files([os.getpid()])
+        assert path not in launch.shared_memory_files([])
+        other = tmp_path / "not-shared"
+        other.write_text("x")
+        assert launch.remove_shared_memory({str(other / "missing")}) == []
+    finally:
+        segment.close()
+        segment.unlink()

