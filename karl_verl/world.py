@@ -48,14 +48,13 @@ from karl_verl.data import prompts
 from karl_verl.data.compose import PROBE_FILE, probe_schema
 from karl_verl.data.schema import RowWriter, rl_row, rl_schema
 from karl_verl.probe.questions import ProbeItem, build_questions
+from karl_verl.synthetic_images import SHAPES, draw_shape
 
 TRAIN_FILE = "train.parquet"
 VAL_FILE = "val.parquet"
 WARMUP_FILE = "warmup.jsonl"
 WORLD_FILE = "world.json"
 
-#: One shape per category, in order (a world has at most this many categories).
-SHAPES: tuple[str, ...] = ("ellipse", "square", "triangle", "diamond", "cross", "bar")
 _ONSETS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
@@ -190,7 +189,7 @@ def make_entities(config: WorldConfig, rng: random.Random) -> list[Entity]:
     names: set[str] = set()
     entities = []
     for c in range(config.categories):
-        shape = SHAPES[c]
+        shape = SHAPES[c]  # one shape per category, in order: at most len(SHAPES) categories
         shown = rng.sample(range(config.entities_per_category), config.known_per_category + config.partial_per_category)
         known, partial = set(shown[: config.known_per_category]), set(shown[config.known_per_category:])
         homes = rng.sample(range(config.grid * config.grid), config.entities_per_category) if config.home_bias > 0 \
@@ -208,31 +207,6 @@ def make_entities(config: WorldConfig, rng: random.Random) -> list[Entity]:
                                    colour=(round(r * 255), round(g * 255), round(b * 255)), known=j in known,
                                    home_cell=homes[j], partial=j in partial))
     return entities
-
-
-def draw_object(draw: Any, shape: str, colour: tuple[int, int, int], box: tuple[int, int, int, int]) -> None:
-    """Draw ``shape`` filling ``box`` (pixel x1, y1, x2, y2, inclusive of x1/y1, exclusive of x2/y2)."""
-    x1, y1, x2, y2 = box
-    right, bottom = x2 - 1, y2 - 1
-    cx, cy = (x1 + right) / 2, (y1 + bottom) / 2
-    if shape == "ellipse":
-        draw.ellipse((x1, y1, right, bottom), fill=colour)
-    elif shape == "square":
-        draw.rectangle((x1, y1, right, bottom), fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, y1), (right, bottom), (x1, bottom)], fill=colour)
-    elif shape == "diamond":
-        draw.polygon([(cx, y1), (right, cy), (cx, bottom), (x1, cy)], fill=colour)
-    elif shape == "cross":
-        w, h = (x2 - x1) / 3, (y2 - y1) / 3
-        draw.rectangle((x1 + w, y1, right - w, bottom), fill=colour)
-        draw.rectangle((x1, y1 + h, right, bottom - h), fill=colour)
-    elif shape == "bar":
-        h = (y2 - y1) / 4
-        for k in (0, 2):
-            draw.rectangle((x1, y1 + k * h + h / 2, right, y1 + (k + 1) * h + h / 2), fill=colour)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def _png(image: Any) -> bytes:
@@ -283,7 +257,7 @@ def draw_composite(config: WorldConfig, members: Sequence[Entity], rng: random.R
         cell = entity.home_cell if home else free[rng.randrange(len(free))]
         free.remove(cell)
         box = _cell_box(config, cell, rng)
-        draw_object(draw, entity.shape, entity.colour, box)
+        draw_shape(draw, entity.shape, entity.colour, box)
         boxes[entity.name] = tuple(round(v * 1000 / size) for v in box)
     return _png(image), boxes
 
@@ -295,7 +269,7 @@ def draw_single(config: WorldConfig, entity: Entity, rng: random.Random) -> tupl
     size = config.cell_size
     image = Image.new("RGB", (size, size), _background(rng))
     box = _cell_box(config, 0, rng)  # cell 0 sits at the origin whatever the grid
-    draw_object(ImageDraw.Draw(image), entity.shape, entity.colour, box)
+    draw_shape(ImageDraw.Draw(image), entity.shape, entity.colour, box)
     return _png(image), tuple(round(v * 1000 / size) for v in box)
 
 

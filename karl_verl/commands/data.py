@@ -21,11 +21,11 @@ HELP = ("build KVG training data: convert annotations, compose multi-entity imag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from karl_verl.accuracy import add_box_arguments
     from karl_verl.data.compose import IMAGE_FORMATS, LAYOUTS
     from karl_verl.data.filter import FILTER_TEMPERATURE
     from karl_verl.data.schema import COORDINATE_SYSTEMS
-    from karl_verl.evaluation.inference import add_inference_arguments
-    from karl_verl.evaluation.metrics import add_box_arguments
+    from karl_verl.generation import add_inference_arguments
 
     sub = parser.add_subparsers(dest="data_command", metavar="STEP")
     sub.required = True
@@ -121,10 +121,10 @@ def _add_sft_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_cot(sub: argparse._SubParsersAction) -> None:
+    from karl_verl.accuracy import ACC_THRESHOLD
     from karl_verl.data.cot import COT_MAX_NEW_TOKENS, COT_TEMPERATURE, DEFAULT_CONCURRENCY, DEFAULT_TRIES
     from karl_verl.data.teacher import DEFAULT_RETRIES
-    from karl_verl.evaluation.inference import add_inference_arguments
-    from karl_verl.evaluation.metrics import ACC_THRESHOLD
+    from karl_verl.generation import add_inference_arguments
 
     cot = sub.add_parser("cot", help="knowledge-guided CoT rationales from a teacher model -> sharegpt",
                          description="Ask a teacher model for knowledge-guided rationales of grounding instances "
@@ -240,7 +240,7 @@ def _run_filter(args: argparse.Namespace):
     generator = sampling = None
     if args.model is not None:
         from karl_verl.commands.usage import check_model_options
-        from karl_verl.evaluation.inference import generator_from_args
+        from karl_verl.generation import generator_from_args
 
         check_model_options(args.model, args.backend, args.device)
         generator, sampling = generator_from_args(args, n=args.k)

@@ -27,11 +27,10 @@ def _categories(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from karl_verl.accuracy import add_box_arguments
     from karl_verl.data.prompts import PROMPT_STYLES
     from karl_verl.evaluation.compare import DEFAULT_BOOTSTRAP_SEED, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
-    from karl_verl.evaluation.inference import add_inference_arguments
     from karl_verl.evaluation.knowledge import KNOWLEDGE_FILES
-    from karl_verl.evaluation.metrics import add_box_arguments
     from karl_verl.evaluation.paper import (
         BENCH_MAX_NEW_TOKENS,
         BENCH_SEED,
@@ -42,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         UNSEEN_CATEGORIES,
     )
     from karl_verl.evaluation.released import PROTOCOLS
+    from karl_verl.generation import add_inference_arguments
 
     parser.epilog = ("Reads the benchmark parquet, predictions JSONL and a mastery table; writes metrics.json, "
                      "cases.jsonl and a chart: docs/DATA_FORMATS.md ('Benchmark parquet', 'Predictions', "
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         generator = sampling = None
         if args.model is not None:
             from karl_verl.commands.usage import check_model_options
-            from karl_verl.evaluation.inference import generator_from_args
+            from karl_verl.generation import generator_from_args
 
             vllm_kwargs = None
             if protocol == released.RELEASED_PROTOCOL:

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from karl_verl.accuracy import ACC_THRESHOLD, best_iou
 from karl_verl.atomic import atomic_write_bytes, atomic_write_text
 from karl_verl.boxes import Box, answer_span, read_box_reference
 from karl_verl.data.schema import DataError, iter_jsonl_objects
 from karl_verl.data.sft import FORMAT_PROBLEMS, answer_format_problem
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, best_iou
 
 if TYPE_CHECKING:
     from karl_verl.backends.base import SamplingSettings, TextGenerator
@@ -523,13 +523,13 @@ def write_builtin_cot_set(out_dir: str | Path, *, num_images: int = 12, tile_siz
                           progress: bool = False) -> Path:
     """A small CoT-SFT set for tests and the dry run: ``out_dir/cot.json`` (sharegpt) + ``out_dir/cot_images/``.
 
-    The dry run's synthetic single-entity images (Pillow, CPU) are composed into multi-entity
+    The built-in synthetic single-entity images (Pillow, CPU) are composed into multi-entity
     images as ``karl-verl data compose`` does, and every instance gets :func:`builtin_rationale`
     with its ground-truth box; ``karl-verl data sft-convert out_dir/cot.json`` reads it as is.
     """
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import GROUNDING_FILE, ComposeConfig, compose_dataset
-    from karl_verl.dryrun.synthetic import write_single_entity_images
+    from karl_verl.synthetic_images import write_single_entity_images
 
     out_dir = Path(out_dir)
     singles = write_single_entity_images(out_dir / "singles", images_per_entity=2, seed=seed)

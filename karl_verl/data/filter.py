@@ -2,7 +2,7 @@
 
 docs/METHOD.md section 4: sample k responses per instance (the paper: k = 4 from the stage-1
 model), count the correct ones (IoU >= 0.5, scored as the evaluator scores,
-:func:`karl_verl.evaluation.metrics.score_response`), drop instances with k/k correct (trivial)
+:func:`karl_verl.accuracy.score_response`), drop instances with k/k correct (trivial)
 and 0/k correct (too hard), keep 1..k-1.
 
 Responses come from a JSONL file keyed by ``extra_info.index`` of the input parquet, one line per
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from karl_verl.accuracy import ACC_THRESHOLD, ground_truth_boxes, score_response
 from karl_verl.atomic import atomic_path, atomic_write_text
 from karl_verl.boxes import QWEN25_PIXELS, Box
 from karl_verl.data.schema import DataError, iter_jsonl_objects, open_parquet
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, ground_truth_boxes, score_response
 
 if TYPE_CHECKING:
     from karl_verl.backends.base import SamplingSettings, TextGenerator
@@ -126,7 +126,7 @@ def generate_responses(
     from tqdm import tqdm
 
     from karl_verl.backends.base import GenerationRequest
-    from karl_verl.evaluation.inference import generate_all
+    from karl_verl.generation import generate_all
 
     parquet = pq.ParquetFile(path)
     responses: dict[int, list[str]] = {}

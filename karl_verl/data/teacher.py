@@ -210,7 +210,7 @@ def load_teacher(
     """An endpoint teacher for an ``http(s)://`` URL, else a local checkpoint (transformers or vLLM)."""
     if is_endpoint(teacher):
         return ChatCompletionsTeacher(teacher, model, api_key=api_key, retries=retries)
-    from karl_verl.evaluation.inference import load_generator
+    from karl_verl.generation import load_generator
 
     return load_generator(teacher, backend, device=device, batch_size=batch_size, seed=seed)
 

@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from karl_verl.backends.hf import response_logprobs
 from karl_verl.dryrun.launch import RunResult, run_main_ppo, run_sft_trainer
 from karl_verl.dryrun.report import TrainingSummary, format_refreshes, format_steps, plot_level_rewards, summarize
-from karl_verl.experiment.warmup import response_logprobs
 
 #: The recipe the dry run trains with (``karl_kvg`` with the CPU execution layer and tiny sizes).
 CPU_RECIPE = "karl_kvg_cpu"
@@ -225,7 +225,7 @@ def prepare_inputs(options: DryRunOptions, report: DryRunReport, say: Callable[[
     """Stages 1 and 2: the built-in data and the warmed-up tiny model; their paths."""
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import GROUNDING_FILE, PROBE_FILE, ComposeConfig, compose_dataset
-    from karl_verl.dryrun.synthetic import write_single_entity_images
+    from karl_verl.synthetic_images import write_single_entity_images
     from karl_verl.testing.tiny_qwen3vl import load_tiny_processor, save_tiny_checkpoint
 
     workdir = Path(options.workdir)

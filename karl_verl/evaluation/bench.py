@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from karl_verl.accuracy import ACC_THRESHOLD, ground_truth_boxes, score_response
 from karl_verl.boxes import QWEN25_PIXELS, Box, entity_of
 from karl_verl.data import prompts
 from karl_verl.data.schema import (
@@ -39,14 +40,7 @@ from karl_verl.data.schema import (
 )
 from karl_verl.evaluation import released
 from karl_verl.evaluation.knowledge import KnowledgeTables
-from karl_verl.evaluation.metrics import (
-    ACC_THRESHOLD,
-    BenchMetrics,
-    CaseResult,
-    aggregate,
-    ground_truth_boxes,
-    score_response,
-)
+from karl_verl.evaluation.metrics import BenchMetrics, CaseResult, aggregate
 from karl_verl.mastery import MasteryTable
 
 if TYPE_CHECKING:
@@ -254,7 +248,7 @@ def predict(
     progress: bool = True,
 ) -> dict[str, str]:
     """Run ``generator`` on every case (first of ``sampling.n`` texts); question id -> response."""
-    from karl_verl.evaluation.inference import generate_all
+    from karl_verl.generation import generate_all
 
     outputs = generate_all(generator, bench_requests(cases, prompt_style, protocol), sampling,
                            chunk_size=chunk_size, progress=progress, desc="KVG-Bench")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from karl_verl.accuracy import ACC_THRESHOLD
 from karl_verl.boxes import QWEN25_PIXELS
 from karl_verl.evaluation import released, report
 from karl_verl.evaluation.bench import (
@@ -45,7 +46,7 @@ from karl_verl.evaluation.compare import (
     write_comparison,
 )
 from karl_verl.evaluation.knowledge import KnowledgeTables
-from karl_verl.evaluation.metrics import ACC_THRESHOLD, BenchMetrics
+from karl_verl.evaluation.metrics import BenchMetrics
 from karl_verl.evaluation.paper import DEFAULT_PAPER_ROWS, SEEN_CATEGORIES, UNSEEN_CATEGORIES
 from karl_verl.mastery import MasteryTable
 

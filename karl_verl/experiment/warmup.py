@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from karl_verl.backends.base import GenerationRequest, request_images, structured_messages
+from karl_verl.backends.hf import response_logprobs
 
 
 @dataclass(frozen=True)
@@ -52,20 +53,6 @@ def load_warmup_examples(path: str | Path, processor: Any) -> list[WarmupExample
         except (ValueError, KeyError, OSError) as exc:
             raise ValueError(f"{path}, line {number}: not a warm-up example ({exc})") from exc
     return examples
-
-
-def response_logprobs(model: Any, inputs: dict[str, torch.Tensor], response: list[int]) -> torch.Tensor:
-    """Log-probabilities of ``response`` tokens after the prompt in ``inputs`` (grad enabled)."""
-    prompt_ids = inputs["input_ids"][0]
-    ids = torch.cat([prompt_ids, torch.tensor(response, dtype=prompt_ids.dtype)]).unsqueeze(0)
-    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
-    if "mm_token_type_ids" in inputs:  # M-RoPE needs to know which positions are image tokens
-        token_types = inputs["mm_token_type_ids"][0]
-        extra["mm_token_type_ids"] = torch.cat([token_types, token_types.new_zeros(len(response))]).unsqueeze(0)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0]
-    start = prompt_ids.shape[0]
-    logprobs = torch.log_softmax(logits[start - 1 : start - 1 + len(response)].float(), dim=-1)
-    return logprobs.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
 
 
 def supervised_steps(model: Any, examples: list[WarmupExample], *, steps: int, lr: float, batch_size: int = 1,

@@ -117,7 +117,7 @@ def grounding_parquet(tmp_path_factory):
     """A few rows as ``karl-verl data compose`` writes them (composite PNGs, one target entity each)."""
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import GROUNDING_FILE, ComposeConfig, compose_dataset
-    from karl_verl.dryrun.synthetic import write_single_entity_images
+    from karl_verl.synthetic_images import write_single_entity_images
 
     root = tmp_path_factory.mktemp("compose")
     annotations = write_single_entity_images(root / "sources", images_per_entity=1, size=48)

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     from karl_verl.data.annotations import ReadOptions
     from karl_verl.data.compose import PROBE_FILE, ComposeConfig, compose_dataset
     from karl_verl.dryrun.pipeline import compose_recipe
-    from karl_verl.dryrun.synthetic import write_single_entity_images
+    from karl_verl.synthetic_images import write_single_entity_images
     from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
 
     workdir = tmp_path_factory.mktemp("probe-on-server")

@@ -113,7 +113,7 @@ def test_with_a_generator_saves_the_responses(rl_parquet, tmp_path):
 
 
 def test_with_the_tiny_model(rl_parquet, tmp_path):
-    from karl_verl.evaluation.inference import load_generator
+    from karl_verl.generation import load_generator
     from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
 
     generator = load_generator(str(save_tiny_checkpoint(tmp_path / "tiny")), "hf", device="cpu", batch_size=4)

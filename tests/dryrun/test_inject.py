@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from karl_verl.backends.hf import response_logprobs as _response_logprobs
 from karl_verl.dryrun.pipeline import (
     DryRunOptions,
     _images_of,
@@ -27,7 +28,6 @@ from karl_verl.dryrun.pipeline import (
     train,
     training_overrides,
 )
-from karl_verl.experiment.warmup import response_logprobs as _response_logprobs
 
 pytestmark = pytest.mark.slow
 

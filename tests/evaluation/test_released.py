@@ -11,9 +11,9 @@ import released_evaluator as oracle
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from karl_verl.accuracy import ground_truth_boxes
+from karl_verl.accuracy import score_response as karl_score
 from karl_verl.evaluation import released
-from karl_verl.evaluation.metrics import ground_truth_boxes
-from karl_verl.evaluation.metrics import score_response as karl_score
 
 SQUARE_GT = "<|object_ref_start|>Su-30<|object_ref_end|><|box_start|>(0,0),(100,100)<|box_end|>"
 FULL_GT = "<|object_ref_start|>Su-30<|object_ref_end|><|box_start|>(0,0),(1000,1000)<|box_end|>"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from karl_verl.experiment.warmup import load_warmup_examples, response_logprobs, supervised_steps
+from karl_verl.backends.hf import response_logprobs
+from karl_verl.experiment.warmup import load_warmup_examples, supervised_steps
 from karl_verl.testing.tiny_qwen3vl import TinySize, build_tiny_model, build_tiny_processor
 from karl_verl.world import WorldConfig, build_world
 

@@ -3,15 +3,13 @@
 import copy
 import json
 import logging
-import os
 
 import datasets
 import pytest
 import torch
-import verl
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchdata.stateful_dataloader import StatefulDataLoader
+from trainer_harness import compose_verl_config
 from verl.trainer.ppo.utils import create_rl_sampler
 from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 from verl.utils.dataset.rl_dataset import collate_fn
@@ -192,13 +190,9 @@ def test_only_the_json_copy_is_enough(tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def trainer_config():
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose("ppo_trainer", overrides=["algorithm.adv_estimator=karl_grpo", "trainer.v1.trainer_mode=karl",
-                                                   "data.train_batch_size=4", "data.seed=5",
-                                                   "actor_rollout_ref.actor.ppo_mini_batch_size=4"])
-    OmegaConf.set_struct(config, False)
-    return config
+    return compose_verl_config("algorithm.adv_estimator=karl_grpo", "trainer.v1.trainer_mode=karl",
+                               "data.train_batch_size=4", "data.seed=5",
+                               "actor_rollout_ref.actor.ppo_mini_batch_size=4")
 
 
 def karl_trainer(config, monkeypatch, curriculum):

@@ -22,10 +22,8 @@ import threading
 
 import numpy as np
 import pytest
-import verl
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from PIL import Image
+from trainer_harness import compose_verl_config
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
@@ -114,15 +112,9 @@ class FakeServer:
 
 @pytest.fixture(scope="module")
 def verl_config():
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose("ppo_trainer", overrides=[
-            "actor_rollout_ref.rollout.name=vllm",
-            f"data.custom_cls.path={os.path.abspath(__file__)}",
-            "data.custom_cls.name=NoTorchvisionDataset",
-        ])
-    OmegaConf.set_struct(config, False)
-    return config
+    return compose_verl_config("actor_rollout_ref.rollout.name=vllm",
+                               f"data.custom_cls.path={os.path.abspath(__file__)}",
+                               "data.custom_cls.name=NoTorchvisionDataset")
 
 
 @pytest.fixture(scope="module")

@@ -4,48 +4,42 @@ verl's own code runs everywhere (``PPOTrainer.__init__`` from verl's composed de
 ``fit``, ``step``, the replay buffer, ``_compute_old_log_prob``, ``_compute_metrics``,
 ``_validate``, ``_save_checkpoint`` / ``_load_checkpoint``, the ``karl`` reward manager loaded as
 verl's reward loop loads it, the real probe runner). Fakes stand in only for what needs GPUs or
-rollout servers, and for the TransferQueue service (Ray actors; too slow to start on 2 CPU cores):
-
-* :class:`FakeTQ`: TransferQueue's kv interface in memory, returning batches the way the real store
-  does (jagged nested tensors per sample, NonTensorStack for the rest);
-* :class:`FakeRollout`: the agent-loop manager and workers: answers each prompt ``n`` times, scores
-  each answer with verl's reward manager ``karl``, and writes it to TransferQueue as verl's
-  ``AgentLoopWorkerTQ`` does (every prompt field copied onto the trajectory);
-* :class:`FakeActorWorkers` (log-probs, update, checkpoint files) and :class:`KnowledgeBackend`
-  (the probe's answers, standing in for the vLLM replicas).
+rollout servers, and for the TransferQueue service: those of ``tests/_support/trainer_harness.py``
+(:class:`FakeTQ`, :class:`FakeRollout`, :class:`FakeActorWorkers`, and :class:`FakeProbeBackend`
+for the probe's answers from the vLLM replicas).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
-import os
-import re
-import threading
-from collections import defaultdict
-from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-import verl
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from PIL import Image
-from tensordict import NonTensorData, NonTensorStack, TensorDict
-from torchdata.stateful_dataloader import StatefulDataLoader
+import trainer_harness
+from tensordict import TensorDict
+from trainer_harness import (
+    ALPHA,
+    HIT,
+    MISS,
+    PROBED,
+    FakeProbeBackend,
+    FakeRollout,
+    FakeTQ,
+    RecordingTracking,
+    compose_base_config,
+    ground_truth,
+    make_config,
+    patched_services,
+    write_probe_set,
+)
 from transfer_queue import KVBatchMeta
 from verl import DataProto
-from verl.trainer.ppo import padding_utils
-from verl.trainer.ppo.reward import load_reward_manager
-from verl.trainer.ppo.v1 import get_trainer_cls, replay_buffer, trainer_base
+from verl.trainer.ppo.v1 import get_trainer_cls, replay_buffer
 from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
-from verl.utils.dataset.rl_dataset import collate_fn
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from karl_verl.advantage import compute_karl_grpo_advantage
@@ -54,266 +48,21 @@ from karl_verl.integration import trainer as karl_trainer
 from karl_verl.integration.trainer import LEVEL_FIELD, STATE_FILE, KarlTrainer
 from karl_verl.mastery import MasteryTable
 from karl_verl.mastery_state import MasteryState
-from karl_verl.probe.questions import LETTERS
 from karl_verl.probe.runner import ProbeResult
 from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
 
-PROBED = ["F-16", "J-10", "MiG-29", "Su-30"]  # the probe set's aircraft
-TRAIN_ENTITIES = ["Su-30", "F-16", "MiG-29", "Tu-160"]  # Tu-160 is in no table: default level
-HIT = "<think>t</think><answer>(100,100),(300,300)</answer>"
-MISS = "<think>t</think><answer>(600,600),(700,700)</answer>"
-ALPHA = {"alpha_plus": [1.0, 1.0, 1.0, 2.0, 3.0], "alpha_minus": [1.0, 1.0, 1.0, 0.5, 0.25]}
+TRAIN_ENTITIES = ["Su-30", "F-16", "MiG-29", "Tu-160"]  # two steps an epoch; Tu-160 is in no table: default level
 
 
-def ground_truth(entity: str) -> str:
-    return f"<|object_ref_start|>{entity}<|object_ref_end|><|box_start|>(100,100),(300,300)<|box_end|>"
+def half_right(entity: str, session: int, step: int) -> str:
+    """The fake model's answer: sessions 0 and 1 hit the box, the others miss it."""
+    return HIT if session < 2 else MISS
 
 
-# ----------------------------------------------------------------------------- fakes
-
-
-class FakeTQ:
-    """TransferQueue's kv calls in memory (the store verl's trainer, replay buffer and padding use)."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, dict[str, dict]] = defaultdict(dict)
-
-    def _record(self, partition_id: str, key: str) -> dict:
-        return self.parts[partition_id].setdefault(key, {"fields": {}, "tag": {}})
-
-    def kv_put(self, key, partition_id, fields=None, tag=None):
-        self.kv_batch_put([key], partition_id, fields=fields, tags=None if tag is None else [tag])
-
-    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
-        keys = list(keys)
-        for i, key in enumerate(keys):
-            record = self._record(partition_id, key)
-            if tags is not None:
-                record["tag"].update(tags[i])
-            if fields is not None:
-                for name in fields.keys():
-                    value = fields.get(name)
-                    if isinstance(value, torch.Tensor):
-                        record["fields"][name] = value.unbind()[i] if value.is_nested else value[i]
-                    else:
-                        record["fields"][name] = value.tolist()[i]
-        return KVBatchMeta(partition_id=partition_id, keys=keys,
-                           tags=[dict(self.parts[partition_id][key]["tag"]) for key in keys])
-
-    def kv_batch_get(self, keys, partition_id, select_fields=None):
-        rows = [self.parts[partition_id][key]["fields"] for key in keys]
-        names = select_fields if select_fields is not None else list(rows[0])
-        out = {}
-        for name in [select_fields] if isinstance(select_fields, str) else names:
-            present = sum(name in row for row in rows)
-            if present == 0:
-                continue  # like TransferQueue: fields no sample has are left out
-            if present < len(rows):  # like TransferQueue's kv_batch_get
-                raise ValueError("Some fields are not ready in all the requested keys!")
-            values = [row[name] for row in rows]
-            if all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
-                out[name] = torch.nested.as_nested_tensor([v.contiguous() for v in values], layout=torch.jagged)
-            elif all(isinstance(v, torch.Tensor) for v in values):
-                out[name] = torch.stack(values)
-            else:
-                out[name] = NonTensorStack(*values)
-        return TensorDict(out, batch_size=[len(keys)])
-
-    def kv_list(self, partition_id=None):
-        parts = [partition_id] if partition_id is not None else list(self.parts)
-        return {p: {key: dict(rec["tag"]) for key, rec in self.parts[p].items()} for p in parts}
-
-    def kv_clear(self, keys, partition_id):
-        for key in keys:
-            self.parts[partition_id].pop(key, None)
-
-
-class FakeRollout:
-    """The agent-loop manager and its workers: the rollout part of verl, without servers.
-
-    Mirrors ``AgentLoopWorkerTQ.generate_sequences`` / ``_run_prompt`` / ``_agent_loop_postprocess``:
-    each prompt's fields are copied into its ``n`` sessions; the reward is verl's reward manager
-    ``karl`` (loaded as verl's reward loop loads it) on a one-row DataProto built like verl's
-    ``_compute_score``; outputs go to TransferQueue under ``{uid}_{session}_0``.
-    """
-
-    def __init__(self, tq, config, tokenizer, policy=None) -> None:
-        self.tq = tq
-        self.config = config
-        self.tokenizer = tokenizer
-        self.policy = policy or (lambda entity, session: HIT if session < 2 else MISS)
-        self.reward = load_reward_manager(config, tokenizer)
-        self.scored: list[dict] = []  # what the reward manager saw and returned
-
-    def generate_sequences(self, batch: TensorDict) -> None:
-        validate = bool(batch["validate"]) if "validate" in batch.keys() else False
-        batch.pop("validate", None)
-        rollout = self.config.actor_rollout_ref.rollout
-        for i in range(len(batch)):
-            prompt = {}
-            for key, value in batch.items():
-                if isinstance(value, torch.Tensor):
-                    prompt[key] = value[i]
-                elif isinstance(value, NonTensorStack):
-                    prompt[key] = value[i].data
-                elif isinstance(value, NonTensorData):
-                    prompt[key] = value.data
-            self._run_prompt(prompt, validate, rollout.val_kwargs.n if validate else rollout.n)
-
-    def _run_prompt(self, prompt: dict, validate: bool, n: int) -> None:
-        uid, partition = prompt["uid"], "val" if validate else "train"
-        self.tq.kv_put(key=uid, partition_id=partition, tag={"status": "running"})
-        entity = re.search(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>",
-                           prompt["reward_model"]["ground_truth"])[1]
-        for session in range(n):
-            kwargs = {**prompt, "session_id": session}
-            prompt_ids = torch.tensor(self.tokenizer.encode("find it", add_special_tokens=False))
-            response_ids = torch.tensor(self.tokenizer.encode(self.policy(entity, session), add_special_tokens=False))
-            data = DataProto(
-                batch=TensorDict({"prompts": prompt_ids[None], "responses": response_ids[None],
-                                  "attention_mask": torch.ones(1, len(prompt_ids) + len(response_ids))},
-                                 batch_size=1),
-                non_tensor_batch={key: np.array([value]) for key, value in kwargs.items()},
-            )
-            result = self.reward.loop.run_until_complete(self.reward.run_single(data))
-            self.scored.append({"partition": partition, "entity": entity, "sent_level": prompt.get(LEVEL_FIELD),
-                                **result["reward_extra_info"]})
-            rm_scores = torch.zeros(len(response_ids))
-            rm_scores[-1] = result["reward_score"]
-            steps = int(prompt["global_steps"])
-            field = {
-                "prompts": prompt_ids, "responses": response_ids, "response_mask": torch.ones_like(response_ids),
-                "rm_scores": rm_scores, "num_turns": 2,
-                "extra_fields": {"reward_extra_info": result["reward_extra_info"], "turn_scores": [],
-                                 "tool_rewards": [], "min_global_steps": steps, "max_global_steps": steps},
-                "input_ids": torch.cat([prompt_ids, response_ids]),
-            }
-            field.update(kwargs)
-            seq = len(prompt_ids) + len(response_ids)
-            tag = {"status": "success", "prompt_len": len(prompt_ids), "response_len": len(response_ids),
-                   "seq_len": seq, "global_steps": steps, "min_global_steps": steps, "max_global_steps": steps}
-            self.tq.kv_batch_put(keys=[f"{uid}_{session}_0"], partition_id=partition,
-                                 fields=list_of_dict_to_tensordict([field]), tags=[tag])
-        self.tq.kv_put(key=uid, partition_id=partition, tag={"status": "finished"})
-
-
-class FakeActorWorkers:
-    """The actor worker group (GPU): log-probs of constant value, no-op updates, checkpoint marker files."""
-
-    def __init__(self, tq) -> None:
-        self.tq = tq
-        self._dispatch_info = {"actor": [0]}
-        self.updates = 0
-        self.loaded: str | None = None
-
-    def compute_log_prob(self, batch):
-        data = self.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                                    select_fields=["prompts", "responses"])
-        lengths = (data["prompts"].offsets().diff() + data["responses"].offsets().diff()).tolist()
-        fields = TensorDict({
-            "log_probs": torch.nested.as_nested_tensor([torch.full((n,), -0.5) for n in lengths], layout=torch.jagged),
-            "entropy": torch.nested.as_nested_tensor([torch.full((n,), 1.0) for n in lengths], layout=torch.jagged),
-        }, batch_size=len(batch))
-        return self.tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
-
-    def update_actor(self, batch):
-        self.updates += 1
-        return {"metrics": {"mfu": 0.0, "pg_loss": [0.0]}}
-
-    def save_checkpoint(self, local_path, remote_path, global_steps, max_ckpt_to_keep=None):
-        os.makedirs(local_path, exist_ok=True)
-        with open(os.path.join(local_path, "weights.txt"), "w") as handle:
-            handle.write(str(global_steps))
-
-    def load_checkpoint(self, local_path, del_local_after_load=False):
-        self.loaded = local_path
-
-
-class FakeCheckpointManager:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def update_weights(self, global_steps=None):
-        self.calls.append("update_weights")
-
-    def sleep_replicas(self):
-        self.calls.append("sleep_replicas")
-
-
-class RecordingTracking:
-    """verl's Tracking logger, recording what it is given (console/wandb are verl's business)."""
-
-    logged: list[tuple[int, dict]] = []
-
-    def __init__(self, *args, **kwargs) -> None:
-        RecordingTracking.logged = []
-
-    def log(self, data, step):
-        RecordingTracking.logged.append((step, dict(data)))
-
-    def finish(self, exit_code=0):
-        pass
-
-
-class KnowledgeBackend:
-    """An OptionScorer standing in for the rollout servers: right exactly on the entities it knows."""
-
-    supports_logprobs = True
-
-    def __init__(self, image_entity: dict[bytes, str], known: set[str]) -> None:
-        self.image_entity = image_entity
-        self.known = set(known)
-        self.calls = 0
-        self.cancelled = threading.Event()
-        self.block = False
-
-    def option_logprobs(self, requests, options):
-        self.calls += 1
-        if self.block:  # a hung server: wait until the trainer cancels
-            self.cancelled.wait(10)
-            raise RuntimeError("cancelled")
-        rows = []
-        for request in requests:
-            image = request.images[0]  # the trainer reads its probe set lazily (ParquetImage)
-            entity = self.image_entity[bytes(image.read() if hasattr(image, "read") else image)]
-            letters = dict((name, letter) for letter, name in re.findall(r"^([ABCD])\. (.+)$",
-                                                                          request.messages[0]["content"], re.M))
-            right = letters[entity]
-            choice = right if entity in self.known else LETTERS[(LETTERS.index(right) + 1) % 4]
-            row = np.full(len(options), -5.0)
-            row[LETTERS.index(choice)] = -0.01
-            rows.append(row)
-        return np.array(rows)
-
-    def cancel(self):
-        self.cancelled.set()
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return copy.deepcopy(self.rows[index])
-
-
-def dataset_rows(entities, data_source="kvg/aircraft"):
-    rows = []
-    for index, entity in enumerate(entities):
-        rows.append({
-            "data_source": data_source,
-            "raw_prompt": [{"role": "user", "content": f"Find {entity}."}],
-            "reward_model": {"style": "rule", "ground_truth": ground_truth(entity)},
-            "extra_info": {"index": index},
-            "dummy_tensor": torch.tensor([0], dtype=torch.uint8),
-            "index": index,
-            "tools_kwargs": {},
-            "interaction_kwargs": {},
-        })
-    return rows
+def build_trainer(config, tq, tokenizer, **kwargs):
+    """The harness's trainer, on this module's :data:`TRAIN_ENTITIES` in order unless told otherwise."""
+    kwargs.setdefault("entities", TRAIN_ENTITIES)
+    return trainer_harness.build_trainer(config, tq, tokenizer, **kwargs)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -321,25 +70,7 @@ def dataset_rows(entities, data_source="kvg/aircraft"):
 
 @pytest.fixture(scope="module")
 def base_config():
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose("ppo_trainer", overrides=[
-            "algorithm.adv_estimator=karl_grpo",
-            "trainer.v1.trainer_mode=karl",
-            "actor_rollout_ref.rollout.n=4",
-            "actor_rollout_ref.rollout.val_kwargs.n=2",
-            "actor_rollout_ref.rollout.calculate_log_probs=false",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-            "data.train_batch_size=2",
-            "trainer.total_epochs=2",
-            "trainer.logger=[console]",
-            "trainer.val_before_train=false",
-            "trainer.test_freq=-1",
-            "trainer.save_freq=-1",
-            "reward.reward_manager.name=karl",
-        ])
-    OmegaConf.set_struct(config, False)
-    return config
+    return compose_base_config()
 
 
 @pytest.fixture(scope="module")
@@ -348,62 +79,16 @@ def tokenizer():
 
 
 @pytest.fixture()
-def tq(monkeypatch):
+def tq():
     fake = FakeTQ()
-    for module in (trainer_base, replay_buffer, padding_utils, karl_trainer):
-        monkeypatch.setattr(module, "tq", fake)
-    monkeypatch.setattr(trainer_base, "Tracking", RecordingTracking)
-    return fake
+    with patched_services(fake):
+        yield fake
 
 
 @pytest.fixture(scope="module")
 def probe_set(tmp_path_factory):
     """A parquet probe set: 2 images per aircraft; returns (path, image bytes -> entity)."""
-    rows, image_entity = [], {}
-    for number, entity in enumerate(sorted(PROBED) * 2):
-        buffer = io.BytesIO()
-        Image.new("RGB", (32, 32), (40 * number % 256, 90, 20 * number % 256)).save(buffer, format="PNG")
-        image_entity[buffer.getvalue()] = entity
-        rows.append({"entity": entity, "category": "aircraft", "image": {"bytes": buffer.getvalue(), "path": None},
-                     "image_id": f"img{number}"})
-    path = tmp_path_factory.mktemp("probe") / "probe.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path), image_entity
-
-
-def make_config(base, tmp_path, *, mastery=None, advantage=None, **trainer):
-    config = copy.deepcopy(base)
-    config.trainer.default_local_dir = str(tmp_path / "ckpt")
-    for key, value in trainer.items():
-        config.trainer[key] = value
-    config.karl = {"mastery": mastery or {}}
-    config.algorithm.karl = advantage or {}
-    return config
-
-
-def build_trainer(config, tq, tokenizer, *, backend=None, rows=None):
-    """verl's real trainer object; what ``init()`` would start on GPUs is replaced by fakes."""
-    trainer = KarlTrainer(config)
-    rows = dataset_rows(TRAIN_ENTITIES) if rows is None else rows
-    size = config.data.train_batch_size
-    trainer.tokenizer, trainer.processor = tokenizer, None
-    trainer.train_dataset = ListDataset(rows)
-    trainer.train_dataloader = StatefulDataLoader(ListDataset(rows), batch_size=size, shuffle=False, drop_last=True,
-                                                  collate_fn=collate_fn)
-    trainer.train_dataloader_it = None
-    trainer.val_dataloader = StatefulDataLoader(ListDataset(dataset_rows(["Su-30", "J-10"])), batch_size=2,
-                                                collate_fn=collate_fn)
-    trainer.steps_per_epoch = len(rows) // size
-    trainer.total_training_steps = trainer.steps_per_epoch * config.trainer.total_epochs
-    trainer._init_dump_executor()
-    trainer.actor_rollout_wg = FakeActorWorkers(tq)
-    trainer.checkpoint_manager = FakeCheckpointManager()
-    trainer.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=[])  # streaming reward, as on GPUs
-    trainer.resource_pool_manager = SimpleNamespace(get_n_gpus=lambda: 1)
-    if backend is not None:
-        trainer.karl_probe_backend = lambda: backend
-    trainer._load_checkpoint()  # verl's resume logic (from scratch unless a checkpoint is there)
-    return trainer
+    return write_probe_set(tmp_path_factory.mktemp("probe"))
 
 
 def metric_series(name):
@@ -438,11 +123,11 @@ def test_config_without_table_or_probe_set_fails_at_construction(base_config, tm
 def test_fit_levels_travel_to_reward_advantage_and_metrics(base_config, tmp_path, tq, tokenizer, probe_set):
     """Two epochs of verl's real ``fit``: probe at begin, refresh at the epoch boundary, checkpoints."""
     path, image_entity = probe_set
-    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    backend = FakeProbeBackend(image_entity, known={"Su-30"})
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2},
                          advantage=ALPHA, save_freq=2, test_freq=4)
     trainer = build_trainer(config, tq, tokenizer, backend=backend)
-    rollout = FakeRollout(tq, config, tokenizer)
+    rollout = FakeRollout(tq, config, tokenizer, half_right)
     spy = []
     original = karl_trainer.compute_karl_grpo_advantage
 
@@ -470,9 +155,9 @@ def test_fit_levels_travel_to_reward_advantage_and_metrics(base_config, tmp_path
     train_scored = [s for s in rollout.scored if s["partition"] == "train"]
     assert len(train_scored) == 4 * 2 * 4  # 4 steps x 2 prompts x n=4
     for s in train_scored:
-        assert s["knowledge_level"] == s["sent_level"]
-    assert {s["entity"]: s["knowledge_level"] for s in train_scored[:16]} == levels_before
-    assert {s["entity"]: s["knowledge_level"] for s in train_scored[16:]}["F-16"] == 1
+        assert s["level"] == s["sent_level"]
+    assert {s["entity"]: s["level"] for s in train_scored[:16]} == levels_before
+    assert {s["entity"]: s["level"] for s in train_scored[16:]}["F-16"] == 1
 
     # karl_grpo got exactly those levels, in TransferQueue order, and its weighting reached the update
     assert len(spy) == 4
@@ -505,7 +190,7 @@ def test_fit_levels_travel_to_reward_advantage_and_metrics(base_config, tmp_path
 
     # validation prompts carried levels too (J-10 is level 5, Su-30 level 1)
     val_scored = [s for s in rollout.scored if s["partition"] == "val"]
-    assert {s["entity"]: s["knowledge_level"] for s in val_scored} == {"Su-30": 1, "J-10": 5}
+    assert {s["entity"]: s["level"] for s in val_scored} == {"Su-30": 1, "J-10": 5}
 
     # each checkpoint folder holds the mastery state (JSON) beside verl's files
     for step in (2, 4):
@@ -519,16 +204,16 @@ def test_fit_levels_travel_to_reward_advantage_and_metrics(base_config, tmp_path
 def test_validation_before_training_sees_the_first_table(base_config, tmp_path, tq, tokenizer, probe_set):
     """verl validates before on_train_begin: that first validation must already use the probed levels."""
     path, image_entity = probe_set
-    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    backend = FakeProbeBackend(image_entity, known={"Su-30"})
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2},
                          val_before_train=True, total_epochs=1)
     trainer = build_trainer(config, tq, tokenizer, backend=backend)
-    rollout = FakeRollout(tq, config, tokenizer)
+    rollout = FakeRollout(tq, config, tokenizer, half_right)
     trainer.fit(rollout)
 
     val_scored = [s for s in rollout.scored if s["partition"] == "val"]
     assert val_scored, "verl's fit did not validate before training"
-    assert {s["entity"]: s["knowledge_level"] for s in val_scored} == {"Su-30": 1, "J-10": 5}
+    assert {s["entity"]: s["level"] for s in val_scored} == {"Su-30": 1, "J-10": 5}
     # one probe, before the first validation; on_train_begin kept its table
     assert [(r.trigger, r.step, r.source) for r in trainer.karl_state.history] == [("train_begin", 0, "probe")]
     assert backend.calls == 1
@@ -655,7 +340,7 @@ def test_padding_rows_stay_out_of_metrics_and_online_estimate(base_config, tmp_p
 def test_unknown_entity_gets_default_level_and_is_counted(base_config, tmp_path, tq, tokenizer):
     config = make_config(base_config, tmp_path, mastery={"source": "online"})
     config.karl.reward = {"default_level": "mostly incorrect"}
-    trainer = build_trainer(config, tq, tokenizer, rows=dataset_rows(["Su-30", "Nowhere-1", "Su-30", "Nowhere-2"]))
+    trainer = build_trainer(config, tq, tokenizer, entities=["Su-30", "Nowhere-1", "Su-30", "Nowhere-2"])
     trainer.karl_state.table = MasteryTable.from_scores({"Su-30": 0.5})
     levels = [list(trainer._fetch_one_gen_batch()[LEVEL_FIELD]) for _ in range(2)]
     assert levels == [[2, 4], [2, 4]]
@@ -695,7 +380,7 @@ def test_train_begin_loads_the_configured_table(base_config, tmp_path, tq, token
 def test_refresh_schedule(base_config, tmp_path, tq, tokenizer, probe_set, mastery, expected):
     path, image_entity = probe_set
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, **mastery})
-    trainer = build_trainer(config, tq, tokenizer, backend=KnowledgeBackend(image_entity, known=set()))
+    trainer = build_trainer(config, tq, tokenizer, backend=FakeProbeBackend(image_entity, known=set()))
     trainer.steps_per_epoch = 3
     trainer.global_steps = 1
     trainer.on_train_begin()
@@ -711,7 +396,7 @@ def test_refresh_schedule(base_config, tmp_path, tq, tokenizer, probe_set, maste
 @pytest.fixture()
 def probed_trainer(base_config, tmp_path, tq, tokenizer, probe_set):
     path, image_entity = probe_set
-    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    backend = FakeProbeBackend(image_entity, known={"Su-30"})
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_timeout_s": 0.5})
     trainer = build_trainer(config, tq, tokenizer, backend=backend)
     trainer.global_steps = 1
@@ -741,7 +426,7 @@ def test_refresh_exception_keeps_the_previous_table(probed_trainer, caplog):
 
 def test_refresh_timeout_cancels_and_keeps_the_previous_table(probed_trainer, caplog):
     trainer, backend = probed_trainer
-    backend.block = True
+    backend.fault = "hang"
     assert_failed_refresh(trainer, caplog, "ProbeTimeout")
     assert backend.cancelled.is_set()
 
@@ -771,7 +456,7 @@ def test_backend_returning_too_few_rows_is_a_failed_refresh(probed_trainer, capl
 
 def test_failed_probe_at_train_begin_raises(base_config, tmp_path, tq, tokenizer, probe_set):
     path, image_entity = probe_set
-    backend = KnowledgeBackend(image_entity, known=set())
+    backend = FakeProbeBackend(image_entity, known=set())
     backend.option_logprobs = lambda requests, options: (_ for _ in ()).throw(ConnectionError("no servers"))
     trainer = build_trainer(make_config(base_config, tmp_path, mastery={"probe_data": path}), tq, tokenizer,
                             backend=backend)
@@ -802,7 +487,7 @@ def test_blend_refresh_mixes_probe_and_rollouts(base_config, tmp_path, tq, token
     path, image_entity = probe_set
     mastery = {"probe_data": path, "source": "blend", "online_weight": 0.5, "online_min_evidence": 4}
     trainer = build_trainer(make_config(base_config, tmp_path, mastery=mastery), tq, tokenizer,
-                            backend=KnowledgeBackend(image_entity, known={"Su-30"}))
+                            backend=FakeProbeBackend(image_entity, known={"Su-30"}))
     trainer.global_steps = 1
     trainer.on_train_begin()
     trainer.karl_state.online.observe(["Su-30"] * 8, [0.0] * 8)  # grounding fails despite recognition
@@ -820,7 +505,7 @@ def test_checkpoint_round_trip_restores_table_and_history(base_config, tmp_path,
     path, image_entity = probe_set
     mastery = {"probe_data": path, "source": "blend", "online_min_evidence": 2}
     config = make_config(base_config, tmp_path, mastery=mastery)
-    backend = KnowledgeBackend(image_entity, known={"Su-30"})
+    backend = FakeProbeBackend(image_entity, known={"Su-30"})
     trainer = build_trainer(config, tq, tokenizer, backend=backend)
     trainer.global_steps = 1
     trainer.on_train_begin()
@@ -837,7 +522,7 @@ def test_checkpoint_round_trip_restores_table_and_history(base_config, tmp_path,
     json.loads((folder / STATE_FILE).read_text())  # plain JSON
 
     # a new trainer object resumes: same table, history and posterior; no probe at train begin
-    fresh_backend = KnowledgeBackend(image_entity, known=set())
+    fresh_backend = FakeProbeBackend(image_entity, known=set())
     resumed = build_trainer(copy.deepcopy(config), tq, tokenizer, backend=fresh_backend)
     assert resumed.global_steps == 4
     assert resumed.actor_rollout_wg.loaded == str(folder / "actor")
@@ -870,7 +555,7 @@ def test_a_refresh_asks_up_to_refresh_questions_per_entity_drawn_afresh(base_con
     path, image_entity = probe_set
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2,
                                                          "refresh_questions_per_entity": 1})
-    trainer = build_trainer(config, tq, tokenizer, backend=KnowledgeBackend(image_entity, known=set()))
+    trainer = build_trainer(config, tq, tokenizer, backend=FakeProbeBackend(image_entity, known=set()))
     first = trainer._karl_refresh_questions(0)
     assert sorted(q.entity for q in first) == sorted(PROBED)  # one question of each entity
     assert [q.question_id for q in trainer._karl_refresh_questions(0)] == [q.question_id for q in first]
@@ -885,7 +570,7 @@ def test_the_refresh_budget_is_reported_and_warned_above_its_share(base_config, 
     path, image_entity = probe_set
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2,
                                                          "max_refresh_share": 0.05})
-    trainer = build_trainer(config, tq, tokenizer, backend=KnowledgeBackend(image_entity, known=set()))
+    trainer = build_trainer(config, tq, tokenizer, backend=FakeProbeBackend(image_entity, known=set()))
     trainer.on_train_begin()
     assert trainer._karl_seconds_per_question is not None
     trainer._karl_seconds_per_question = 1.0  # 8 questions: an 8 s refresh

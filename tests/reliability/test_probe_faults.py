@@ -17,8 +17,8 @@ from reliability_kit import profile_name, record
 from trainer_harness import (
     FAULTS,
     PROBED,
+    FakeProbeBackend,
     FakeTQ,
-    StepBackend,
     build_trainer,
     compose_base_config,
     knowledge,
@@ -100,11 +100,11 @@ def test_random_fault_sequences_never_disturb_the_table_in_force(tmp_path, base_
     probe_path, image_entity = write_probe_set(tmp_path / "probe")
     # Short enough for many hangs, long enough for a good probe (8 questions) on a loaded CI machine.
     mastery = {"probe_data": probe_path, "probe_images_per_entity": 2, "probe_timeout_s": 0.4}
-    config = make_config(base_config, tmp_path, mastery=mastery, epochs=1)
+    config = make_config(base_config, tmp_path, mastery=mastery, total_epochs=1)
     tq = FakeTQ()
+    backend = FakeProbeBackend(image_entity, knowledge, faults=faults)
     with patched_services(tq):
-        trainer = build_trainer(config, tq, tokenizer, lambda t: StepBackend(image_entity, lambda: t.global_steps,
-                                                                             faults))
+        trainer = build_trainer(config, tq, tokenizer, backend=backend)
         trainer.global_steps = 1
         trainer.on_train_begin()
         trainer.karl_consume_metrics()
@@ -125,7 +125,7 @@ def test_random_fault_sequences_never_disturb_the_table_in_force(tmp_path, base_
             for entity in (*PROBED, "Tu-160"):
                 level = trainer.karl_level({}, {"ground_truth": f"<|object_ref_start|>{entity}<|object_ref_end|>"})[0]
                 assert level == expected_level(entity, last_ok), (step, entity)
-        trainer._karl_test_backend.release.set()
+        backend.release.set()
     assert len(trainer.karl_state.history) == refreshes + 1
     record("faults", len(faults))
 
@@ -136,18 +136,17 @@ def test_an_abandoned_probe_that_finishes_late_is_ignored(tmp_path, base_config,
 
     probe_path, image_entity = write_probe_set(tmp_path / "probe")
     mastery = {"probe_data": probe_path, "probe_images_per_entity": 2, "probe_timeout_s": 0.5}
-    config = make_config(base_config, tmp_path, mastery=mastery, epochs=1)
+    config = make_config(base_config, tmp_path, mastery=mastery, total_epochs=1)
     tq = FakeTQ()
+    backend = FakeProbeBackend(image_entity, knowledge, faults={5: "cancel_raises"})
     with patched_services(tq):
-        trainer = build_trainer(config, tq, tokenizer, lambda t: StepBackend(image_entity, lambda: t.global_steps,
-                                                                             {5: "cancel_raises"}))
+        trainer = build_trainer(config, tq, tokenizer, backend=backend)
         trainer.global_steps = 1
         trainer.on_train_begin()
         before = trainer.karl_state.table.to_json()
         trainer.global_steps = 5
         result = trainer.karl_refresh("step")
         assert result.status == "failed" and "cancel failed too" in result.error
-        backend = trainer._karl_test_backend
         backend.release.set()  # the hung call now completes, in its abandoned thread
         deadline = time.monotonic() + 10
         while backend.completed < 2 and time.monotonic() < deadline:  # train begin, then the late one

@@ -25,12 +25,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from reliability_kit import profile, record, scaled
 
+from karl_verl.accuracy import EVAL_BOX_FORMATS, ground_truth_boxes, prediction_box
+from karl_verl.accuracy import score_response as eval_score
 from karl_verl.boxes import ZERO_BOX, box_iou, find_box_reference, read_box, read_box_reference
 from karl_verl.config import REWARD_PRESETS, RewardConfig
 from karl_verl.data.schema import DataError
 from karl_verl.evaluation.bench import load_predictions
-from karl_verl.evaluation.metrics import EVAL_BOX_FORMATS, ground_truth_boxes, prediction_box
-from karl_verl.evaluation.metrics import score_response as eval_score
 from karl_verl.mastery import LEVEL_NAMES, MasteryError, MasteryTable
 from karl_verl.probe.questions import LETTERS
 from karl_verl.probe.scoring import parse_choice
@@ -314,7 +314,7 @@ class TestParseChoice:
 
 
 # ---------------------------------------------------------------------------------------------
-# The evaluator's prediction parser (karl_verl.evaluation.metrics / bench)
+# The evaluator's prediction parser (karl_verl.accuracy / evaluation.bench)
 
 targets = st.lists(st.tuples(*[st.floats(0, 1000)] * 4), min_size=1, max_size=3)
 

@@ -1,6 +1,6 @@
 """Resume equivalence (issue 6.4): stop after a refresh, resume from the checkpoint, get the same run.
 
-verl's real ``fit`` with the ``karl`` trainer on CPU (``_helpers/trainer_harness.py``: fakes only
+verl's real ``fit`` with the ``karl`` trainer on CPU (``tests/_support/trainer_harness.py``: fakes only
 for the GPU workers, the rollout servers and TransferQueue). A run is stopped right after a mastery
 refresh (verl checkpoints at its last step), then resumed by a new trainer from that checkpoint, as
 ``trainer.resume_mode=auto`` does; it must end with the same mastery table, the same refresh

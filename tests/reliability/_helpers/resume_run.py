@@ -1,4 +1,5 @@
-"""Run (or resume) a training run of ``trainer_harness`` in a fresh interpreter; write its outcome as JSON.
+"""Run (or resume) a training run of ``tests/_support/trainer_harness.py`` in a fresh interpreter; write its
+outcome as JSON.
 
     python resume_run.py WORKDIR OUT.json '{"mastery": {...}, "epochs": 3, ...}'
 
@@ -13,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[2] / "_support"))  # tests/_support, as tests/conftest.py does
 
 from trainer_harness import run_training  # noqa: E402
 

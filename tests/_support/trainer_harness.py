@@ -1,20 +1,24 @@
 """verl's real v1 ``fit`` loop with the ``karl`` trainer on CPU; fakes only for GPU and server parts.
 
-Used by the probe-fault and resume tests, in the test process and (``resume_run.py``) in a fresh
-interpreter. verl's own code runs: ``PPOTrainer.__init__`` from verl's composed default config,
-``fit``, ``step``, the replay buffer, ``_compute_metrics``, ``_save_checkpoint`` and
-``_load_checkpoint`` (with the StatefulDataLoader state), the ``karl`` reward manager loaded as
-verl's reward loop loads it, and the real probe runner. Fakes, modelled on
-``tests/integration/test_trainer.py``:
+The one trainer harness of the suite: tests/integration/test_trainer.py and the reliability tests
+(probe faults, resume) use it in the test process, and ``tests/reliability/_helpers/resume_run.py``
+in a fresh interpreter. verl's own code runs: ``PPOTrainer.__init__`` from verl's composed default
+config, ``fit``, ``step``, the replay buffer, ``_compute_old_log_prob``, ``_compute_metrics``,
+``_validate``, ``_save_checkpoint`` and ``_load_checkpoint`` (with the StatefulDataLoader state),
+the ``karl`` reward manager loaded as verl's reward loop loads it, and the real probe runner. Fakes
+stand in only for what needs GPUs or rollout servers, and for the TransferQueue service (Ray actors;
+too slow to start on 2 CPU cores):
 
-* :class:`FakeTQ`: TransferQueue's kv calls in memory (the real one is a set of Ray actors);
+* :class:`FakeTQ`: TransferQueue's kv calls in memory, returning batches as the real store does
+  (jagged nested tensors per sample, NonTensorStack for the rest);
 * :class:`FakeRollout`: the agent loop (vLLM servers): a fixed policy answers each prompt ``n``
   times, verl's ``karl`` reward manager scores it, the result goes to TransferQueue with every
   prompt field copied, as verl's ``AgentLoopWorkerTQ`` does;
 * :class:`FakeActorWorkers`: log-probs, a no-op update, checkpoint files;
-* :class:`StepBackend`: the probe's answers from the rollout servers. What the "model" knows is a
-  function of the training step (the weights a checkpoint restores), so a resumed run and an
-  uninterrupted one see the same answers; faults can be injected per call.
+* :class:`FakeProbeBackend`: the probe's answers from the rollout servers, right exactly on the
+  entities the model knows: a set the test changes, or a function of the training step (the weights
+  a checkpoint restores, so a resumed run and an uninterrupted one see the same answers); faults can
+  be injected per call.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 import re
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +43,8 @@ import torch
 #: Entities of the probe set, and of the training data (Tu-160 is in no table: default level).
 PROBED = ("F-16", "J-10", "MiG-29", "Su-30")
 TRAIN_ENTITIES = ("Su-30", "F-16", "MiG-29", "Tu-160", "J-10", "Su-30", "F-16", "MiG-29")
-LETTERS = ("A", "B", "C", "D")
+#: ``algorithm.karl``: the advantage weights per level.
+ALPHA = {"alpha_plus": [1.0, 1.0, 1.0, 2.0, 3.0], "alpha_minus": [1.0, 1.0, 1.0, 0.5, 0.25]}
 
 
 def ground_truth(entity: str) -> str:
@@ -71,7 +76,7 @@ def knowledge(step: int) -> set[str]:
 
 
 class FakeTQ:
-    """TransferQueue's kv calls in memory, returning batches as the real store does."""
+    """TransferQueue's kv calls in memory (the store verl's trainer, replay buffer and padding use)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -107,8 +112,11 @@ class FakeTQ:
         names = select_fields if select_fields is not None else list(rows[0])
         out = {}
         for name in [select_fields] if isinstance(select_fields, str) else names:
-            if not all(name in row for row in rows):
-                continue
+            present = sum(name in row for row in rows)
+            if present == 0:
+                continue  # like TransferQueue: fields no sample has are left out
+            if present < len(rows):  # like TransferQueue's kv_batch_get
+                raise ValueError("Some fields are not ready in all the requested keys!")
             values = [row[name] for row in rows]
             if all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
                 out[name] = torch.nested.as_nested_tensor([v.contiguous() for v in values], layout=torch.jagged)
@@ -128,14 +136,23 @@ class FakeTQ:
 
 
 class FakeRollout:
-    """The agent loop without servers: answers, verl's ``karl`` reward manager, TransferQueue records."""
+    """The agent-loop manager and its workers: the rollout part of verl, without servers.
 
-    def __init__(self, tq: FakeTQ, config: Any, tokenizer: Any) -> None:
+    Mirrors ``AgentLoopWorkerTQ.generate_sequences`` / ``_run_prompt`` / ``_agent_loop_postprocess``:
+    each prompt's fields are copied into its ``n`` sessions; the answer is
+    ``answer(entity, session, step)`` (:func:`policy` unless told otherwise); the reward is verl's
+    reward manager ``karl`` (loaded as verl's reward loop loads it) on a one-row DataProto built like
+    verl's ``_compute_score``; outputs go to TransferQueue under ``{uid}_{session}_0``.
+    """
+
+    def __init__(self, tq: FakeTQ, config: Any, tokenizer: Any,
+                 answer: Callable[[str, int, int], str] = policy) -> None:
         from verl.trainer.ppo.reward import load_reward_manager
 
         self.tq = tq
         self.config = config
         self.tokenizer = tokenizer
+        self.answer = answer
         self.reward = load_reward_manager(config, tokenizer)
         #: One entry per scored rollout: step, entity, the level sent with the prompt and the reward's view.
         self.scored: list[dict] = []
@@ -162,6 +179,8 @@ class FakeRollout:
         from verl import DataProto
         from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
+        from karl_verl.integration.trainer import LEVEL_FIELD
+
         uid, partition = prompt["uid"], "val" if validate else "train"
         steps = int(prompt["global_steps"])
         self.tq.kv_put(key=uid, partition_id=partition, tag={"status": "running"})
@@ -170,7 +189,7 @@ class FakeRollout:
         for session in range(n):
             kwargs = {**prompt, "session_id": session}
             prompt_ids = torch.tensor(self.tokenizer.encode("find it", add_special_tokens=False))
-            text = policy(entity, session, steps)
+            text = self.answer(entity, session, steps)
             response_ids = torch.tensor(self.tokenizer.encode(text, add_special_tokens=False))
             data = DataProto(
                 batch=TensorDict({"prompts": prompt_ids[None], "responses": response_ids[None],
@@ -181,7 +200,7 @@ class FakeRollout:
             result = self.reward.loop.run_until_complete(self.reward.run_single(data))
             info = result["reward_extra_info"]
             self.scored.append({"partition": partition, "step": steps, "index": int(prompt["index"]),
-                                "entity": entity, "session": session, "sent_level": prompt.get("knowledge_level"),
+                                "entity": entity, "session": session, "sent_level": prompt.get(LEVEL_FIELD),
                                 "level": info["knowledge_level"], "score": float(result["reward_score"])})
             rm_scores = torch.zeros(len(response_ids))
             rm_scores[-1] = result["reward_score"]
@@ -241,7 +260,7 @@ class FakeCheckpointManager:
 
 
 class RecordingTracking:
-    """verl's Tracking logger, keeping what it is given."""
+    """verl's Tracking logger, keeping what it is given (console/wandb are verl's business)."""
 
     logged: list[tuple[int, dict]] = []
 
@@ -262,29 +281,44 @@ class RecordingTracking:
 FAULTS = ("exception", "hang", "cancel_raises", "short", "nan", "wrong_width", "all_inf", "close_raises")
 
 
-class StepBackend:
-    """The probe's rollout servers: right exactly on the entities the model knows at this step.
+class FakeProbeBackend:
+    """An OptionScorer standing in for the rollout servers: right exactly on the entities the model knows.
 
-    ``faults`` maps a training step to the fault this backend shows when probed at that step.
+    ``known`` is the set of those entities (a test adds to it as the model "learns"), or a function of
+    the number of completed training steps giving it (:func:`knowledge`). :func:`build_trainer` ties
+    the backend to its trainer, whose ``global_steps`` is the step here. ``faults`` maps a step to the
+    fault (one of :data:`FAULTS`) shown when probed at that step; ``fault``, when set, is shown at
+    every call whatever the step.
     """
 
     supports_logprobs = True
 
-    def __init__(self, image_entity: dict[bytes, str], step: Callable[[], int],
-                 faults: dict[int, str] | None = None) -> None:
+    def __init__(self, image_entity: dict[bytes, str], known: Iterable[str] | Callable[[int], set[str]] = (),
+                 *, faults: dict[int, str] | None = None) -> None:
         self.image_entity = image_entity
-        self.step = step
+        self.known = known if callable(known) else set(known)
         self.faults = dict(faults or {})
+        self.fault: str | None = None
+        self.trainer: Any = None
         self.calls = 0
         self.completed = 0  # calls that returned answers (a late, abandoned one included)
         self.injected: list[tuple[int, str]] = []
         self.cancelled = threading.Event()
         self.release = threading.Event()  # a hung call returns once this is set (or it is cancelled)
 
+    def step(self) -> int:
+        return self.trainer.global_steps if self.trainer is not None else 0
+
     def _fault(self) -> str | None:
-        return self.faults.get(self.step())
+        return self.fault or self.faults.get(self.step())
+
+    def _knows(self) -> set[str]:
+        # A function of the step: the weights of the steps completed so far.
+        return self.known(self.step() - 1) if callable(self.known) else self.known
 
     def option_logprobs(self, requests, options):
+        from karl_verl.probe.questions import LETTERS
+
         self.calls += 1
         fault = self._fault()
         if fault is not None and (self.step(), fault) not in self.injected:
@@ -298,7 +332,7 @@ class StepBackend:
                 self.cancelled.wait(0.01)
             if self.cancelled.is_set():
                 raise RuntimeError("cancelled")
-        known = knowledge(self.step() - 1)  # the weights of the steps completed so far
+        known = self._knows()
         rows = []
         for request in requests:
             image = request.images[0]  # the trainer reads its probe set lazily (ParquetImage)
@@ -344,7 +378,7 @@ class ListDataset(torch.utils.data.Dataset):
         return copy.deepcopy(self.rows[index])
 
 
-def dataset_rows(entities=TRAIN_ENTITIES) -> list[dict]:
+def dataset_rows(entities: Sequence[str] = TRAIN_ENTITIES) -> list[dict]:
     return [{
         "data_source": "kvg/aircraft",
         "raw_prompt": [{"role": "user", "content": f"Find {entity}."}],
@@ -379,37 +413,48 @@ def write_probe_set(folder: Path) -> tuple[str, dict[bytes, str]]:
     return str(path), image_entity
 
 
-def compose_base_config() -> Any:
+def compose_verl_config(*overrides: str) -> Any:
+    """verl's ``ppo_trainer`` config as Hydra composes it for ``main_ppo``, with ``overrides``, unlocked."""
     import verl
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose("ppo_trainer", overrides=[
-            "algorithm.adv_estimator=karl_grpo",
-            "trainer.v1.trainer_mode=karl",
-            "actor_rollout_ref.rollout.n=4",
-            "actor_rollout_ref.rollout.val_kwargs.n=2",
-            "actor_rollout_ref.rollout.calculate_log_probs=false",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-            "data.train_batch_size=2",
-            "trainer.logger=[console]",
-            "trainer.val_before_train=false",
-            "trainer.test_freq=-1",
-            "reward.reward_manager.name=karl",
-        ])
+        config = compose("ppo_trainer", overrides=list(overrides))
     OmegaConf.set_struct(config, False)
     return config
 
 
-def make_config(base: Any, workdir: Path, *, mastery: dict, epochs: int, save_freq: int = -1) -> Any:
+def compose_base_config() -> Any:
+    """verl's config for the ``karl`` trainer: 2 prompts a step, n=4 (2 in validation), 2 epochs."""
+    return compose_verl_config(
+        "algorithm.adv_estimator=karl_grpo",
+        "trainer.v1.trainer_mode=karl",
+        "actor_rollout_ref.rollout.n=4",
+        "actor_rollout_ref.rollout.val_kwargs.n=2",
+        "actor_rollout_ref.rollout.calculate_log_probs=false",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "data.train_batch_size=2",
+        "trainer.total_epochs=2",
+        "trainer.logger=[console]",
+        "trainer.val_before_train=false",
+        "trainer.test_freq=-1",
+        "trainer.save_freq=-1",
+        "reward.reward_manager.name=karl",
+    )
+
+
+def make_config(base: Any, workdir: Path, *, mastery: dict | None = None, advantage: dict | None = None,
+                **trainer: Any) -> Any:
+    """A copy of ``base`` checkpointing under ``workdir/ckpt``, with ``karl.mastery``, ``algorithm.karl``
+    (the advantage weights) and any ``trainer.*`` settings given."""
     config = copy.deepcopy(base)
     config.trainer.default_local_dir = str(workdir / "ckpt")
-    config.trainer.total_epochs = epochs
-    config.trainer.save_freq = save_freq
-    config.karl = {"mastery": mastery}
-    config.algorithm.karl = {"alpha_plus": [1.0, 1.0, 1.0, 2.0, 3.0], "alpha_minus": [1.0, 1.0, 1.0, 0.5, 0.25]}
+    for key, value in trainer.items():
+        config.trainer[key] = value
+    config.karl = {"mastery": mastery or {}}
+    config.algorithm.karl = advantage or {}
     return config
 
 
@@ -432,9 +477,16 @@ def patched_services(tq: FakeTQ) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def build_trainer(config: Any, tq: FakeTQ, tokenizer: Any, backend_factory: Callable[[Any], Any],
-                  *, total_steps: int | None = None, seed: int = 7) -> Any:
-    """verl's real trainer object; what ``init()`` would start on GPUs is replaced by fakes."""
+def build_trainer(config: Any, tq: FakeTQ, tokenizer: Any, *, backend: FakeProbeBackend | None = None,
+                  entities: Sequence[str] = TRAIN_ENTITIES, total_steps: int | None = None,
+                  seed: int | None = None) -> Any:
+    """verl's real trainer object; what ``init()`` would start on GPUs is replaced by fakes.
+
+    Trains on :func:`dataset_rows` of ``entities``: in order, or, with a ``seed``, shuffled by verl's
+    own sampler (seeded from ``data.seed``, built as verl's ``_init_dataloader`` builds it, so that a
+    resumed run continues the same order, across epochs too). ``backend`` answers the probe;
+    ``total_steps`` stops ``fit`` early.
+    """
     from torchdata.stateful_dataloader import StatefulDataLoader
     from verl.trainer.ppo.utils import create_rl_sampler
     from verl.utils.dataset.rl_dataset import collate_fn
@@ -442,16 +494,16 @@ def build_trainer(config: Any, tq: FakeTQ, tokenizer: Any, backend_factory: Call
     from karl_verl.integration.trainer import KarlTrainer
 
     trainer = KarlTrainer(config)
-    rows = dataset_rows()
+    rows = dataset_rows(entities)
     size = config.data.train_batch_size
     trainer.tokenizer, trainer.processor = tokenizer, None
     trainer.train_dataset = ListDataset(rows)
-    # Shuffled by verl's own sampler (seeded from data.seed), built as verl's _init_dataloader builds
-    # it: the resumed run must continue the same order, across epochs too.
-    config.data.shuffle, config.data.seed = True, seed
+    sampler = None
+    if seed is not None:
+        config.data.shuffle, config.data.seed = True, seed
+        sampler = create_rl_sampler(config.data, trainer.train_dataset)
     trainer.train_dataloader = StatefulDataLoader(trainer.train_dataset, batch_size=size, drop_last=True,
-                                                  num_workers=0, collate_fn=collate_fn,
-                                                  sampler=create_rl_sampler(config.data, trainer.train_dataset))
+                                                  num_workers=0, collate_fn=collate_fn, sampler=sampler)
     trainer.train_dataloader_it = None
     trainer.val_dataloader = StatefulDataLoader(ListDataset(dataset_rows(("Su-30", "J-10"))), batch_size=2,
                                                 collate_fn=collate_fn)
@@ -460,11 +512,11 @@ def build_trainer(config: Any, tq: FakeTQ, tokenizer: Any, backend_factory: Call
     trainer._init_dump_executor()
     trainer.actor_rollout_wg = FakeActorWorkers(tq)
     trainer.checkpoint_manager = FakeCheckpointManager()
-    trainer.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=[])
+    trainer.reward_loop_manager = SimpleNamespace(reward_loop_worker_handles=[])  # streaming reward, as on GPUs
     trainer.resource_pool_manager = SimpleNamespace(get_n_gpus=lambda: 1)
-    backend = backend_factory(trainer)
-    trainer.karl_probe_backend = lambda: backend
-    trainer._karl_test_backend = backend
+    if backend is not None:
+        backend.trainer = trainer
+        trainer.karl_probe_backend = lambda: backend
     trainer._load_checkpoint()  # verl's resume logic: from scratch unless a checkpoint is there
     return trainer
 
@@ -530,7 +582,9 @@ def run_training(workdir: Path, *, mastery: dict, epochs: int, total_steps: int 
                  tokenizer: Any = None, probe_timeout_s: float = 2.0) -> RunOutcome:
     """Train (or resume, when ``workdir/ckpt`` holds a checkpoint) with verl's ``fit`` and the fakes.
 
-    ``total_steps`` stops the run early (verl checkpoints at its last step when ``save_freq > 0``).
+    The data is :data:`TRAIN_ENTITIES` shuffled with seed 7, the answers :func:`policy`'s, the probe's
+    :func:`knowledge`'s. ``total_steps`` stops the run early (verl checkpoints at its last step when
+    ``save_freq > 0``).
     """
     from karl_verl.integration import trainer as karl_trainer
     from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
@@ -539,19 +593,18 @@ def run_training(workdir: Path, *, mastery: dict, epochs: int, total_steps: int 
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     probe_path, image_entity = write_probe_set(workdir / "probe")
     mastery = {"probe_data": probe_path, "probe_images_per_entity": 2, "probe_timeout_s": probe_timeout_s, **mastery}
-    config = make_config(base_config, workdir, mastery=mastery, epochs=epochs, save_freq=save_freq)
+    config = make_config(base_config, workdir, mastery=mastery, advantage=ALPHA, total_epochs=epochs,
+                         save_freq=save_freq)
     tq = FakeTQ()
+    backend = FakeProbeBackend(image_entity, knowledge, faults=faults)
     collector = _WarningCollector()
     logging.getLogger(karl_trainer.__name__).addHandler(collector)
     try:
         with patched_services(tq):
-            trainer = build_trainer(config, tq, tokenizer,
-                                    lambda t: StepBackend(image_entity, lambda: t.global_steps, faults),
-                                    total_steps=total_steps)
+            trainer = build_trainer(config, tq, tokenizer, backend=backend, total_steps=total_steps, seed=7)
             resumed_from = None if trainer.global_steps == 0 else f"global_step_{trainer.global_steps}"
             rollout = FakeRollout(tq, config, tokenizer)
             trainer.fit(rollout)
-            backend = trainer._karl_test_backend
             backend.release.set()  # let any abandoned (hung) probe thread end
     finally:
         logging.getLogger(karl_trainer.__name__).removeHandler(collector)

@@ -1,7 +1,8 @@
-"""Running a model for ``eval`` and ``data filter``: backend loading and chunked generation.
+"""Running a model: backend loading, chunked generation, and the ``--model`` options of the commands.
 
-Both commands talk to a :class:`karl_verl.backends.base.TextGenerator`, so tests pass a fake one;
-the real backends (transformers, vLLM) are imported only when a model is loaded.
+``karl-verl eval``, ``data filter`` and ``data cot`` (a local teacher) talk to a
+:class:`karl_verl.backends.base.TextGenerator`, so tests pass a fake one; the real backends
+(transformers, vLLM) are imported only when a model is loaded.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from karl_verl.backends.base import BackendError, GenerationRequest, SamplingSettings
-from karl_verl.evaluation.inference import generate_all, load_generator
+from karl_verl.generation import generate_all, load_generator
 
 
 class Counter:
