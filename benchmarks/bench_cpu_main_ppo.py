@@ -32,7 +32,12 @@ def _step_times(run) -> list[float]:
     return [float(r["data"]["timing_s/step"]) for r in run.steps[1:] if "timing_s/step" in r["data"]]
 
 
-def main(argv: list[str] | None = None) -> int:
+class RunFailed(RuntimeError):
+    """A benchmark's main_ppo run failed; the message holds the end of its log."""
+
+
+def measure(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark, print its table, return its figures (``karl_over_sync``, ``features_over_karl``, ...)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer (default 2)")
     parser.add_argument("--steps", type=int, default=4, help="steps per run (default 4; the first is left out)")
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = prepare_inputs(options, report, say=lambda _: None)
     variants = {
         "karl": ["karl.mastery.refresh_every_epochs=0"],
-        "sync": ["trainer.v1.trainer_mode=sync", "algorithm.adv_estimator=grpo"],
+        "sync": ["trainer.v1.trainer_mode=sync", "algorithm.adv_estimator=grpo", "karl.mastery.refresh_every_epochs=0"],
         "features": ["karl.mastery.refresh_every_epochs=0", "karl/curriculum=focus", "karl.inject.enable=false",
                      "actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent"],
     }
@@ -61,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 total_epochs=options.epochs, total_steps=args.steps) + ["trainer.save_freq=-1", "trainer.test_freq=-1"],
                 args.steps)
             if not run.ok:
-                print(f"{name} run {repeat} failed (rc {run.returncode}):\n{run.log_tail()}", file=sys.stderr)
-                return 1
+                raise RunFailed(f"{name} run {repeat} failed (rc {run.returncode}):\n{run.log_tail()}")
             times[name] += _step_times(run)
             walls[name].append(run.seconds)
             peaks.append(run.peak_memory_bytes)
@@ -96,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'peak memory of a run (sum of its processes)':<64}{max(peaks + [probe.peak_memory_bytes]) / 2**30:>10.1f}G"
           f"{'< 8G':>10}")
     print(f"(outputs in {workdir})")
+    return {"step_s_karl": karl, "step_s_sync": sync, "karl_over_sync": karl / sync, "step_s_features": features,
+            "features_over_karl": features / karl,
+            "probe_share": probe_total / max(probe_total + step_total, 1e-9),
+            "run_wall_s": statistics.mean(walls["karl"]),
+            "peak_memory_gib": max(peaks + [probe.peak_memory_bytes]) / 2**30}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        measure(argv)
+    except RunFailed as err:
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 

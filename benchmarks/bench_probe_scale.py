@@ -187,7 +187,8 @@ def _child(argv: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(argv: list[str] | None = None) -> dict[str, float] | None:
+    """Run the benchmark and print its tables; its figures (None in a child process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--sample", type=int, default=64, help="questions per request-kind measurement")
@@ -199,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child == "kinds":
         print(json.dumps(measure_request_kinds(args.model, args.probe, args.sample)))
-        return 0
+        return None
     if args.child == "refresh":
         print(json.dumps(measure_refresh(args.model, args.probe)))
-        return 0
+        return None
 
     from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
 
@@ -243,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
           f"vs {smallest['peak_rss_mib']:.0f} MiB at {smallest['questions']:,} "
           f"({largest['peak_rss_mib'] / smallest['peak_rss_mib']:.2f}x; goal <= 1.2x)")
     print(f"(inputs in {workdir}; machine: {os.cpu_count()} cores)")
+    return {"probe_questions_small": smallest["questions"], "probe_questions_large": largest["questions"],
+            "probe_peak_rss_ratio": largest["peak_rss_mib"] / smallest["peak_rss_mib"],
+            "probe_refresh_min_paper_scale": largest["probe_s"] * scale / 60,
+            "probe_load_s_paper_scale": largest["load_s"] * scale,
+            "probe_choice_bytes_vs_top20": kinds["top20"]["bytes_per_question"] / kinds["choice"]["bytes_per_question"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    measure(argv)
     return 0
 
 

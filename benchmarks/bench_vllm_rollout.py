@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         tf, vl = median("transformers", key, skip), median("vllm", key, skip)
         print(f"{label:<58}{tf:>12.2f}s{vl:>9.2f}s{vl / max(tf, 1e-9):>8.2f}x")
     tf, vl = first("transformers", "timing_s/step"), first("vllm", "timing_s/step")
-    print(f"{'first step (with the probe at train begin)':<58}{tf:>12.2f}s{vl:>9.2f}s{vl / max(tf, 1e-9):>8.2f}x")
+    print(f"{'first step (vLLM: its first forward passes)':<58}{tf:>12.2f}s{vl:>9.2f}s{vl / max(tf, 1e-9):>8.2f}x")
     tf, vl = first("transformers", "karl/refresh/probe_time_s"), first("vllm", "karl/refresh/probe_time_s")
     print(f"{'probe at train begin (36 questions, choice mode)':<58}{tf:>12.2f}s{vl:>9.2f}s{vl / max(tf, 1e-9):>8.2f}x")
     tf = statistics.mean(run.seconds for run in runs["transformers"])
