@@ -465,8 +465,10 @@ def patched_services(tq: FakeTQ) -> Iterator[None]:
     from verl.trainer.ppo.v1 import replay_buffer, trainer_base
 
     from karl_verl.integration import trainer as karl_trainer
+    from karl_verl.integration.features import base, dynamic_sampling, levels
 
-    saved = [(module, "tq", module.tq) for module in (trainer_base, replay_buffer, padding_utils, karl_trainer)]
+    modules = (trainer_base, replay_buffer, padding_utils, karl_trainer, base, dynamic_sampling, levels)
+    saved = [(module, "tq", module.tq) for module in modules]
     saved.append((trainer_base, "Tracking", trainer_base.Tracking))
     try:
         for module, name, _ in saved:

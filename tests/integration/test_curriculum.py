@@ -224,7 +224,7 @@ def test_the_trainer_draws_through_the_curriculum_and_tags_the_same_levels(train
     assert trainer.karl_curriculum.curriculum.batch_size == 4 and trainer.karl_curriculum.curriculum.seed == 5
     trainer.global_steps = 1
     record = RefreshRecord(step=1, epoch=0, trigger="train_begin", source="table_file")
-    trainer._karl_swap(TABLE, base=TABLE, record=record, time_share=None)  # a table is installed
+    trainer.karl_mastery.swap(TABLE, base=TABLE, record=record, time_share=None)  # a table is installed
     levels = [level for _ in range(6) for level in trainer._fetch_one_gen_batch()[LEVEL_FIELD]]
     assert len(levels) == 24 and 2 not in levels  # F-16 is level 2, weight 0
     metrics = trainer.karl_consume_metrics()

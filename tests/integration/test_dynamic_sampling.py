@@ -112,6 +112,7 @@ def test_after_the_budget_groups_with_a_signal_are_selected_first_in_verls_order
 
 
 def _trainer_for_buffer(sampler: dict | None = None):
+    from karl_verl.integration.features import DynamicSampling
     from karl_verl.integration.trainer import KarlTrainer
 
     trainer = KarlTrainer.__new__(KarlTrainer)
@@ -124,7 +125,9 @@ def _trainer_for_buffer(sampler: dict | None = None):
         "data": {"train_batch_size": 4},
     })
     trainer._add_prompts_to_generate = lambda num_prompts: num_prompts
-    trainer._karl_observe_dropped = lambda partition_id, keys: None
+    feature = DynamicSampling(trainer)
+    feature.observe_dropped = lambda partition_id, keys: None
+    trainer.karl_features = [feature]
     return trainer
 
 

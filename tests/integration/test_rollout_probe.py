@@ -298,7 +298,7 @@ def test_trainer_refresh_through_the_rollout_backend(verl_config, tokenizer, pro
     config.trainer.default_local_dir = str(tmp_path)
     config.karl = {"mastery": {"probe_data": "in-memory", "probe_timeout_s": 1.0}}
     trainer = KarlTrainer(config)
-    trainer._karl_questions = questions  # what load_probe_set + build_questions give (tested in tests/probe)
+    trainer.karl_mastery.questions = questions  # what load_probe_set + build_questions give (tested in tests/probe)
     trainer.steps_per_epoch, trainer.global_steps = 2, 1
     server = FakeServer(tokenizer, known={"Su-30"})
     trainer.karl_probe_backend = lambda: make_backend(server, tokenizer, processor, config)

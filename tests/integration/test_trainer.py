@@ -309,7 +309,7 @@ def test_missing_level_field_falls_back_to_table_and_is_counted(base_config, tmp
     batch = fill_tq(tq, levels=[3, 3], scores=[[1, 0, 1, 0]] * 2)
     for record in tq.parts["train"].values():
         record["fields"].pop(LEVEL_FIELD)
-    assert trainer._karl_fetch_levels(batch).tolist() == [1] * 4 + [5] * 4
+    assert trainer.karl_levels.fetch_levels(batch).tolist() == [1] * 4 + [5] * 4
     assert trainer.karl_consume_metrics()["karl/level/missing_field"] == 8
 
 
@@ -320,7 +320,7 @@ def test_level_field_on_some_samples_only_falls_back_for_all(base_config, tmp_pa
     batch = fill_tq(tq, levels=[3, 3], scores=[[1, 0, 1, 0]] * 2)
     first = next(iter(tq.parts["train"].values()))
     first["fields"].pop(LEVEL_FIELD)
-    assert trainer._karl_fetch_levels(batch).tolist() == [1] * 4 + [2] * 4
+    assert trainer.karl_levels.fetch_levels(batch).tolist() == [1] * 4 + [2] * 4
     assert trainer.karl_consume_metrics()["karl/level/missing_field"] == 8
 
 
@@ -433,7 +433,7 @@ def test_refresh_timeout_cancels_and_keeps_the_previous_table(probed_trainer, ca
 
 def test_refresh_with_short_answers_keeps_the_previous_table(probed_trainer, caplog, monkeypatch):
     trainer, _ = probed_trainer
-    original = trainer._karl_call_probe
+    original = trainer.karl_mastery.call_probe
 
     def short(questions, backend, mode, epoch):  # the servers answered only part of the questions
         result = original(questions, backend, mode, epoch)
@@ -443,7 +443,7 @@ def test_refresh_with_short_answers_keeps_the_previous_table(probed_trainer, cap
                            num_unparseable=0, wall_time_s=0.0, decisions={q.question_id: "A" for q in kept},
                            mode=mode)
 
-    monkeypatch.setattr(trainer, "_karl_call_probe", short)
+    monkeypatch.setattr(trainer.karl_mastery, "call_probe", short)
     assert_failed_refresh(trainer, caplog, "IncompleteProbe")
 
 
@@ -556,10 +556,10 @@ def test_a_refresh_asks_up_to_refresh_questions_per_entity_drawn_afresh(base_con
     config = make_config(base_config, tmp_path, mastery={"probe_data": path, "probe_images_per_entity": 2,
                                                          "refresh_questions_per_entity": 1})
     trainer = build_trainer(config, tq, tokenizer, backend=FakeProbeBackend(image_entity, known=set()))
-    first = trainer._karl_refresh_questions(0)
+    first = trainer.karl_mastery.refresh_questions(0)
     assert sorted(q.entity for q in first) == sorted(PROBED)  # one question of each entity
-    assert [q.question_id for q in trainer._karl_refresh_questions(0)] == [q.question_id for q in first]
-    subsets = {tuple(sorted(q.question_id for q in trainer._karl_refresh_questions(i))) for i in range(12)}
+    assert [q.question_id for q in trainer.karl_mastery.refresh_questions(0)] == [q.question_id for q in first]
+    subsets = {tuple(sorted(q.question_id for q in trainer.karl_mastery.refresh_questions(i))) for i in range(12)}
     assert len(subsets) > 1  # another refresh draws other images
     trainer.on_train_begin()
     assert trainer.karl_state.history[-1].num_questions == len(PROBED)
@@ -572,20 +572,20 @@ def test_the_refresh_budget_is_reported_and_warned_above_its_share(base_config, 
                                                          "max_refresh_share": 0.05})
     trainer = build_trainer(config, tq, tokenizer, backend=FakeProbeBackend(image_entity, known=set()))
     trainer.on_train_begin()
-    assert trainer._karl_seconds_per_question is not None
-    trainer._karl_seconds_per_question = 1.0  # 8 questions: an 8 s refresh
+    assert trainer.karl_mastery.seconds_per_question is not None
+    trainer.karl_mastery.seconds_per_question = 1.0  # 8 questions: an 8 s refresh
     with caplog.at_level(logging.INFO, logger="karl_verl.integration.trainer"):
-        trainer._karl_report_budget(step_seconds=1.0)  # an epoch of steps_per_epoch 1 s steps
+        trainer.karl_mastery.report_budget(step_seconds=1.0)  # an epoch of steps_per_epoch 1 s steps
     epoch_s = trainer.steps_per_epoch * 1.0
-    share = trainer._karl_pending_metrics["karl/refresh/estimated_epoch_share"]
+    share = trainer.karl_mastery.pending_metrics["karl/refresh/estimated_epoch_share"]
     assert share == pytest.approx(8.0 / (8.0 + epoch_s))
-    assert trainer._karl_pending_metrics["karl/refresh/estimated_time_s"] == pytest.approx(8.0)
+    assert trainer.karl_mastery.pending_metrics["karl/refresh/estimated_time_s"] == pytest.approx(8.0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "max_refresh_share" in r.getMessage()]
     assert len(warnings) == 1 and "8 questions per refresh" in warnings[0].getMessage()
     caplog.clear()
-    trainer._karl_seconds_per_question = 1e-6
+    trainer.karl_mastery.seconds_per_question = 1e-6
     with caplog.at_level(logging.INFO, logger="karl_verl.integration.trainer"):
-        trainer._karl_report_budget(step_seconds=1.0)
+        trainer.karl_mastery.report_budget(step_seconds=1.0)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("refresh budget" in r.getMessage() for r in caplog.records)
 
