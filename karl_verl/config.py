@@ -554,6 +554,72 @@ CURRICULUM_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
+class IvgrConfig:
+    """Interleaved visual-grounded reasoning (``karl.ivgr``; iVGR, arXiv 2605.31096; see :mod:`karl_verl.ivgr`).
+
+    Every training instance is rolled out twice: a "grounded" stream whose reasoning writes candidate
+    boxes and a "textual" stream reasoning in words; each has its own GRPO group. A textual rollout's
+    reward gets ``consistency_weight`` x an LLM judge's score of its reasoning against the instance's
+    best cached grounded reasoning (the teacher cache).
+    """
+
+    enable: bool = False
+    #: Weight of the judge's consistency score (0..1) added to a textual rollout's KARL reward.
+    consistency_weight: float = 0.5
+    #: A correct grounded rollout (IoU >= 0.5) enters the teacher cache when its IoU reward is at least this.
+    tau: float = 0.3
+    #: Base URL of the judge's OpenAI-compatible API (``http://host:8000/v1``); needed when enabled.
+    judge_url: str | None = None
+    #: Served model name at judge_url; None: the endpoint's first listed model.
+    judge_model: str | None = None
+    #: Judge calls per textual rollout; their valid scores are averaged (the released code: 4).
+    judge_samples: int = 4
+    #: Sampling temperature of a judge call (the released code: 0.5).
+    judge_temperature: float = 0.5
+    #: Tokens a judge reply may take (it is one score: 0.0, 0.3, 0.7 or 1.0).
+    judge_max_tokens: int = 8
+    #: Seconds one judge request may take.
+    judge_timeout_s: float = 10.0
+    #: Retries of a judge request after a connection error, a timeout or HTTP 408/429/5xx.
+    judge_retries: int = 1
+    #: Judge requests in flight at once.
+    judge_max_concurrency: int = 8
+    #: Seconds all judgements of one step may take; those unfinished by then count as failures (no consistency term).
+    judge_budget_s: float = 60.0
+    #: YAML or JSON file with the prompt templates (keys ``grounded``, ``textual``); None: the built-in ones.
+    templates_path: str | None = None
+    #: The ``extra_info`` field whose value identifies an instance (pairs the two streams, keys the teacher cache).
+    key_field: str = "index"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "karl.ivgr", {
+            "enable": _boolean,
+            "consistency_weight": lambda v, k: _number(v, k, 0.0),
+            "tau": lambda v, k: _number(v, k, 0.0, 1.0),
+            "judge_url": _optional_text,
+            "judge_model": _optional_text,
+            "judge_samples": lambda v, k: _integer(v, k, 1),
+            "judge_temperature": lambda v, k: _number(v, k, 0.0),
+            "judge_max_tokens": lambda v, k: _integer(v, k, 1),
+            "judge_timeout_s": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "judge_retries": lambda v, k: _integer(v, k, 0),
+            "judge_max_concurrency": lambda v, k: _integer(v, k, 1),
+            "judge_budget_s": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "templates_path": _optional_path,
+            "key_field": _text,
+        })
+        if self.judge_url is not None and not self.judge_url.startswith(("http://", "https://")):
+            raise ConfigError(f"karl.ivgr.judge_url: expected an http:// or https:// URL, got {self.judge_url!r}")
+        if self.enable and self.judge_url is None:
+            raise ConfigError("karl.ivgr.judge_url: needed with karl.ivgr.enable=true (an OpenAI-compatible base URL, "
+                              "e.g. http://host:8000/v1; `python -m karl_verl.judge serve` starts a local rule judge)")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> IvgrConfig:
+        return _from_mapping(cls, data, "karl.ivgr")
+
+
+@dataclass(frozen=True)
 class KarlConfig:
     """Everything under the ``karl`` key of a verl config."""
 

@@ -37,6 +37,7 @@ from karl_verl.backends.base import (
     load_image,
     structured_messages,
 )
+from karl_verl.judge import RETRY_STATUSES  # HTTP statuses worth retrying (one set for every client)
 
 #: Retries after the first attempt of one request.
 DEFAULT_RETRIES = 5
@@ -45,8 +46,6 @@ BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 #: Seconds one HTTP request may take (a long rationale from a large teacher takes a while).
 REQUEST_TIMEOUT_S = 300.0
-#: HTTP statuses worth retrying: the server is busy or restarting, not refusing the request.
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class TeacherError(BackendError):
