@@ -72,6 +72,14 @@ class ExperimentOptions:
     #: (rollout acc@0.5 of known entities about 0.1); measured, README.
     temperature: float = 1.2
     max_response_length: int = 40
+    #: Validation answers per case. 1: greedy (temperature 0), KVG-Bench's decoding. More: sampled at
+    #: ``val_temperature``, a case scoring the mean of its answers (a rate, not right-or-wrong). Greedy answers
+    #: of the tiny model change per entity, all of its cases at once, so 20 steps flip whole entities or
+    #: nothing (runs of the same settings gave +0.109 and +0.000); the sampled rate moves with every
+    #: update (README, "The quick check").
+    val_samples: int = 1
+    #: Temperature of sampled validation (val_samples > 1); None: the rollout temperature.
+    val_temperature: float | None = None
     seed: int = 0
     progress: bool = True
     timeout_s: float = 1800.0
@@ -84,12 +92,15 @@ class ExperimentOptions:
     def check(self) -> None:
         """Raise ValueError naming every option that cannot work."""
         problems = [f"unknown arm {arm!r} (expected one of {', '.join(ARMS)})" for arm in self.arms if arm not in ARMS]
-        for name in ("steps", "test_freq", "warmup_steps", "batch_size", "rollout_n", "max_response_length"):
+        for name in ("steps", "test_freq", "warmup_steps", "batch_size", "rollout_n", "max_response_length",
+                     "val_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.steps % self.test_freq:
             problems.append(f"steps ({self.steps}) must be a multiple of test_freq ({self.test_freq}) so that the "
                             "last step is validated")
+        if self.val_temperature is not None and self.val_temperature <= 0:
+            problems.append(f"val_temperature: expected > 0 (val_samples 1 is greedy), got {self.val_temperature}")
         if self.refresh_every_steps < 0 or self.actor_lr <= 0 or self.temperature <= 0:
             problems.append("refresh_every_steps must be >= 0, and the learning rate and temperature > 0")
         if problems:
@@ -303,9 +314,20 @@ def arm_overrides(options: ExperimentOptions, name: str, files: Mapping[str, Pat
         f"trainer.total_training_steps={options.steps}", "trainer.total_epochs=1000", "trainer.save_freq=-1",
         f"trainer.test_freq={options.test_freq}", "trainer.val_before_train=true",
         f"trainer.validation_data_dir={run_dir / 'validation'}",
+        *_validation_overrides(options),
         f"hydra.run.dir={run_dir / 'hydra'}", "hydra.output_subdir=null",
         *ARMS[name],
     ]
+
+
+def _validation_overrides(options: ExperimentOptions) -> list[str]:
+    """verl's validation decoding: greedy for one answer per case, else sampled like the rollouts."""
+    if options.val_samples == 1:
+        return []
+    kwargs = "actor_rollout_ref.rollout.val_kwargs"
+    return [f"{kwargs}.n={options.val_samples}", f"{kwargs}.do_sample=true",
+            f"{kwargs}.temperature={options.val_temperature or options.temperature}", f"{kwargs}.top_p=1.0",
+            f"{kwargs}.top_k=-1"]
 
 
 def _refreshes(steps: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -337,7 +359,7 @@ def run_arm(options: ExperimentOptions, name: str, files: Mapping[str, Path], le
                        refreshes=_refreshes(run.steps), log=str(run.log_path))
     dumps = run_dir / "validation"
     for path in sorted(dumps.glob("*.jsonl")) if dumps.is_dir() else []:
-        result.validations[int(path.stem)] = read_validation(path)
+        result.validations[int(path.stem)] = read_validation(path, samples=options.val_samples)
     if result.ok:
         first, last = min(result.validations), max(result.validations)
         result.rise = by_level(result.validations[last], result.validations[first], levels, seed=options.seed)

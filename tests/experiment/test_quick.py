@@ -1,7 +1,8 @@
 """``karl-verl experiment`` end to end through verl's real main_ppo on CPU: it learns, and the check can fail.
 
-* ``--quick`` (one arm, 20 steps) must exit 0 with ``LEARNED`` and a validation rise whose 95% CI
-  lies above 0 on its last line (about 5 minutes on 2 cores).
+* ``--quick`` (one arm, 20 steps, validation sampling 8 answers per case at temperature 1.0)
+  must exit 0 with ``LEARNED`` and a validation rise whose 95% CI lies above 0 on its last line, with
+  a sign-flip p below 0.05 (about 5 minutes on 2 cores).
 * The negative control runs a shorter experiment with weight sync to the rollout server turned off
   (test-only fault injection, ``tests/_support/cpu_faults``): the actor trains, but rollouts and
   validation keep the initial policy, so validation cannot change and the check must fail (exit 1,
@@ -50,7 +51,7 @@ def control(quick, tmp_path_factory):
 
 
 def test_quick_learns(quick):
-    """The quick settings learn: validation acc@0.5 and IoU rise from step 0 to step 20, CIs above 0."""
+    """The quick settings learn: the sampled validation acc@0.5 and IoU rise from step 0 to step 20, CIs above 0."""
     result, report = quick
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     last_line = result.stdout.strip().splitlines()[-1]
@@ -59,7 +60,16 @@ def test_quick_learns(quick):
     assert arm["learned"] and report["ok"]
     rise, rise_iou = arm["rise"][0], arm["rise_iou"][0]
     assert rise["group"] == "all" and rise["low"] > 0 and rise_iou["low"] > 0
-    assert rise["p_mcnemar"] < 0.05
+    assert rise["p_mcnemar"] < 0.05 and rise["p_test"] == "sign-flip"
+    assert (report["options"]["val_samples"], report["options"]["val_temperature"]) == (8, 1.0)
+    assert all(case_acc in {i / 8 for i in range(9)} for case_acc in _case_accs(report))
+
+
+def _case_accs(report: dict) -> list[float]:
+    from karl_verl.experiment.stats import read_validation
+
+    folder = Path(report["outputs"]["workdir"]) / "arms" / "karl" / "validation"
+    return [case.acc for path in folder.glob("*.jsonl") for case in read_validation(path, samples=8).values()]
 
 
 def test_without_weight_sync_the_check_fails(control):

@@ -55,8 +55,30 @@ def test_unpaired_or_duplicated_cases_are_refused(tmp_path):
         paired_difference(a, b)
     path = tmp_path / "dup.jsonl"
     path.write_text((tmp_path / "a.jsonl").read_text() * 2)
-    with pytest.raises(ValueError, match=r"dup.jsonl, line 2: .*twice"):
+    with pytest.raises(ValueError, match=r"dup.jsonl, line 2: .*appears 2 times, expected 1"):
         read_validation(path)
+    with pytest.raises(ValueError, match=r"dup.jsonl: 1 ground truth\(s\) with fewer than 3 answers"):
+        read_validation(path, samples=3)
     path.write_text('{"gts": "x"}\n')
     with pytest.raises(ValueError, match=r"dup.jsonl, line 1"):
         read_validation(path)
+
+
+def test_sampled_validation_averages_each_cases_answers_and_tests_by_sign_flips(tmp_path):
+    """4 answers per case: a case's acc is its rate; the rise gets a bootstrap and a sign-flip p, not McNemar."""
+    def dump(name, rate_of):
+        lines = [json.dumps({"gts": ground_truth("Kavo", (i, i, i + 10, i + 10)), "acc": float(k < rate_of(i) * 4),
+                             "iou": 0.8 * float(k < rate_of(i) * 4)})
+                 for i in range(30) for k in range(4)]
+        np.random.default_rng(1).shuffle(lines)
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return read_validation(tmp_path / name, samples=4)
+
+    before = dump("0.jsonl", lambda i: 0.25)
+    after = dump("20.jsonl", lambda i: 0.5 if i % 3 else 0.25)
+    assert {case.acc for case in after.values()} == {0.25, 0.5} and len(after) == 30
+    rise = paired_difference(after, before)
+    assert rise.p_test == "sign-flip" and rise.difference == pytest.approx(0.25 * 20 / 30)
+    assert rise.low > 0 and rise.p_mcnemar < 0.001 and "sign-flip p=" in rise.format()
+    same = paired_difference(before, before)
+    assert (same.difference, same.low, same.high, same.p_mcnemar) == (0.0, 0.0, 0.0, 1.0)
