@@ -553,6 +553,10 @@ CURRICULUM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: ``karl.ivgr.val_stream`` values: validation prompts as in the dataset, or rendered as one iVGR stream.
+VAL_STREAMS: tuple[str, ...] = ("plain", "textual", "grounded")
+
+
 @dataclass(frozen=True)
 class IvgrConfig:
     """Interleaved visual-grounded reasoning (``karl.ivgr``; iVGR, arXiv 2605.31096; see :mod:`karl_verl.ivgr`).
@@ -590,6 +594,9 @@ class IvgrConfig:
     templates_path: str | None = None
     #: The ``extra_info`` field whose value identifies an instance (pairs the two streams, keys the teacher cache).
     key_field: str = "index"
+    #: Prompts of validation: "plain" (the dataset's, unchanged: comparable with runs without iVGR), "textual"
+    #: or "grounded" (the stream's template; "textual" measures iVGR's claim that the words-only stream grounds).
+    val_stream: str = "plain"
 
     def __post_init__(self) -> None:
         _check_fields(self, "karl.ivgr", {
@@ -607,7 +614,10 @@ class IvgrConfig:
             "judge_budget_s": lambda v, k: _number(v, k, 0.0, low_open=True),
             "templates_path": _optional_path,
             "key_field": _text,
+            "val_stream": _text,
         })
+        if self.val_stream not in VAL_STREAMS:
+            raise ConfigError(f"karl.ivgr.val_stream: expected one of {list(VAL_STREAMS)}, got {self.val_stream!r}")
         if self.judge_url is not None and not self.judge_url.startswith(("http://", "https://")):
             raise ConfigError(f"karl.ivgr.judge_url: expected an http:// or https:// URL, got {self.judge_url!r}")
         if self.enable and self.judge_url is None:
@@ -627,6 +637,7 @@ class KarlConfig:
     mastery: MasteryConfig = field(default_factory=MasteryConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    ivgr: IvgrConfig = field(default_factory=IvgrConfig)
 
     @classmethod
     def sections(cls) -> dict[str, type]:

@@ -21,7 +21,7 @@ SFT_RECIPES = ["karl_cot_sft"]
 #: The CPU variants (tested with the dry run, tests/dryrun).
 CPU_RECIPES = ["karl_kvg_cpu", "karl_cot_sft_cpu", "karl_kvg_cpu_vllm"]
 #: karl-verl's additions beyond the paper, each karl_kvg plus one feature.
-EXTENSION_RECIPES = ["karl_kvg_dynamic", "karl_kvg_inject", "karl_kvg_curriculum"]
+EXTENSION_RECIPES = ["karl_kvg_dynamic", "karl_kvg_inject", "karl_kvg_curriculum", "karl_kvg_ivgr"]
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +330,25 @@ def test_curriculum_is_off_by_default_and_on_in_its_recipe(installed, composed, 
         k: v for k, v in plain.items() if k not in ("karl", "trainer")}
     assert {k: v for k, v in on["karl"].items() if k != "curriculum"} == {
         k: v for k, v in plain["karl"].items() if k != "curriculum"}
+
+
+def test_ivgr_is_off_by_default_and_on_in_its_recipe(installed, composed, tmp_path):
+    """karl.ivgr shows every key in the composed config; karl_kvg_ivgr turns it on and changes nothing else
+    (the judge URL is the user's to give)."""
+    from karl_verl.config import IvgrConfig, hydra_default_nodes
+
+    assert composed["karl_kvg"]["karl"]["ivgr"] == hydra_default_nodes()["karl/ivgr/default"]
+    assert IvgrConfig.from_mapping(composed["karl_kvg"]["karl"]["ivgr"]) == IvgrConfig()
+    on = compose(installed, tmp_path, "karl_kvg_ivgr", "karl.ivgr.judge_url=http://judge:8000/v1")
+    ivgr = IvgrConfig.from_mapping(on["karl"]["ivgr"])
+    assert ivgr.enable and ivgr.judge_url == "http://judge:8000/v1"
+    assert {k: v for k, v in on["karl"]["ivgr"].items() if k not in ("enable", "judge_url")} == {
+        k: v for k, v in composed["karl_kvg"]["karl"]["ivgr"].items() if k not in ("enable", "judge_url")}
+    plain = composed["karl_kvg"]
+    assert {k: v for k, v in on.items() if k not in ("karl", "trainer")} == {
+        k: v for k, v in plain.items() if k not in ("karl", "trainer")}
+    assert {k: v for k, v in on["karl"].items() if k != "ivgr"} == {
+        k: v for k, v in plain["karl"].items() if k != "ivgr"}
 
 
 @pytest.mark.parametrize("mode", ["colocate_async", "separate_async", "sync"])
