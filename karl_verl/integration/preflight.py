@@ -11,7 +11,9 @@ message, every problem of:
   directory without ``config.json``);
 * ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
   once) and, for the ``karl`` trainer, no way to a first mastery table, and knowledge-infused
-  rollouts with verl settings they cannot run with (agent loop, group size);
+  rollouts with verl settings they cannot run with (agent loop, group size); with iVGR
+  (``karl.ivgr.enable``) a judge whose ``<judge_url>/models`` does not answer within a few seconds, a
+  bad template file, or dynamic sampling;
 * dynamic sampling (``algorithm.filter_groups``) on a key the ``karl`` reward's breakdown lacks;
 * vLLM rollouts without chunked prefill whose ``max_model_len`` exceeds ``max_num_batched_tokens``
   (verl 0.9.1's vLLM server dies at start on it);
@@ -79,6 +81,62 @@ def karl_config_problems(config: DictConfig) -> list[str]:
         problems.append(problem)
     if uses_karl_trainer and (problem := _inject_problem(config)):
         problems.append(problem)
+    if uses_karl_trainer:
+        problems.extend(ivgr_problems(config))
+    return problems
+
+
+#: Seconds the pre-flight waits for the iVGR judge's model list.
+JUDGE_CHECK_TIMEOUT_S = 5.0
+
+
+def judge_unreachable(url: str, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> str | None:
+    """Why ``GET <url>/models`` (an OpenAI-compatible API base) gives no model list within ``timeout_s``, or None."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    models = f"{url.rstrip('/').removesuffix('/chat/completions')}/models"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(models, method="GET"), timeout=timeout_s) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return f"GET {models} answered HTTP {err.code}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return f"GET {models} failed ({getattr(err, 'reason', err)})"
+    if not isinstance(reply, dict) or not isinstance(reply.get("data"), list):
+        return f"GET {models} is no OpenAI model list: {reply!r:.120}"
+    return None
+
+
+def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> list[str]:
+    """With ``karl.ivgr.enable``: a judge that does not answer, a bad template file, dynamic sampling.
+
+    An unset ``judge_url`` is reported with the other ``karl.*`` problems (:class:`~karl_verl.config.IvgrConfig`).
+    """
+    from karl_verl.config import ConfigError, IvgrConfig
+
+    try:
+        ivgr = IvgrConfig.from_mapping(_select(config, "karl.ivgr"))
+    except ConfigError:
+        return []  # reported with the other karl.* problems
+    if not ivgr.enable:
+        return []
+    problems = []
+    if ivgr.judge_url is not None and (why := judge_unreachable(ivgr.judge_url, timeout_s)):
+        problems.append(f"karl.ivgr.judge_url: the judge does not answer: {why} (start it first; "
+                        "`python -m karl_verl.judge serve` runs a local rule judge)")
+    if ivgr.templates_path is not None:
+        from karl_verl.ivgr import load_templates
+
+        try:
+            load_templates(ivgr.templates_path)
+        except ValueError as err:
+            problems.append(f"karl.ivgr.templates_path: {err}")
+    filter_groups = _select(config, "algorithm.filter_groups")
+    if filter_groups and filter_groups.get("enable", False):
+        problems.append("karl.ivgr.enable: not supported with algorithm.filter_groups.enable=true (dynamic sampling "
+                        "drops one stream's group without the other's); turn one of them off")
     return problems
 
 

@@ -42,6 +42,7 @@ level, skipped entities, re-weights (see :mod:`karl_verl.integration.curriculum`
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -259,14 +260,34 @@ class KarlTrainer(PPOTrainerSync):
         super().on_step_end()
         self.karl_dispatch("on_step_end")
 
+    def karl_rows_per_prompt(self) -> int:
+        """Training rows each dataloader prompt becomes (iVGR's two streams: 2; else 1)."""
+        return math.prod(feature.rows_per_prompt() for feature in self.karl_features)
+
+    def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int) -> Any:
+        """verl's step on ``karl_rows_per_prompt()`` x the prompts verl asks its replay buffer for (those
+        are counted in dataloader prompts; with iVGR each one is two rows, both trained in the same step)."""
+        return super()._step_once(metrics, timing_raw, sample_batch_size * self.karl_rows_per_prompt())
+
     def _fetch_one_gen_batch(self) -> TensorDict:
-        """verl's prompt batch, tagged by the features (its level first) before it goes to rollout."""
+        """verl's prompt batch, expanded (iVGR's streams), then tagged by the features (its level first)
+        before it goes to rollout."""
         batch = super()._fetch_one_gen_batch()
+        for feature in self.karl_features:
+            batch = feature.expand_prompts(batch)
         self.karl_dispatch("tag_prompts", batch)
         return batch
 
     def _add_prompts_to_generate(self, num_prompts: int) -> int:
-        """verl's refill (the replay buffer calls it to replace dropped groups), shown to the features."""
+        """verl's refill (the replay buffer calls it to replace dropped groups), shown to the features.
+
+        ``num_prompts`` counts rows; with expanded prompts it fetches enough dataloader prompts for them
+        (rounded up to whole ``data.gen_batch_size`` fetches, as verl's ``_next_train_batch`` needs).
+        """
+        factor = self.karl_rows_per_prompt()
+        if factor > 1:
+            gen_batch_size = self.config.data.get("gen_batch_size", None) or self.config.data.train_batch_size
+            num_prompts = max(1, math.ceil(num_prompts / factor / gen_batch_size)) * gen_batch_size
         batch = self._next_train_batch(num_prompts)
         self.karl_dispatch("observe_refill", batch)
         return self._submit_batch_to_rollout(batch)
@@ -287,7 +308,9 @@ class KarlTrainer(PPOTrainerSync):
         return batch
 
     def _compute_advantage(self, batch: Any, metrics: dict) -> Any:
-        """verl's advantage step; with ``karl_grpo`` the estimator gets every sample's mastery level."""
+        """verl's advantage step; with ``karl_grpo`` the estimator gets every sample's mastery level.
+        The features may change the rewards first (iVGR's consistency term)."""
+        self.karl_dispatch("before_advantage", batch, metrics)
         levels = self.karl_levels.fetch_levels(batch)
         if self.config.algorithm.adv_estimator != KARL_ESTIMATOR:
             output = super()._compute_advantage(batch, metrics)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -140,7 +141,8 @@ class FakeRollout:
 
     Mirrors ``AgentLoopWorkerTQ.generate_sequences`` / ``_run_prompt`` / ``_agent_loop_postprocess``:
     each prompt's fields are copied into its ``n`` sessions; the answer is
-    ``answer(entity, session, step)`` (:func:`policy` unless told otherwise); the reward is verl's
+    ``answer(entity, session, step)`` (:func:`policy` unless told otherwise; an ``answer`` taking a
+    keyword ``prompt`` also gets the prompt's fields, e.g. its rendered ``raw_prompt``); the reward is verl's
     reward manager ``karl`` (loaded as verl's reward loop loads it) on a one-row DataProto built like
     verl's ``_compute_score``; outputs go to TransferQueue under ``{uid}_{session}_0``.
     """
@@ -153,6 +155,7 @@ class FakeRollout:
         self.config = config
         self.tokenizer = tokenizer
         self.answer = answer
+        self._answer_takes_prompt = "prompt" in inspect.signature(answer).parameters
         self.reward = load_reward_manager(config, tokenizer)
         #: One entry per scored rollout: step, entity, the level sent with the prompt and the reward's view.
         self.scored: list[dict] = []
@@ -189,7 +192,8 @@ class FakeRollout:
         for session in range(n):
             kwargs = {**prompt, "session_id": session}
             prompt_ids = torch.tensor(self.tokenizer.encode("find it", add_special_tokens=False))
-            text = self.answer(entity, session, steps)
+            text = (self.answer(entity, session, steps, prompt=prompt) if self._answer_takes_prompt
+                    else self.answer(entity, session, steps))
             response_ids = torch.tensor(self.tokenizer.encode(text, add_special_tokens=False))
             data = DataProto(
                 batch=TensorDict({"prompts": prompt_ids[None], "responses": response_ids[None],
@@ -465,9 +469,9 @@ def patched_services(tq: FakeTQ) -> Iterator[None]:
     from verl.trainer.ppo.v1 import replay_buffer, trainer_base
 
     from karl_verl.integration import trainer as karl_trainer
-    from karl_verl.integration.features import base, dynamic_sampling, levels
+    from karl_verl.integration.features import base, dynamic_sampling, ivgr, levels
 
-    modules = (trainer_base, replay_buffer, padding_utils, karl_trainer, base, dynamic_sampling, levels)
+    modules = (trainer_base, replay_buffer, padding_utils, karl_trainer, base, dynamic_sampling, levels, ivgr)
     saved = [(module, "tq", module.tq) for module in modules]
     saved.append((trainer_base, "Tracking", trainer_base.Tracking))
     try:

@@ -34,6 +34,7 @@ from karl_verl.integration.features import (
     Curriculum,
     DynamicSampling,
     Injection,
+    Ivgr,
     LevelTagging,
     MasteryRefresh,
     TrainerFeature,
@@ -74,7 +75,7 @@ def fake_trainer(karl: dict, **config) -> SimpleNamespace:
 
 
 def test_the_registry_orders_the_features_and_builds_the_enabled_ones(tmp_path):
-    assert FEATURES == (MasteryRefresh, LevelTagging, DynamicSampling, Curriculum, Injection)
+    assert FEATURES == (MasteryRefresh, LevelTagging, DynamicSampling, Curriculum, Injection, Ivgr)
     assert all(issubclass(feature, TrainerFeature) for feature in FEATURES)
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"Su-30": {"knowledge_category": "mostly correct"}}))

@@ -124,6 +124,15 @@ class TrainerFeature:
         """A new mastery table was installed (``trigger``: "train_begin", "epoch", "step", ...)."""
 
     # -- samples
+    def rows_per_prompt(self) -> int:
+        """Rows each dataloader prompt becomes in a training batch (:meth:`expand_prompts`); 1: unchanged."""
+        return 1
+
+    def expand_prompts(self, batch: Any) -> Any:
+        """A training prompt batch (TensorDict, verl's ``uid`` assigned) with rows added or rewritten, before
+        any :meth:`tag_prompts`; returns the batch (the same one when unchanged)."""
+        return batch
+
     def tag_prompts(self, batch: Any) -> None:
         """Put fields on a training prompt batch (TensorDict) before it goes to rollout."""
 
@@ -135,6 +144,9 @@ class TrainerFeature:
 
     def after_old_log_prob(self, batch: Any, metrics: dict) -> None:
         """After verl's ``_compute_old_log_prob``."""
+
+    def before_advantage(self, batch: Any, metrics: dict) -> None:
+        """Rewards (``rm_scores`` in TransferQueue) are known; the advantage is not computed yet."""
 
     def on_policy_rows(self, batch: Any) -> np.ndarray | None:
         """Which rows of ``batch`` count in the advantage's group statistics, or None (all)."""
