@@ -283,3 +283,28 @@ def test_the_vllm_recipes_fit_a_whole_sequence_in_a_batch(recipe):
     assert vllm_batched_tokens_problem(config) is None
     if recipe == "karl_kvg_cpu_vllm":  # what vLLM on CPU cannot do
         assert rollout.enable_sleep_mode is False and rollout.enforce_eager is True
+
+
+def test_ivgr_needs_a_judge_that_answers_and_valid_templates(tmp_path):
+    """karl.ivgr.enable: the judge's <url>/models must answer, a templates file must be valid, no dynamic sampling."""
+    from karl_verl.integration.preflight import ivgr_problems
+    from karl_verl.judge import RuleJudgeServer
+
+    def config(**ivgr):
+        return OmegaConf.create({"trainer": {"v1": {"trainer_mode": "karl"}}, "algorithm": {},
+                                 "karl": {"ivgr": {"enable": True, **ivgr}}})
+
+    with RuleJudgeServer() as judge:
+        assert ivgr_problems(config(judge_url=judge.url)) == []
+        templates = tmp_path / "t.yaml"
+        templates.write_text("textual: no placeholder\n")
+        [problem] = ivgr_problems(config(judge_url=judge.url, templates_path=str(templates)))
+        assert problem.startswith("karl.ivgr.templates_path:") and "placeholder" in problem
+        dynamic = config(judge_url=judge.url)
+        dynamic.algorithm.filter_groups = {"enable": True}
+        assert ivgr_problems(dynamic) == [
+            "karl.ivgr.enable: not supported with algorithm.filter_groups.enable=true (dynamic sampling drops one "
+            "stream's group without the other's); turn one of them off"]
+    [problem] = ivgr_problems(config(judge_url=judge.url), timeout_s=1.0)  # stopped: nothing listens there
+    assert problem.startswith("karl.ivgr.judge_url: the judge does not answer: GET http://127.0.0.1:")
+    assert ivgr_problems(config(enable=False)) == []
