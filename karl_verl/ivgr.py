@@ -140,6 +140,19 @@ def load_templates(path: str | os.PathLike[str]) -> dict[str, str]:
     return templates
 
 
+def message_text(content: Any) -> str:
+    """A chat message's text: a string, or the text parts of a content list joined (image parts dropped).
+
+    >>> message_text([{"type": "image"}, {"type": "text", "text": "Find X"}])
+    'Find X'
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
+    return ""
+
+
 def extract_reasoning(response: str) -> str:
     """The reasoning of a response, stripped: the first ``<think>...</think>`` span's text.
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from karl_verl.ivgr import judge_messages, parse_judge_prompt, rubric_score
+from karl_verl.ivgr import judge_messages, message_text, parse_judge_prompt, rubric_score
 
 if TYPE_CHECKING:
     from karl_verl.config import IvgrConfig
@@ -283,15 +283,6 @@ def rule_score(reference: str, candidate: str) -> float:
     return 0.7 if min(extra, missing) <= RULE_DETAIL_SHARE else 0.3
 
 
-def _text_of(content: Any) -> str:
-    """A chat message's text: a string, or the text parts of an OpenAI content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
-
-
 class RuleJudgeServer:
     """An OpenAI-compatible judge on 127.0.0.1 scoring with :func:`rule_score` (see the module docstring).
 
@@ -374,7 +365,7 @@ class RuleJudgeServer:
                 model = body.get("model") if isinstance(body, dict) else None
                 return 404, _error(f"The model `{model}` does not exist.", "NotFoundError")
             users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-            parsed = parse_judge_prompt(_text_of(users[-1].get("content"))) if users else None
+            parsed = parse_judge_prompt(message_text(users[-1].get("content"))) if users else None
             if parsed is None:
                 return 400, _error("no judge prompt (karl_verl.ivgr.judge_messages) in the last user message",
                                    "invalid_request_error")

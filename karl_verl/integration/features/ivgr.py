@@ -66,6 +66,7 @@ from karl_verl.ivgr import (
     consistency_reward,
     extract_reasoning,
     load_templates,
+    message_text,
     pair_streams,
     render_prompt,
     stream_uid,
@@ -76,15 +77,6 @@ from karl_verl.mastery_state import finite_or_none
 CACHE_FILE = "karl_ivgr_cache.json"
 #: ``extra_info`` field holding the instance's original user text (the judge's question).
 QUESTION_FIELD = "ivgr_question"
-
-
-def _user_text(content: Any) -> str:
-    """A message's text: the string, or the text parts of a content list joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-    return ""
 
 
 def render_messages(messages: Sequence[Mapping[str, Any]], stream: str,
@@ -102,7 +94,7 @@ def render_messages(messages: Sequence[Mapping[str, Any]], stream: str,
     if at is None:
         raise ValueError(f"iVGR: the prompt has no user message to render as the {stream} stream: {messages!r:.200}")
     content = messages[at].get("content")
-    question = _user_text(content)
+    question = message_text(content)
     if isinstance(content, list):
         template = (templates or {}).get(stream) or DEFAULT_TEMPLATES[stream]
         prefix, _, suffix = template.partition(QUESTION_PLACEHOLDER)
