@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from karl_verl.experiment.stats import Case, Difference, by_level, mean_by_level, read_validation
+from karl_verl.experiment.stats import Case, Difference, by_level, mean_by_level, paired_difference, read_validation
 from karl_verl.world import WorldConfig
 
 #: Arm -> the ``main_ppo`` overrides that make it (on top of ``karl_kvg_cpu`` and the shared ones).
@@ -40,6 +40,9 @@ ARMS: dict[str, tuple[str, ...]] = {
              "karl.mastery.refresh_every_epochs=0", "karl.mastery.refresh_every_steps=0"),
     "karl_static": ("karl.mastery.refresh_every_epochs=0", "karl.mastery.refresh_every_steps=0"),
 }
+#: ``ExperimentOptions.check_group`` values.
+CHECK_GROUPS = ("all", "known")
+
 ARM_DESCRIPTIONS: dict[str, str] = {
     "karl": "KA-IoU reward, karl_grpo, mastery refreshed by the probe",
     "grpo": "vanilla GRPO (uniform scales, verl's grpo, no probe)",
@@ -80,6 +83,12 @@ class ExperimentOptions:
     val_samples: int = 1
     #: Temperature of sampled validation (val_samples > 1); None: the rollout temperature.
     val_temperature: float | None = None
+    #: The validation cases whose rise decides LEARNED: ``all``, or ``known``, the entities the warm-up
+    #: taught. In 40 steps RL sharpens what the tiny model partly knows (known entities, sampled acc@0.5
+    #: 0.46 -> 0.64-0.69 in three runs) while entities it barely knows trade places (one rose 0.46, another of
+    #: its category fell 0.36-0.46 in every run), so ``all`` rose +0.033 to +0.063 and learned in two of three
+    #: (README, "The quick check"). Every group is reported either way.
+    check_group: str = "all"
     seed: int = 0
     progress: bool = True
     timeout_s: float = 1800.0
@@ -96,6 +105,8 @@ class ExperimentOptions:
                      "val_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.check_group not in CHECK_GROUPS:
+            problems.append(f"check_group: expected one of {', '.join(CHECK_GROUPS)}, got {self.check_group!r}")
         if self.steps % self.test_freq:
             problems.append(f"steps ({self.steps}) must be a multiple of test_freq ({self.test_freq}) so that the "
                             "last step is validated")
@@ -118,16 +129,23 @@ class ArmResult:
     rise: list[Difference] = field(default_factory=list)
     rise_iou: list[Difference] = field(default_factory=list)
     log: str = ""
+    #: The group of ``rise`` and ``rise_iou`` that decides :attr:`learned` (``ExperimentOptions.check_group``).
+    check_group: str = "all"
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and len(self.validations) >= 2
 
+    def checked(self, metric: str = "acc") -> Difference | None:
+        """The rise of the check group in ``metric`` (``acc`` or ``iou``); None without validations."""
+        rises = self.rise if metric == "acc" else self.rise_iou
+        return next((d for d in rises if d.group == self.check_group), None)
+
     @property
     def learned(self) -> bool:
-        """acc@0.5 and mean IoU both rose from step 0 to the last validation, CIs above 0."""
-        return self.ok and bool(self.rise) and bool(self.rise_iou) and all(
-            d.low > 0 for d in (self.rise[0], self.rise_iou[0]))
+        """The check group's acc@0.5 and mean IoU both rose from step 0 to the last validation, CIs above 0."""
+        acc, iou = self.checked("acc"), self.checked("iou")
+        return self.ok and acc is not None and iou is not None and acc.low > 0 and iou.low > 0
 
 
 @dataclass
@@ -147,7 +165,7 @@ class ExperimentReport:
         return bool(self.arms) and all(arm.learned for arm in self.arms.values())
 
     def summary_line(self) -> str:
-        parts = [f"{name}: {arm.rise[0].format()}" if arm.rise else f"{name}: no validation"
+        parts = [f"{name}: {arm.checked().format()}" if arm.checked() else f"{name}: no validation"
                  for name, arm in self.arms.items()]
         return ("LEARNED" if self.ok else "DID NOT LEARN") + " | " + " | ".join(parts)
 
@@ -162,7 +180,8 @@ class ExperimentReport:
                      + ", ".join(f"level {k}: {counts[k]}" for k in sorted(counts)))
         for name, arm in self.arms.items():
             lines.append(f"\n{name} ({ARM_DESCRIPTIONS.get(name, '')}): rc {arm.returncode}, {arm.seconds:.0f} s")
-            lines += [f"  {d.format()}" for d in arm.rise + arm.rise_iou[:1]]
+            iou = [d for d in arm.rise_iou if d.group in ("all", arm.check_group)]
+            lines += [f"  {d.format()}" for d in arm.rise + iou]
             for refresh in arm.refreshes:
                 lines.append(f"  refresh at step {refresh['step']:.0f}: {refresh['up']:.0f} entities up, "
                              f"{refresh['down']:.0f} down; levels "
@@ -341,9 +360,20 @@ def _refreshes(steps: list[dict[str, Any]]) -> list[dict[str, float]]:
     return out
 
 
-def run_arm(options: ExperimentOptions, name: str, files: Mapping[str, Path], levels: Mapping[str, int]
-            ) -> ArmResult:
-    """Stage 4 for one arm: its ``main_ppo`` child, then its validations and rises."""
+def rises(last: Mapping[str, Case], first: Mapping[str, Case], levels: Mapping[str, int], known: Collection[str] = (),
+          *, metric: str = "acc", seed: int = 0) -> list[Difference]:
+    """Paired rises ``last - first`` of ``metric``: overall, over the ``known`` entities (if any), per level."""
+    out = by_level(last, first, levels, metric=metric, seed=seed)
+    if known:
+        out.insert(1, paired_difference(last, first, metric=metric, group="known", keep=dict.fromkeys(known, True),
+                                        seed=seed))
+    return out
+
+
+def run_arm(options: ExperimentOptions, name: str, files: Mapping[str, Path], levels: Mapping[str, int],
+            known: Collection[str] = ()) -> ArmResult:
+    """Stage 4 for one arm: its ``main_ppo`` child, then its validations and rises (overall, over the
+    ``known`` entities when given, and per level of ``levels``)."""
     from tqdm import tqdm
 
     from karl_verl.dryrun.launch import run_main_ppo
@@ -356,15 +386,15 @@ def run_arm(options: ExperimentOptions, name: str, files: Mapping[str, Path], le
                            env={**training_environment(), **options.env}, timeout_s=options.timeout_s,
                            on_step=lambda _step: bar.update(1), cwd=Path(options.workdir))
     result = ArmResult(name=name, returncode=run.returncode if not run.timed_out else -9, seconds=run.seconds,
-                       refreshes=_refreshes(run.steps), log=str(run.log_path))
+                       refreshes=_refreshes(run.steps), log=str(run.log_path), check_group=options.check_group)
     dumps = run_dir / "validation"
     for path in sorted(dumps.glob("*.jsonl")) if dumps.is_dir() else []:
         result.validations[int(path.stem)] = read_validation(path, samples=options.val_samples)
     if result.ok:
         first, last = min(result.validations), max(result.validations)
-        result.rise = by_level(result.validations[last], result.validations[first], levels, seed=options.seed)
-        result.rise_iou = by_level(result.validations[last], result.validations[first], levels, metric="iou",
-                                   seed=options.seed)
+        result.rise, result.rise_iou = (
+            rises(result.validations[last], result.validations[first], levels, known, metric=metric, seed=options.seed)
+            for metric in ("acc", "iou"))
     return result
 
 
@@ -402,7 +432,7 @@ def run_experiment(options: ExperimentOptions, say: Callable[[str], None] = prin
         done()
     for name in options.arms:
         done = stage(f"arm {name}")
-        report.arms[name] = run_arm(options, name, files, report.initial_levels)
+        report.arms[name] = run_arm(options, name, files, report.initial_levels, report.known)
         done()
     last = {name: arm.validations[max(arm.validations)] for name, arm in report.arms.items() if arm.ok}
     for a, b, title in (("karl", "grpo", "KARL - GRPO"), ("karl", "karl_static", "refreshed - static mastery")):
