@@ -109,10 +109,16 @@ def test_weights_reach_vllm_after_every_step(vllm_runs):
     actor moved. And vLLM's probe answers changed between the refreshes at steps 1 and 3: the same
     questions, answered greedily, so only new weights can change them."""
     records = [r["data"] for r in vllm_runs["train"]["records"] + vllm_runs["resume"]["records"]]
+    correlations = []
     for data in records:
         assert data["training/rollout_probs_diff_valid"] == 1
         assert data["training/rollout_probs_diff_max"] < PROBS_DIFF_BOUND, data["training/rollout_probs_diff_max"]
-        assert data["training/rollout_actor_probs_pearson_corr"] > 0.999
+        # verl's Pearson correlation is NaN (null in the JSON) when one side's token probabilities are all
+        # equal, e.g. every sampled token at probability 1.0 after the policy collapsed: the diff bound above
+        # still holds there (CI saw this once at lr 2e-3).
+        if data["training/rollout_actor_probs_pearson_corr"] is not None:
+            correlations.append(data["training/rollout_actor_probs_pearson_corr"])
+    assert correlations and min(correlations) > 0.999, correlations
     entropies = [data["actor/entropy"] for data in records]
     assert max(entropies) > 1.2 * min(entropies), entropies  # the policy did move
     before = _state(vllm_runs["workdir"], 2)["table"]["entities"]
