@@ -193,8 +193,13 @@ def test_a_run_pairs_the_streams_fills_the_cache_and_adds_the_judge_term(tmp_pat
     logged = dict(RecordingTracking.logged)
     assert logged[1]["ivgr/cache_size"] >= 1 and logged[1]["ivgr/judge_failures"] == 0
     for name in ("ivgr/grounded/reward_mean", "ivgr/textual/reward_mean", "ivgr/textual/acc@0.5",
-                 "ivgr/cache_coverage", "ivgr/judge_time_s", "ivgr/judge_time_share", "ivgr/no_reference"):
+                 "ivgr/cache_coverage", "ivgr/judge_time_s", "ivgr/judge_time_share", "ivgr/no_reference",
+                 "ivgr/textual/karl_reward_mean", "ivgr/consistency_term_mean"):
         assert name in logged[2], name
+    for step in steps:  # each stream its own groups, every uid its stream's (read back from TransferQueue)
+        instances = len({info[INSTANCE_FIELD] for info in step["extra_info"]})
+        assert logged[step["step"]]["ivgr/grounded/groups"] == logged[step["step"]]["ivgr/textual/groups"] == instances
+        assert logged[step["step"]]["ivgr/uid_mismatch"] == 0
     for step in steps:  # a judge score mean on the steps that judged something, and only there
         scores = [row["judge_score"] for row in step["judged"].values() if row["judge_score"] is not None]
         assert logged[step["step"]].get("ivgr/judge_score_mean") == (pytest.approx(sum(scores) / len(scores))

@@ -24,7 +24,10 @@ once per step, bounded by ``karl.ivgr.judge_budget_s`` (:class:`~karl_verl.judge
   judge score (a failed, garbled or late judge): no term, the KARL reward stays (counted).
 * Metrics ``ivgr/*`` every step: per stream and level reward mean and acc@0.5, judge score mean,
   cache coverage and size, judge failures, rows without reference, judge time and its share of the
-  step's wall time.
+  step's wall time; the textual rows' KARL reward before the term and the term itself
+  (``ivgr/textual/karl_reward_mean``, ``ivgr/consistency_term_mean``: their sum is
+  ``ivgr/textual/reward_mean``, read back after the write); GRPO groups per stream and rows whose
+  uid is not their stream's (``ivgr/uid_mismatch``); after a resume, ``ivgr/cache_restored``.
 * Checkpoints: the teacher cache is ``karl_ivgr_cache.json`` in each ``global_step_N`` folder.
 * Validation: ``karl.ivgr.val_stream`` "plain" (default) keeps the dataset's prompts, comparable with
   runs without iVGR; "textual" evaluates iVGR's claim that the words-only stream grounds well on its
@@ -178,6 +181,8 @@ class Ivgr(TrainerFeature):
         self._stats = _Stats()
         self._counts: dict[str, float] = defaultdict(float)
         self._step_started: float | None = None
+        #: Entries the last resume restored, until the next step's metrics report them.
+        self._restored: int | None = None
 
     @classmethod
     def enabled(cls, trainer: Any) -> bool:
@@ -210,10 +215,11 @@ class Ivgr(TrainerFeature):
         keys = [key for key, tag in zip(batch.keys, batch.tags, strict=True) if not tag.get("is_padding", False)]
         if not keys:
             return
-        fields = ["responses", "response_mask", "rm_scores", "extra_fields", "extra_info"]
+        fields = ["responses", "response_mask", "rm_scores", "extra_fields", "extra_info", "uid"]
         data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
         size = len(keys)
         infos, extra_infos = reward_infos(data, size), row_field(data, "extra_info", size)
+        uids = row_field(data, "uid", size)
         responses, masks = _rows(data["responses"]), _rows(data["response_mask"])
         scores = [row.float().clone() for row in _rows(data["rm_scores"])]
         texts = [self.trainer.tokenizer.decode(ids[mask.bool()].tolist() if len(mask) == len(ids) else ids.tolist(),
@@ -224,6 +230,7 @@ class Ivgr(TrainerFeature):
         if any(stream not in STREAMS for stream in streams):
             self.warn_once("no_stream", "karl: iVGR: %d rows without extra_info[%r]; they get no consistency term",
                            sum(stream not in STREAMS for stream in streams), STREAM_FIELD)
+        self._count_groups(streams, uids)
         # Group A first: a correct grounded rollout of this step can be the reference of this step's textual ones.
         for i in (i for i, stream in enumerate(streams) if stream == GROUNDED):
             acc, iou = finite_or_none(infos[i].get("acc")), finite_or_none(infos[i].get("iou"))
@@ -252,6 +259,8 @@ class Ivgr(TrainerFeature):
                 scores[i][at] += reward - karl_reward
                 changed.append(i)
             self._record_judgement(info)
+            self._stats.add("ivgr/textual/karl_reward_mean", karl_reward)
+            self._stats.add("ivgr/consistency_term_mean", reward - karl_reward)
             self.step_rows.append({"key": keys[i], "instance": instances[i], "stream": TEXTUAL,
                                    "karl_reward": karl_reward, "reward": reward, **info})
         self._counts["instances"] += len({instances[i] for i in range(size) if streams[i] in STREAMS})
@@ -260,6 +269,20 @@ class Ivgr(TrainerFeature):
             nested = torch.nested.as_nested_tensor([scores[i] for i in changed], layout=torch.jagged)
             tq.kv_batch_put(keys=[keys[i] for i in changed], partition_id=batch.partition_id,
                             fields=TensorDict({"rm_scores": nested}, batch_size=len(changed)))
+
+    def _count_groups(self, streams: Sequence[str | None], uids: Sequence[Any]) -> None:
+        """GRPO groups per stream, and rows whose ``uid`` is not their stream's: the uid is what the
+        advantage groups by, so a store that dropped or rewrote the ``/<stream>`` suffix
+        (:func:`~karl_verl.ivgr.stream_uid`) would mix the two streams into one group."""
+        groups: dict[str, set[str]] = {stream: set() for stream in STREAMS}
+        for stream, uid in zip(streams, uids, strict=True):
+            if stream not in STREAMS:
+                continue
+            groups[stream].add(str(uid))
+            if not str(uid).endswith(f"/{stream}"):
+                self._counts["uid_mismatch"] += 1
+        for stream, members in groups.items():
+            self._counts[f"{stream}/groups"] += len(members)
 
     def _record_judgement(self, info: Mapping[str, Any]) -> None:
         self._counts["textual_rows"] += 1
@@ -291,7 +314,13 @@ class Ivgr(TrainerFeature):
             "ivgr/judged_rollouts": counts["judged_rows"],
             "ivgr/judge_failures": counts["judge_failures"],
             "ivgr/judge_time_s": counts["judge_time_s"],
+            "ivgr/grounded/groups": counts["grounded/groups"],
+            "ivgr/textual/groups": counts["textual/groups"],
+            "ivgr/uid_mismatch": counts["uid_mismatch"],
         })
+        if self._restored is not None:  # the first step after a resume says what the checkpoint gave
+            out["ivgr/cache_restored"] = float(self._restored)
+            self._restored = None
         if self._step_started is not None:
             step_time = time.monotonic() - self._step_started
             if step_time > 0:
@@ -311,6 +340,8 @@ class Ivgr(TrainerFeature):
             logger.warning("karl: %s has no %s (a checkpoint of a run without iVGR?): the iVGR teacher cache "
                            "starts empty", folder, CACHE_FILE)
             self.cache = TeacherCache(self.config.tau)
+            self._restored = 0
             return
         self.cache = TeacherCache.load(path, tau=self.config.tau)
+        self._restored = len(self.cache)
         logger.info("karl: iVGR teacher cache restored from %s (%d instances)", path, len(self.cache))
