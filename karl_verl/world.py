@@ -30,6 +30,10 @@ Outputs of :func:`build_world` in one folder (every file written atomically):
                           "prompt", "image" (file name), "target"}``, images under ``images/``
 ``world.json``            the entities (name, category, colour, known) and the config
 ========================= ===================================================================
+
+:func:`write_stream_warmup` adds, on request, ``warmup_ivgr.jsonl``: the warm-up examples again,
+plus each grounding example rendered as both iVGR streams (:mod:`karl_verl.ivgr`), for a run with
+``karl.ivgr.enable``. It is a file of its own so that the files above stay the same, byte for byte.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import colorsys
 import io
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,7 @@ TRAIN_FILE = "train.parquet"
 VAL_FILE = "val.parquet"
 WARMUP_FILE = "warmup.jsonl"
 WORLD_FILE = "world.json"
+STREAM_WARMUP_FILE = "warmup_ivgr.jsonl"
 
 _ONSETS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -426,3 +431,90 @@ def load_world(folder: str | Path) -> tuple[WorldConfig, list[Entity]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a world file written by build_world ({exc})") from exc
     return config, entities
+
+
+#: Hue (degrees) below which a colour takes each name; the last one wraps round to red.
+_HUE_NAMES: tuple[tuple[float, str], ...] = (
+    (15, "red"), (45, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"), (255, "blue"), (290, "purple"),
+    (345, "pink"), (360, "red"),
+)
+_ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+_COLUMNS = {2: ("left", "right"), 3: ("left", "centre", "right")}
+
+
+def colour_name(colour: Sequence[int]) -> str:
+    """The everyday name of an entity's (saturated) colour, from its hue.
+
+    >>> colour_name((230, 35, 35)), colour_name((35, 35, 230))
+    ('red', 'blue')
+    """
+    hue = colorsys.rgb_to_hsv(*(v / 255 for v in colour[:3]))[0] * 360
+    return next(name for below, name in _HUE_NAMES if hue < below)
+
+
+def cell_words(config: WorldConfig, box: Sequence[float]) -> str:
+    """Where ``box`` (0-1000) stands on the canvas, in words: "top left" on a 2x2 or 3x3 grid, else
+    "row three column one" (words, not digits: the rule judge reads words only).
+
+    >>> cell_words(WorldConfig(), (540, 47, 953, 453))
+    'top right'
+    """
+    scale = 1000 / config.canvas_size
+    column = min(int((box[0] + box[2]) / 2 / scale) // config.cell_size, config.grid - 1)
+    row = min(int((box[1] + box[3]) / 2 / scale) // config.cell_size, config.grid - 1)
+    if config.grid in _ROWS:
+        return f"{_ROWS[config.grid][row]} {_COLUMNS[config.grid][column]}"
+    numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    spell = (lambda n: numbers[n] if n < len(numbers) else f"number {n + 1}")  # noqa: E731
+    return f"row {spell(row)} column {spell(column)}"
+
+
+def stream_answers(config: WorldConfig, entity: Entity, box: Sequence[int]) -> dict[str, str]:
+    """The warm-up answer of each iVGR stream for ``entity`` at ``box`` (0-1000): the grounded one's
+    reasoning names the entity, its look and cell and writes the box ``[x1,y1,x2,y2]``; the textual
+    one's says the same in words only, so a textual rollout like its target scores 1.0 with the rule
+    judge against a grounded rollout like its target. One short sentence each (about 65 and 50 tokens
+    of the tiny tokenizer with the answer), to fit ``data.max_response_length``.
+
+    >>> entity = Entity("Kavo", "squares", "square", (230, 35, 35), True)
+    >>> stream_answers(WorldConfig(), entity, (47, 47, 453, 453))["grounded"]
+    '<think>Kavo is the red square at the top left [47,47,453,453].</think><answer>(47,47),(453,453)</answer>'
+    """
+    from karl_verl.ivgr import GROUNDED, TEXTUAL
+
+    look = f"{entity.name} is the {colour_name(entity.colour)} {entity.shape} at the {cell_words(config, box)}"
+    coordinates = ",".join(str(int(v)) for v in box)
+    answer = f"<answer>{prompts.format_box(box)}</answer>"
+    return {GROUNDED: f"<think>{look} [{coordinates}].</think>{answer}", TEXTUAL: f"<think>{look}.</think>{answer}"}
+
+
+def write_stream_warmup(world: World, templates: Mapping[str, str] | None = None, *,
+                        include_plain: bool = True) -> Path:
+    """Write ``warmup_ivgr.jsonl`` next to ``warmup.jsonl``: every example of it (``include_plain``;
+    validation asks the plain prompts), then each grounding example once per iVGR stream, its prompt
+    rendered with the stream's template (:func:`karl_verl.ivgr.render_prompt`, ``templates`` as
+    ``karl.ivgr.templates_path`` gives them) and its target :func:`stream_answers` (kind
+    ``grounding``, field ``stream``). Deterministic (no new drawing); returns the path, also
+    ``world.files["warmup_ivgr"]``.
+
+    Without it the tiny model, warmed up on plain prompts only, answered the stream templates with
+    about 2 tokens (a 4-step ``main_ppo`` run: every reward 0, no cache entry, no judge call).
+    """
+    from karl_verl.boxes import answer_span, read_box_reference
+    from karl_verl.ivgr import STREAMS, render_prompt
+
+    by_name = {e.name: e for e in world.entities}
+    source = world.folder / WARMUP_FILE
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    streamed = []
+    for record in records:
+        if record["kind"] != "grounding":
+            continue
+        box = tuple(int(v) for v in read_box_reference(answer_span(record["target"]) or ""))
+        answers = stream_answers(world.config, by_name[record["entity"]], box)
+        streamed += [{**record, "prompt": render_prompt(stream, record["prompt"], templates), "stream": stream,
+                      "target": answers[stream]} for stream in STREAMS]
+    path = atomic_write_text(world.folder / STREAM_WARMUP_FILE,
+                             "".join(json.dumps(r) + "\n" for r in (records if include_plain else []) + streamed))
+    world.files["warmup_ivgr"] = Path(path)
+    return Path(path)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from karl_verl.boxes import entity_of, read_box_reference
 from karl_verl.probe.questions import build_questions, load_probe_set
-from karl_verl.world import PROBE_FILE, WorldConfig, _cell_box, build_world, load_world
+from karl_verl.world import PROBE_FILE, WorldConfig, _cell_box, build_world, colour_name, load_world
 
 SMALL = WorldConfig(train_images=48, val_images=32, warmup_images=24, warmup_probe_per_entity=4,
                     probe_images_per_entity=4, seed=3)
@@ -192,3 +192,37 @@ def test_partly_known_entities_are_shown_less_and_unknown_ones_never(tmp_path):
         replace(config, partial_per_category=4)
     with pytest.raises(ValueError, match="partial_exposure: expected a share in"):
         replace(config, partial_exposure=0.0)
+
+
+def test_stream_warmup_renders_both_streams_and_leaves_the_world_as_it_was(world):
+    from karl_verl.boxes import answer_span
+    from karl_verl.ivgr import GROUNDED, TEXTUAL, extract_reasoning, render_prompt
+    from karl_verl.judge import rule_score
+    from karl_verl.world import STREAM_WARMUP_FILE, write_stream_warmup
+
+    before = _digest(world.folder)
+    templates = {TEXTUAL: "{question} Words only."}
+    path = write_stream_warmup(world, templates)
+    assert path == world.folder / STREAM_WARMUP_FILE == world.files["warmup_ivgr"]
+    after = _digest(world.folder)
+    assert {name: digest for name, digest in after.items() if name != STREAM_WARMUP_FILE} == before
+    plain = [json.loads(line) for line in world.files["warmup"].read_text().splitlines()]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    grounding = [r for r in plain if r["kind"] == "grounding"]
+    assert records[:len(plain)] == plain and len(records) == len(plain) + 2 * len(grounding)
+    colours = {e.name: e.colour for e in world.entities}
+    streamed = records[len(plain):]
+    for source, grounded, textual in zip(grounding, streamed[::2], streamed[1::2], strict=True):
+        assert (grounded["stream"], textual["stream"]) == (GROUNDED, TEXTUAL)
+        assert grounded["prompt"] == render_prompt(GROUNDED, source["prompt"])
+        assert textual["prompt"] == source["prompt"] + " Words only."
+        # The plain example's answer, after a reasoning that names the entity; only the grounded one writes the box.
+        answer = answer_span(source["target"])
+        assert answer_span(grounded["target"]) == answer_span(textual["target"]) == answer
+        box = "[" + answer.replace("(", "").replace(")", "") + "]"
+        reasoning, words = extract_reasoning(grounded["target"]), extract_reasoning(textual["target"])
+        assert reasoning.startswith(source["entity"] + " is the ") and box in reasoning
+        assert not any(c.isdigit() for c in words) and words.rstrip(".") == reasoning.split(" [")[0]
+        assert rule_score(reasoning, words) == 1.0 and colour_name(colours[source["entity"]]) in words
+    only = [json.loads(line) for line in write_stream_warmup(world, include_plain=False).read_text().splitlines()]
+    assert len(only) == 2 * len(grounding) and all("stream" in r for r in only)
