@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent / "_support"))
 
 
 #: Tests that run verl's ``main_ppo`` (tests/dryrun/conftest.py holds the runs its tests share).
-MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py")
+MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py", "tests/integration/test_ivgr_main_ppo.py")
 #: Tests whose runs use verl's vLLM rollout (the ``.venv-vllm`` environment; one module-scoped set of runs).
 VLLM_TESTS = ("tests/cpu/test_vllm_rollout.py",)
 
