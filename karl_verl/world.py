@@ -465,8 +465,8 @@ def cell_words(config: WorldConfig, box: Sequence[float]) -> str:
     if config.grid in _ROWS:
         return f"{_ROWS[config.grid][row]} {_COLUMNS[config.grid][column]}"
     numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-    spell = (lambda n: numbers[n] if n < len(numbers) else f"number {n + 1}")  # noqa: E731
-    return f"row {spell(row)} column {spell(column)}"
+    row_word, column_word = (numbers[n] if n < len(numbers) else f"number {n + 1}" for n in (row, column))
+    return f"row {row_word} column {column_word}"
 
 
 def stream_answers(config: WorldConfig, entity: Entity, box: Sequence[int]) -> dict[str, str]:
