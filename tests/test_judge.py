@@ -132,15 +132,18 @@ def test_no_more_requests_in_flight_than_max_concurrency(start_judge):
 
 
 def test_the_server_takes_a_burst_of_connections_at_once(start_judge):
-    """32 connections at once, 32 in flight: with socketserver's listen backlog of 5 the kernel dropped
-    the connections beyond it and the client sent them again 1 s later (each step of a main_ppo run
-    spent 1.0 s on a judge that answers in milliseconds)."""
+    """32 connections at once, 32 in flight, every one answered. With socketserver's listen backlog of 5
+    the kernel dropped the connections beyond it and the client's TCP stack sent them again 1 s later:
+    each step of a main_ppo run spent 1.0 s on a judge that answers in milliseconds. That shows only as
+    time, which a test must not assert on a shared machine, so the backlog itself is checked."""
+    from karl_verl.judge import _JudgeHTTPServer
+
     server = start_judge()
     client = _client(server.url, samples=2, max_concurrency=32)
     client.score_many([(REFERENCE, SAME, QUESTION)])  # the model name is resolved once, before the burst
     results = client.score_many([(REFERENCE, SAME, QUESTION)] * 16)
     assert all(r.mean == 1.0 for r in results)
-    assert max(r.latency_s for r in results) < 0.9  # a dropped connection waits 1 s for its resend
+    assert _JudgeHTTPServer.request_queue_size >= 32
 
 
 def test_the_client_from_config(start_judge):

