@@ -227,12 +227,19 @@ def _cell_box(config: WorldConfig, cell: int, rng: random.Random) -> tuple[int, 
             x0 + size - rng.randint(low, high), y0 + size - rng.randint(low, high))
 
 
+def _cell_of(config: WorldConfig, box: Sequence[float]) -> tuple[int, int]:
+    """(row, column) of the grid cell holding the centre of ``box`` (0-1000)."""
+    scale = 1000 / config.canvas_size
+    column = min(int((box[0] + box[2]) / 2 / scale) // config.cell_size, config.grid - 1)
+    row = min(int((box[1] + box[3]) / 2 / scale) // config.cell_size, config.grid - 1)
+    return row, column
+
+
 def cell_answer_box(config: WorldConfig, box: Sequence[int]) -> tuple[int, int, int, int]:
     """The 0-1000 box of the cell holding ``box`` (0-1000), at the middle margin: a warm-up answer."""
     size, (low, high) = config.cell_size, config.margin_range
     scale = 1000 / config.canvas_size
-    column = min(int((box[0] + box[2]) / 2 / scale) // size, config.grid - 1)
-    row = min(int((box[1] + box[3]) / 2 / scale) // size, config.grid - 1)
+    row, column = _cell_of(config, box)
     margin = (low + high) / 2
     x0, y0 = column * size, row * size
     return tuple(round(v * scale) for v in (x0 + margin, y0 + margin, x0 + size - margin, y0 + size - margin))
@@ -459,9 +466,7 @@ def cell_words(config: WorldConfig, box: Sequence[float]) -> str:
     >>> cell_words(WorldConfig(), (540, 47, 953, 453))
     'top right'
     """
-    scale = 1000 / config.canvas_size
-    column = min(int((box[0] + box[2]) / 2 / scale) // config.cell_size, config.grid - 1)
-    row = min(int((box[1] + box[3]) / 2 / scale) // config.cell_size, config.grid - 1)
+    row, column = _cell_of(config, box)
     if config.grid in _ROWS:
         return f"{_ROWS[config.grid][row]} {_COLUMNS[config.grid][column]}"
     numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
