@@ -1,13 +1,14 @@
 """Run every benchmark and print one table: each figure, its target and whether this run met it.
 
-    python benchmarks/run_all.py                    # about 15 minutes on a 2-core CPU machine
-    python benchmarks/run_all.py --quick            # about 5 minutes: smaller probe sets, shorter main_ppo runs
+    python benchmarks/run_all.py                    # about 27 minutes on a 2-core CPU machine
+    python benchmarks/run_all.py --quick            # about 10 minutes: smaller probe sets, shorter main_ppo runs
     python benchmarks/run_all.py --readme README.md # also write the table into the README's Benchmarks section
 
 Every figure is a ratio or a time measured side by side in this run (the machine is noisy): the
 advantage estimator against verl's GRPO, the reward manager against verl's naive one, the probe's
 logprob mode against generate mode, the probe at growing probe-set sizes, KVG-Bench scoring and run
-comparison, and verl's real ``main_ppo`` on CPU with the karl trainer against verl's sync trainer.
+comparison, verl's real ``main_ppo`` on CPU with the karl trainer against verl's sync trainer, and
+its step with iVGR off against karl-verl before iVGR (and with iVGR on).
 The README's table is written from this one (``--readme``), and a test checks that the README's
 rows are this file's :data:`ROWS`.
 """
@@ -70,6 +71,10 @@ ROWS: tuple[Row, ...] = (
         lambda v: v <= 1.05),
     Row("main_ppo step time, karl + curriculum + inject agent loop (off) / karl", "features_over_karl", "x",
         "<= 1.05x", lambda v: v <= 1.05),
+    Row("main_ppo step time, iVGR off / karl-verl before iVGR", "ivgr_off_over_before", "x", "<= 1.02x",
+        lambda v: v <= 1.02),
+    Row("main_ppo step time, iVGR on / off (two streams: 2x the rollouts)", "ivgr_on_over_off", "x"),
+    Row("main_ppo: judge share of an iVGR step (local rule judge)", "ivgr_judge_share", "%"),
     Row("main_ppo: probe share of training time, probe at begin + 1 refresh", "probe_share", "%"),
     Row("main_ppo: peak memory of a run, summed over its processes", "peak_memory_gib", "GiB", "< 8 GiB",
         lambda v: v < 8),
@@ -81,6 +86,7 @@ def measure(quick: bool) -> dict[str, float]:
     import bench_advantage
     import bench_cpu_main_ppo
     import bench_eval
+    import bench_ivgr_cost
     import bench_probe
     import bench_probe_scale
     import bench_reward
@@ -100,6 +106,8 @@ def measure(quick: bool) -> dict[str, float]:
     figures.update(bench_probe_scale.measure(["--sizes", *(["200", "2000"] if quick else ["1000", "10000"])]))
     print("\n== main_ppo on CPU: karl trainer vs verl's sync trainer ==")
     figures.update(bench_cpu_main_ppo.measure(["--repeats", "1" if quick else "2", "--steps", "3" if quick else "4"]))
+    print("\n== main_ppo on CPU: iVGR off vs before iVGR, and on ==")
+    figures.update(bench_ivgr_cost.measure(["--repeats", "1" if quick else "2", "--steps", "3" if quick else "5"]))
     return figures
 
 

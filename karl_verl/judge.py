@@ -208,6 +208,35 @@ class JudgeClient:
         return None, f"{problem} (gave up after {self.retries + 1} attempts)"
 
 
+def failure_kind(error: str) -> str:
+    """The kind of a failed judgement, from its :attr:`JudgeResult.error`: what a run logs once per kind.
+
+    >>> failure_kind("HTTP 500 from http://h/v1/chat/completions: {} (gave up after 2 attempts)")
+    'HTTP 500'
+    >>> failure_kind("unfinished after the judge budget of 3 s")
+    'over budget'
+    >>> failure_kind("reply is not a rubric score: 'maybe'")
+    'not a rubric score'
+    """
+    if match := re.match(r"HTTP (\d{3}) ", error):
+        return f"HTTP {match.group(1)}"
+    for prefix, kind in _FAILURE_PREFIXES:
+        if error.startswith(prefix):
+            return kind
+    if " is not JSON: " in error:
+        return "not JSON"
+    if "/models lists no model" in error:
+        return "no model listed"
+    if match := re.match(r"([A-Za-z_][\w.]*): ", error):
+        return match.group(1)  # an exception the client caught, by type
+    return "other"
+
+
+#: Beginnings of the client's own failure messages and their :func:`failure_kind`.
+_FAILURE_PREFIXES = (("cannot reach ", "no reply"), ("unfinished after the judge budget", "over budget"),
+                     ("judge budget spent", "over budget"), ("reply is not a rubric score", "not a rubric score"))
+
+
 def _result(samples: list[tuple[float | None, str | None, float]], start: float) -> JudgeResult:
     scores = [score for score, _, _ in samples]
     valid = [score for score in scores if score is not None]

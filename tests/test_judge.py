@@ -15,7 +15,7 @@ import pytest
 
 import karl_verl.judge as judge_module
 from karl_verl.config import IvgrConfig
-from karl_verl.judge import JudgeClient, RuleJudgeServer, rule_score
+from karl_verl.judge import JudgeClient, RuleJudgeServer, failure_kind, rule_score
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Find and give the bounding box of the Fiat 500"
@@ -46,6 +46,13 @@ def start_judge():
 
 def _client(url, **options):
     return JudgeClient(url, "rule-judge", **{"samples": 2, "timeout_s": 5.0, "budget_s": 20.0, **options})
+
+
+def test_failure_kinds_of_messages_the_client_does_not_write_itself():
+    assert failure_kind("reply from http://h/v1/chat/completions is not JSON: b'<html>'") == "not JSON"
+    assert failure_kind("http://h/v1/models lists no model; set karl.ivgr.judge_model") == "no model listed"
+    assert failure_kind("ConnectionResetError: [Errno 104] Connection reset by peer") == "ConnectionResetError"
+    assert failure_kind("something else") == "other"
 
 
 def test_the_doctests_run():
@@ -81,14 +88,14 @@ def test_a_reply_that_is_no_score_is_a_failure(start_judge):
     server = start_judge(mode="garbage")
     [result] = _client(server.url, samples=3).score_many([(REFERENCE, SAME, QUESTION)])
     assert result.scores == [None, None, None] and result.failures == 3 and result.mean is None
-    assert "not a rubric score" in result.error
+    assert "not a rubric score" in result.error and failure_kind(result.error) == "not a rubric score"
 
 
 def test_server_errors_are_retried_then_failures(start_judge):
     server = start_judge(mode="error500")
     [result] = _client(server.url, retries=2).score_many([(REFERENCE, SAME, QUESTION)])
     assert result.failures == 2 and result.mean is None
-    assert "HTTP 500" in result.error and "3 attempts" in result.error
+    assert "HTTP 500" in result.error and "3 attempts" in result.error and failure_kind(result.error) == "HTTP 500"
     assert server.requests == 2 * 3
 
 
@@ -101,7 +108,7 @@ def test_a_retry_recovers_from_a_passing_server_error(start_judge):
 def test_a_wrong_model_name_is_not_retried(start_judge):
     server = start_judge()
     [result] = JudgeClient(server.url, "no-such-model", samples=2, retries=3).score_many([(REFERENCE, SAME, QUESTION)])
-    assert result.failures == 2 and "HTTP 404" in result.error
+    assert result.failures == 2 and "HTTP 404" in result.error and failure_kind(result.error) == "HTTP 404"
     assert server.requests == 2
 
 
@@ -110,7 +117,7 @@ def test_an_unreachable_judge_gives_failures():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     [result] = JudgeClient(f"http://127.0.0.1:{port}/v1", "m", samples=2, retries=1).score_many([("r", "c", "q")])
-    assert result.failures == 2 and "cannot reach" in result.error
+    assert result.failures == 2 and "cannot reach" in result.error and failure_kind(result.error) == "no reply"
 
 
 def test_a_hanging_judge_costs_the_budget_not_more(start_judge):
@@ -122,6 +129,7 @@ def test_a_hanging_judge_costs_the_budget_not_more(start_judge):
     assert elapsed < 3.0  # a bound on a hang (5 s per request, 10 s timeout), not a speed claim
     assert all(r.failures == 4 and r.mean is None and r.scores == [None] * 4 for r in results)
     assert all(r.latency_s < 3.0 for r in results)
+    assert {failure_kind(r.error) for r in results} == {"over budget"}
 
 
 def test_no_more_requests_in_flight_than_max_concurrency(start_judge):

@@ -152,6 +152,16 @@ def verl_command(module: str, recipe: str, overrides: Sequence[str]) -> list[str
     return [sys.executable, "-m", module, f"+recipe={recipe}", *overrides]
 
 
+def replace_overrides(overrides: Sequence[str], *changes: str) -> list[str]:
+    """``overrides`` with each ``key=value`` of ``changes`` in place of the one with the same key (or added).
+
+    >>> replace_overrides(["a=1", "b=2"], "b=3", "c=4")
+    ['a=1', 'b=3', 'c=4']
+    """
+    keys = {change.split("=", 1)[0] for change in changes}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(changes)
+
+
 def main_ppo_command(recipe: str, overrides: Sequence[str]) -> list[str]:
     return verl_command("verl.trainer.main_ppo", recipe, overrides)
 

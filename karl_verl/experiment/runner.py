@@ -297,6 +297,31 @@ def initial_table(options: ExperimentOptions, model_dir: Path, probe_file: Path,
     return {entity: result.table.level_of(entity) for entity in result.per_entity_accuracy}
 
 
+def prepare_stream_world(options: ExperimentOptions, templates: Mapping[str, str], *,
+                         include_plain: bool = False) -> tuple[dict[str, Path], ExperimentReport]:
+    """World, warm-up on both iVGR streams, initial mastery table, for a ``karl.ivgr.enable`` run.
+
+    The world of ``options.world`` is built under ``options.workdir``; the tiny model is warmed up on
+    :func:`karl_verl.world.write_stream_warmup`'s examples rendered with ``templates`` (also written as
+    ``templates.json``, for ``karl.ivgr.templates_path``; ``include_plain`` adds the plain examples).
+    Returns the files (:func:`arm_overrides` takes them; ``templates`` is the templates file) and the
+    report holding the warm-up loss. Runs in this process (Pillow, PyTorch on CPU).
+    """
+    from karl_verl.world import build_world, write_stream_warmup
+
+    workdir = Path(options.workdir)
+    world = build_world(options.world, workdir / "world")
+    files = dict(world.files)
+    files["warmup"] = write_stream_warmup(world, templates, include_plain=include_plain)
+    files["table"] = workdir / "initial_mastery.json"
+    files["templates"] = workdir / "templates.json"
+    files["templates"].write_text(json.dumps(dict(templates)))
+    report = ExperimentReport(options=options)
+    files["model"] = warm_up_model(options, files, report, workdir / "model")
+    initial_table(options, files["model"], files["probe"], files["table"])
+    return files, report
+
+
 def _copy_warm_start(warm: WarmStart, report: ExperimentReport, workdir: Path, table: Path) -> Path:
     """Copy the earlier experiment's model and table here (this workdir stands alone); the model's folder."""
     import shutil

@@ -12,6 +12,9 @@ then two ``main_ppo`` children sharing one checkpoint folder:
   ``karl.ivgr.judge_budget_s`` at step 3 and answers HTTP 500 at step 4: the cache comes back from
   the checkpoint, both steps finish with every judgement counted as failed, no consistency term.
 
+Each run validates once (``trainer.test_freq=2``) with another ``karl.ivgr.val_stream``: grounded in
+the main run, textual in the resume run; verl's validation dump shows the prompts it rendered.
+
 Measured on the 2-core machine beside other jobs: 2 min 30 s at load ~5 (world, warm-up, probe and
 main run 87 s, resume run 61 s), 4 min 13 s at load ~3-9 (warm-up 2 min 17 s, runs 53 s and 57 s);
 7 min 30 s at load ~14, the warm-up (PyTorch on 2 threads) taking most of it. The assertions hold
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from karl_verl.experiment.runner import ExperimentOptions, ExperimentReport, arm_overrides
+from karl_verl.dryrun.launch import replace_overrides
+from karl_verl.experiment.runner import ExperimentOptions, arm_overrides, prepare_stream_world
 from karl_verl.ivgr import TeacherCache
 from karl_verl.judge import RuleJudgeServer
 from karl_verl.world import WorldConfig
@@ -47,29 +52,11 @@ OPTIONS = dict(steps=2, test_freq=2, refresh_every_steps=0, batch_size=4, rollou
 WEIGHT, TAU, SAMPLES, BUDGET_S = 0.5, 0.3, 2, 3.0
 
 
-def _set(overrides: list[str], *changes: str) -> list[str]:
-    """``overrides`` with each ``key=value`` of ``changes`` replacing the one of the same key (or added)."""
-    keys = {change.split("=", 1)[0] for change in changes}
-    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(changes)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """World, stream warm-up, initial mastery table: the files both runs use."""
-    from karl_verl.experiment.runner import initial_table, warm_up_model
-    from karl_verl.world import build_world, write_stream_warmup
-
-    workdir = tmp_path_factory.mktemp("ivgr-main-ppo")
-    options = ExperimentOptions(workdir=workdir, **OPTIONS)
-    world = build_world(WORLD, workdir / "world")
-    files = dict(world.files)
-    files["warmup"] = write_stream_warmup(world, TEMPLATES, include_plain=False)
-    files["table"] = workdir / "initial_mastery.json"
-    files["templates"] = workdir / "templates.json"
-    files["templates"].write_text(json.dumps(TEMPLATES))
-    report = ExperimentReport(options=options)
-    files["model"] = warm_up_model(options, files, report, workdir / "model")
-    initial_table(options, files["model"], files["probe"], files["table"])
+    options = ExperimentOptions(workdir=tmp_path_factory.mktemp("ivgr-main-ppo"), **OPTIONS)
+    files, report = prepare_stream_world(options, TEMPLATES)
     return {"options": options, "files": files, "warmup_loss": report.warmup_loss}
 
 
@@ -79,12 +66,13 @@ def _run(setup: dict, name: str, judge: RuleJudgeServer, *changes: str, on_step=
 
     options, files = setup["options"], setup["files"]
     run_dir = Path(options.workdir) / "run"
-    overrides = _set(arm_overrides(options, "karl", files, run_dir),
-                     "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.save_freq=2",
-                     "karl.ivgr.enable=true", f"karl.ivgr.judge_url={judge.url}",
-                     f"karl.ivgr.templates_path={files['templates']}", f"karl.ivgr.consistency_weight={WEIGHT}",
-                     f"karl.ivgr.tau={TAU}", f"karl.ivgr.judge_samples={SAMPLES}",
-                     f"karl.ivgr.judge_budget_s={BUDGET_S}", "karl.ivgr.judge_timeout_s=2", *changes)
+    overrides = replace_overrides(
+        arm_overrides(options, "karl", files, run_dir),
+        "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.save_freq=2",
+        "karl.ivgr.enable=true", f"karl.ivgr.judge_url={judge.url}",
+        f"karl.ivgr.templates_path={files['templates']}", f"karl.ivgr.consistency_weight={WEIGHT}",
+        f"karl.ivgr.tau={TAU}", f"karl.ivgr.judge_samples={SAMPLES}",
+        f"karl.ivgr.judge_budget_s={BUDGET_S}", "karl.ivgr.judge_timeout_s=2", *changes)
     return run_main_ppo(CPU_RECIPE, overrides, metrics_path=run_dir / f"{name}.jsonl",
                         log_path=run_dir / f"{name}.log", env=training_environment(), timeout_s=options.timeout_s,
                         on_step=on_step, cwd=Path(options.workdir))
@@ -93,7 +81,7 @@ def _run(setup: dict, name: str, judge: RuleJudgeServer, *changes: str, on_step=
 @pytest.fixture(scope="module")
 def main_run(setup):
     with RuleJudgeServer() as judge:
-        run = _run(setup, "main", judge)
+        run = _run(setup, "main", judge, "trainer.test_freq=2", "karl.ivgr.val_stream=grounded")
         requests = judge.requests
     return run, requests, Path(setup["options"].workdir) / "run" / "checkpoints"
 
@@ -109,7 +97,7 @@ def resume_run(setup, main_run):
 
     try:
         run = _run(setup, "resume", judge, "trainer.resume_mode=auto", "trainer.total_training_steps=4",
-                   on_step=after)
+                   "trainer.test_freq=2", "karl.ivgr.val_stream=textual", on_step=after)
         requests = judge.requests
     finally:
         judge.stop()
@@ -191,8 +179,31 @@ def test_a_resume_restores_the_cache_and_survives_a_hanging_then_failing_judge(m
     # The hanging judge cost the budget, not its 30 s delay (the upper bound is loose: a loaded machine is slow).
     assert BUDGET_S - 0.5 <= steps[3]["ivgr/judge_time_s"] < 15.0
     assert steps[4]["ivgr/judge_time_s"] < BUDGET_S
+    # Each kind of failure is logged once: the hang (past the budget, or a request timed out) and the 500s.
+    kinds = re.findall(r"karl: iVGR judge failed \(([^)]*)\)", Path(run.log_path).read_text(errors="replace"))
+    assert "HTTP 500" in kinds and len(kinds) == len(set(kinds)) >= 2, kinds
+    assert set(kinds) - {"HTTP 500"} <= {"over budget", "no reply"}, kinds
 
 
 def test_the_warm_up_learned_the_stream_answers(setup):
     first, last = setup["warmup_loss"]
     assert last < 0.2 * first
+
+
+def _validation(setup: dict, step: int) -> list[dict]:
+    path = Path(setup["options"].workdir) / "run" / "validation" / f"{step}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_validation_prompts_are_rendered_as_the_chosen_stream_and_never_expanded(setup, main_run, resume_run):
+    import pyarrow.parquet as pq
+
+    cases = pq.read_metadata(setup["files"]["val"]).num_rows
+    marks = {"grounded": TEMPLATES["grounded"].split("}", 1)[1].strip(),
+             "textual": TEMPLATES["textual"].split("}", 1)[1].strip()}
+    for step, stream in ((2, "grounded"), (4, "textual")):
+        dumped = _validation(setup, step)
+        assert len(dumped) == cases  # one greedy answer per case: validation prompts are never expanded
+        other = "textual" if stream == "grounded" else "grounded"
+        assert all(marks[stream] in row["input"] and marks[other] not in row["input"] for row in dumped), \
+            dumped[0]["input"]

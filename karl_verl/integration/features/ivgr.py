@@ -74,6 +74,7 @@ from karl_verl.ivgr import (
     render_prompt,
     stream_uid,
 )
+from karl_verl.judge import failure_kind
 from karl_verl.mastery_state import finite_or_none
 
 #: The teacher cache's file in a ``global_step_N`` folder.
@@ -251,8 +252,11 @@ class Ivgr(TrainerFeature):
             reward, info = consistency_reward(karl_reward, None if result is None else result.scores,
                                               self.config.consistency_weight)
             if result is not None and result.error is not None:
-                self.warn_once("judge_error", "karl: iVGR judge: %s (failed judgements get no consistency term; "
-                               "counted in ivgr/judge_failures)", result.error)
+                # Once per kind: a judge that first times out and later answers errors shows both.
+                kind = failure_kind(result.error)
+                self.warn_once(f"judge_error/{kind}", "karl: iVGR judge failed (%s): %s (failed judgements get no "
+                               "consistency term; counted in ivgr/judge_failures; each kind is logged once)",
+                               kind, result.error)
             if reward != karl_reward:
                 nonzero = torch.nonzero(scores[i]).flatten()
                 at = int(nonzero[-1]) if len(nonzero) else len(scores[i]) - 1
