@@ -11,11 +11,13 @@ with the same data, model, seed and overrides, alternated each repeat so machine
 * ``off``: this checkout with ``karl.ivgr.enable=false`` (the default): the feature is never built;
   what remains of iVGR in a step is the trainer asking its features for rows per prompt;
 * ``on``: this checkout with iVGR on (both streams, the teacher cache, the judge; the PPO mini-batch
-  doubled with the rows, as docs/ivgr.md advises).
+  doubled with the rows, as docs/ivgr.md advises: every arm has karl_kvg's two mini-batches a step).
 
-Figures: the median step time (the first step of each run, every worker's warm-up, left out) of
-``off`` over ``before`` (target: at most 1.02x, "a step with iVGR off is unchanged"), of ``on`` over
-``off`` (twice the rollouts), and the judge's share of an iVGR step (``ivgr/judge_time_share``).
+Figures (the first step of each run, every worker's warm-up, left out): ``off`` over ``before``, the
+median of step-by-step ratios (the same step of the two arms' runs of one repeat: same prompts and
+seeds, and the same code path, so the same answers; target: at most 1.02x, "a step with iVGR off is
+unchanged"), the ratio of median step times of ``on`` over ``off`` (twice the rollouts), and the
+judge's share of an iVGR step (``ivgr/judge_time_share``).
 The rule judge answers in milliseconds; ``--judge-delay`` adds a delay per request to see the share
 of a slower judge (an LLM behind the same HTTP interface answers in 0.1-1 s). Needs the git history
 (``git archive``).
@@ -59,24 +61,26 @@ class RunFailed(RuntimeError):
 
 
 def export_revision(revision: str, dest: Path) -> Path:
-    """``karl_verl`` and ``hydra_plugins`` of ``revision`` written under ``dest`` (for ``PYTHONPATH``)."""
+    """karl-verl's packages at ``revision`` laid out under ``dest`` as an install lays them out (for
+    ``PYTHONPATH``): ``karl_verl``, ``hydra_plugins`` and the top-level ``recipes/`` as ``karl_verl/recipes``."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", revision, "karl_verl",
-                              "hydra_plugins"], capture_output=True)
+                              "hydra_plugins", "recipes"], capture_output=True)
     if archive.returncode != 0:
         raise SystemExit(f"git archive {revision} in {REPO} failed (this benchmark needs the repository's history): "
                          f"{archive.stderr.decode(errors='replace').strip()}")
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(dest, filter="data")
+    (dest / "recipes").rename(dest / "karl_verl" / "recipes")
     if (dest / "karl_verl" / "integration" / "features" / "ivgr.py").exists():
         raise SystemExit(f"{revision} already has the iVGR trainer feature: not a before-iVGR revision")
     return dest
 
 
-def _imported_from(env: dict[str, str]) -> Path:
-    """Where a process with ``env`` imports karl_verl from (a run's processes inherit its environment)."""
+def _imported_from(env: dict[str, str], cwd: Path) -> Path:
+    """Where a process with ``env`` started in ``cwd`` imports karl_verl from (as a run's processes do)."""
     found = subprocess.run([sys.executable, "-c", "import karl_verl; print(karl_verl.__file__)"],
-                           env={**os.environ, **env}, capture_output=True, text=True, check=True)
+                           env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, check=True)
     return Path(found.stdout.strip()).parent
 
 
@@ -87,7 +91,7 @@ def _metric(run: RunResult, key: str) -> list[float]:
 def measure(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark, print its table, return its figures (``ivgr_off_over_before``, ...)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each arm (default 3)")
     parser.add_argument("--steps", type=int, default=5, help="steps per run (default 5; the first is left out)")
     parser.add_argument("--judge-delay", type=float, default=0.0,
                         help="seconds the rule judge waits before each answer (default 0)")
@@ -106,7 +110,7 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  warm-up loss {report.warmup_loss[0]:.2f} -> {report.warmup_loss[1]:.2f}")
     before_code = export_revision(PRE_IVGR_REVISION, workdir / "before_ivgr")
     before_env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(before_code), os.environ.get("PYTHONPATH")]))}
-    if _imported_from(before_env) != before_code / "karl_verl":
+    if _imported_from(before_env, workdir) != before_code / "karl_verl":
         raise SystemExit(f"with PYTHONPATH={before_env['PYTHONPATH']} karl_verl is not imported from {before_code}")
 
     step_times: dict[str, list[float]] = {arm: [] for arm in ARMS}
@@ -118,14 +122,17 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
         for repeat in range(args.repeats):
             for arm in ARMS:
                 run_dir = workdir / f"{arm}{repeat}"
+                # karl_kvg's ratio: mini-batches of half the step's prompts (two optimizer steps a step).
                 overrides = replace_overrides(
                     arm_overrides(options, "karl", files, run_dir), "trainer.test_freq=-1",
-                    "trainer.val_before_train=false", "trainer.save_freq=-1")
+                    "trainer.val_before_train=false", "trainer.save_freq=-1",
+                    f"actor_rollout_ref.actor.ppo_mini_batch_size={options.batch_size // 2}",
+                    f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={options.batch_size // 2}")
                 if arm == "on":
                     overrides = replace_overrides(
                         overrides, "karl.ivgr.enable=true", f"karl.ivgr.judge_url={judge.url}",
                         f"karl.ivgr.templates_path={files['templates']}",
-                        f"actor_rollout_ref.actor.ppo_mini_batch_size={2 * options.batch_size}")
+                        f"actor_rollout_ref.actor.ppo_mini_batch_size={options.batch_size}")
                 env = {**training_environment(), **(before_env if arm == "before" else {})}
                 run = run_main_ppo(CPU_RECIPE, overrides, metrics_path=run_dir / "metrics.jsonl",
                                    log_path=run_dir / "main_ppo.log", env=env, timeout_s=options.timeout_s,
@@ -143,6 +150,10 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
                 print(f"  {arm} run {repeat}: {run.seconds:.0f} s, steps {[round(t, 2) for t in times]}")
 
     before, off, on = (statistics.median(step_times[arm]) for arm in ARMS)
+    # The arms' runs share data, seed and (off and before: the same code path, so the same sampled
+    # answers) each step's work: a step's time is compared with the same step of the other arm's run
+    # of that repeat, which takes out how long each step's answers were.
+    paired = statistics.median(o / b for o, b in zip(step_times["off"], step_times["before"], strict=True))
     share = statistics.median(shares) if shares else 0.0
     judge_s = statistics.median(judge_seconds) if judge_seconds else 0.0
     print()
@@ -150,7 +161,8 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{label:<72}{'figure':>10}{'target':>10}")
     print(f"{'median step time, before iVGR (' + PRE_IVGR_REVISION[:7] + ')':<72}{before:>9.2f}s")
     print(f"{'median step time, iVGR off':<72}{off:>9.2f}s")
-    print(f"{'iVGR off / before iVGR step time':<72}{off / before:>9.3f}x{'<= 1.02x':>10}")
+    print(f"{'iVGR off / before iVGR step time (median of step-by-step ratios)':<72}{paired:>9.3f}x{'<= 1.02x':>10}")
+    print(f"{'iVGR off / before iVGR median step time':<72}{off / before:>9.3f}x")
     print(f"{'median step time, iVGR on (both streams: 2x rollouts)':<72}{on:>9.2f}s")
     print(f"{'iVGR on / off step time':<72}{on / off:>9.3f}x")
     print(f"{'judge share of an iVGR step (median ivgr/judge_time_share)':<72}{share:>10.1%}")
@@ -160,8 +172,8 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
           f"{' / '.join(f'{peaks[arm] / 2**30:.1f}' for arm in ARMS)} GiB")
     print(f"(measured steps per arm: {len(step_times['off'])}; outputs in {workdir})")
     return {"ivgr_step_s_before": before, "ivgr_step_s_off": off, "ivgr_step_s_on": on,
-            "ivgr_off_over_before": off / before, "ivgr_on_over_off": on / off, "ivgr_judge_share": share,
-            "ivgr_judge_s_per_step": judge_s}
+            "ivgr_off_over_before": paired, "ivgr_off_over_before_medians": off / before,
+            "ivgr_on_over_off": on / off, "ivgr_judge_share": share, "ivgr_judge_s_per_step": judge_s}
 
 
 def main(argv: list[str] | None = None) -> int:
