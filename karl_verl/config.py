@@ -553,6 +553,8 @@ CURRICULUM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: ``karl.ivgr.judge_url`` value for a rule-based judge that the trainer starts and stops itself.
+LOCAL_JUDGE = "local"
 #: ``karl.ivgr.val_stream`` values: validation prompts as in the dataset, or rendered as one iVGR stream.
 VAL_STREAMS: tuple[str, ...] = ("plain", "textual", "grounded")
 
@@ -572,7 +574,9 @@ class IvgrConfig:
     consistency_weight: float = 0.5
     #: A correct grounded rollout (IoU >= 0.5) enters the teacher cache when its IoU reward is at least this.
     tau: float = 0.3
-    #: Base URL of the judge's OpenAI-compatible API (``http://host:8000/v1``); needed when enabled.
+    #: Base URL of the judge's OpenAI-compatible API (``http://host:8000/v1``); needed when enabled. ``local``:
+    #: the trainer's process serves a rule-based judge (:class:`karl_verl.judge.RuleJudgeServer`) for the run's
+    #: length: for CPU runs, which check the plumbing, not the quality of reasoning.
     judge_url: str | None = None
     #: Served model name at judge_url; None: the endpoint's first listed model.
     judge_model: str | None = None
@@ -618,11 +622,13 @@ class IvgrConfig:
         })
         if self.val_stream not in VAL_STREAMS:
             raise ConfigError(f"karl.ivgr.val_stream: expected one of {list(VAL_STREAMS)}, got {self.val_stream!r}")
-        if self.judge_url is not None and not self.judge_url.startswith(("http://", "https://")):
-            raise ConfigError(f"karl.ivgr.judge_url: expected an http:// or https:// URL, got {self.judge_url!r}")
+        if self.judge_url not in (None, LOCAL_JUDGE) and not self.judge_url.startswith(("http://", "https://")):
+            raise ConfigError(f"karl.ivgr.judge_url: expected an http:// or https:// URL or {LOCAL_JUDGE!r}, got "
+                              f"{self.judge_url!r}")
         if self.enable and self.judge_url is None:
             raise ConfigError("karl.ivgr.judge_url: needed with karl.ivgr.enable=true (an OpenAI-compatible base URL, "
-                              "e.g. http://host:8000/v1; `python -m karl_verl.judge serve` starts a local rule judge)")
+                              f"e.g. http://host:8000/v1; {LOCAL_JUDGE!r}: a rule judge served by the trainer, for "
+                              "CPU runs)")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> IvgrConfig:

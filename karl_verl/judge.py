@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from karl_verl.config import LOCAL_JUDGE
 from karl_verl.ivgr import judge_messages, message_text, parse_judge_prompt, rubric_score
 
 if TYPE_CHECKING:
@@ -91,11 +92,13 @@ class JudgeClient:
         self._model_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: IvgrConfig, *, api_key: str | None = None) -> JudgeClient:
-        """The client ``karl.ivgr`` describes (its ``judge_*`` fields)."""
-        if config.judge_url is None:
-            raise ValueError("karl.ivgr.judge_url: needed for a judge client")
-        return cls(config.judge_url, config.judge_model, samples=config.judge_samples,
+    def from_config(cls, config: IvgrConfig, *, api_key: str | None = None, url: str | None = None) -> JudgeClient:
+        """The client ``karl.ivgr`` describes (its ``judge_*`` fields); ``url`` in place of ``judge_url``."""
+        url = url or config.judge_url
+        if url is None or url == LOCAL_JUDGE:
+            raise ValueError(f"karl.ivgr.judge_url: needed for a judge client (with {LOCAL_JUDGE!r}, pass the url of "
+                             "the started RuleJudgeServer)")
+        return cls(url, config.judge_model, samples=config.judge_samples,
                    temperature=config.judge_temperature, max_tokens=config.judge_max_tokens,
                    timeout_s=config.judge_timeout_s, retries=config.judge_retries,
                    max_concurrency=config.judge_max_concurrency, budget_s=config.judge_budget_s, api_key=api_key)

@@ -251,11 +251,12 @@ def test_ivgr_config_defaults_and_mapping():
     assert (config.judge_samples, config.judge_temperature, config.judge_max_tokens) == (4, 0.5, 8)
     on = IvgrConfig.from_mapping({"enable": True, "judge_url": "http://127.0.0.1:8000/v1", "judge_samples": 2.0})
     assert on.enable and on.judge_samples == 2 and isinstance(on.judge_samples, int)
+    assert IvgrConfig.from_mapping({"enable": True, "judge_url": "local"}).judge_url == "local"
 
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"enable": True}, r"karl\.ivgr\.judge_url: needed with karl\.ivgr\.enable=true"),
-    ({"judge_url": "127.0.0.1:8000/v1"}, r"karl\.ivgr\.judge_url: expected an http:// or https:// URL"),
+    ({"judge_url": "127.0.0.1:8000/v1"}, r"karl\.ivgr\.judge_url: expected an http:// or https:// URL or 'local'"),
     ({"tau": 1.5}, r"karl\.ivgr\.tau: expected a number in \[0\.0, 1\.0\]"),
     ({"consistency_weight": -1}, r"karl\.ivgr\.consistency_weight: expected a number in \[0\.0, inf\]"),
     ({"judge_samples": 0}, r"karl\.ivgr\.judge_samples: expected an integer >= 1"),

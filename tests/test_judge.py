@@ -162,6 +162,10 @@ def test_the_client_from_config(start_judge):
     assert client.score_many([(REFERENCE, MISSING, QUESTION)])[0].scores == [0.7] * 3
     with pytest.raises(ValueError, match="judge_url"):
         JudgeClient.from_config(IvgrConfig())
+    local = IvgrConfig(enable=True, judge_url="local", judge_model="rule-judge")
+    with pytest.raises(ValueError, match="RuleJudgeServer"):
+        JudgeClient.from_config(local)
+    assert JudgeClient.from_config(local, url=server.url).endpoint == f"{server.url}/chat/completions"
 
 
 @pytest.mark.parametrize("options", [{"url": "127.0.0.1:8000/v1"}, {"samples": 0}, {"budget_s": 0}, {"retries": -1}])

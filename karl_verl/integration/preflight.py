@@ -114,7 +114,7 @@ def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) 
 
     An unset ``judge_url`` is reported with the other ``karl.*`` problems (:class:`~karl_verl.config.IvgrConfig`).
     """
-    from karl_verl.config import ConfigError, IvgrConfig
+    from karl_verl.config import LOCAL_JUDGE, ConfigError, IvgrConfig
 
     try:
         ivgr = IvgrConfig.from_mapping(_select(config, "karl.ivgr"))
@@ -123,7 +123,7 @@ def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) 
     if not ivgr.enable:
         return []
     problems = []
-    if ivgr.judge_url is not None and (why := judge_unreachable(ivgr.judge_url, timeout_s)):
+    if ivgr.judge_url not in (None, LOCAL_JUDGE) and (why := judge_unreachable(ivgr.judge_url, timeout_s)):
         problems.append(f"karl.ivgr.judge_url: the judge does not answer: {why} (start it first; "
                         "`python -m karl_verl.judge serve` runs a local rule judge)")
     if ivgr.templates_path is not None:

@@ -30,6 +30,7 @@ from verl.trainer.ppo.v1 import trainer_base  # noqa: F401  (verl first: importi
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.rl_dataset import collate_fn
 
+from karl_verl.config import LOCAL_JUDGE
 from karl_verl.integration.features import Ivgr
 from karl_verl.integration.features.ivgr import CACHE_FILE, QUESTION_FIELD, expand_streams, render_messages
 from karl_verl.integration.tq_fields import padded, row_field
@@ -207,6 +208,17 @@ def test_a_run_pairs_the_streams_fills_the_cache_and_adds_the_judge_term(tmp_pat
         assert logged[step["step"]]["ivgr/no_reference"] == sum(r["no_reference"] for r in step["judged"].values())
     assert any(re.fullmatch(r"ivgr/textual/level_\d/reward_mean", name) for name in logged[2])
     assert judge.requests >= 2
+
+
+def test_judge_url_local_is_a_rule_judge_the_trainer_serves(tmp_path, base_config, tokenizer):
+    _, feature, steps = run(tmp_path, base_config, tokenizer, LOCAL_JUDGE)
+    try:
+        judged = [row for step in steps for row in step["judged"].values() if not row["no_reference"]]
+        assert judged and all(row["judge_score"] == 1.0 and row["judge_failures"] == 0 for row in judged)
+        assert feature.local_judge is not None and feature.local_judge.requests == 2 * len(judged)
+        assert feature.judge.endpoint == f"{feature.local_judge.url}/chat/completions"
+    finally:
+        feature.local_judge.stop()  # at the end of a real run, the process's exit stops it (atexit)
 
 
 def test_the_cache_is_saved_with_each_checkpoint_and_restored_on_resume(tmp_path, base_config, tokenizer, judge):

@@ -2,15 +2,17 @@
 
 One small world (1 category, 3 of 4 entities known), a tiny Qwen3-VL warmed up on the two stream
 templates (:func:`karl_verl.world.write_stream_warmup`: 100 steps of 4 examples, short templates
-given to the run as ``karl.ivgr.templates_path``), a local rule judge (:class:`RuleJudgeServer`),
-then two ``main_ppo`` children sharing one checkpoint folder:
+given to the run as ``karl.ivgr.templates_path``), a rule judge (:class:`RuleJudgeServer`), then
+two ``main_ppo`` children sharing one checkpoint folder:
 
-* the main run, 2 steps, a checkpoint at step 2: the teacher cache fills from correct grounded
-  rollouts, the judge is asked, and the textual rows' reward is the KARL reward plus
-  ``consistency_weight`` x the judge score, read back from TransferQueue by the trainer's metrics;
-* the resume run (``trainer.resume_mode=auto``), steps 3 and 4 against a judge that hangs past
-  ``karl.ivgr.judge_budget_s`` at step 3 and answers HTTP 500 at step 4: the cache comes back from
-  the checkpoint, both steps finish with every judgement counted as failed, no consistency term.
+* the main run, 2 steps, a checkpoint at step 2, with ``karl.ivgr.judge_url=local`` (the trainer
+  serves the rule judge itself): the teacher cache fills from correct grounded rollouts, the judge
+  is asked, and the textual rows' reward is the KARL reward plus ``consistency_weight`` x the judge
+  score, read back from TransferQueue by the trainer's metrics;
+* the resume run (``trainer.resume_mode=auto``), steps 3 and 4 with a rule judge the test serves,
+  which hangs past ``karl.ivgr.judge_budget_s`` at step 3 and answers HTTP 500 at step 4: the cache
+  comes back from the checkpoint, both steps finish with every judgement counted as failed, no
+  consistency term.
 
 Each run validates once (``trainer.test_freq=2``) with another ``karl.ivgr.val_stream``: grounded in
 the main run, textual in the resume run; verl's validation dump shows the prompts it rendered. The
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from karl_verl.config import LOCAL_JUDGE
 from karl_verl.dryrun.launch import replace_overrides
 from karl_verl.experiment.runner import ExperimentOptions, arm_overrides, prepare_stream_world
 from karl_verl.ivgr import DEFAULT_TEMPLATES, TeacherCache
@@ -63,7 +66,7 @@ def setup(tmp_path_factory) -> dict:
     return {"options": options, "files": files, "warmup_loss": report.warmup_loss}
 
 
-def _run(setup: dict, name: str, judge: RuleJudgeServer, *changes: str, on_step=None, own_templates: bool = True):
+def _run(setup: dict, name: str, judge_url: str, *changes: str, on_step=None, own_templates: bool = True):
     from karl_verl.dryrun.launch import run_main_ppo
     from karl_verl.dryrun.pipeline import CPU_RECIPE, training_environment
 
@@ -72,7 +75,7 @@ def _run(setup: dict, name: str, judge: RuleJudgeServer, *changes: str, on_step=
     overrides = replace_overrides(
         arm_overrides(options, "karl", files, run_dir),
         "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.save_freq=2",
-        "karl.ivgr.enable=true", f"karl.ivgr.judge_url={judge.url}",
+        "karl.ivgr.enable=true", f"karl.ivgr.judge_url={judge_url}",
         *([f"karl.ivgr.templates_path={files['templates']}"] if own_templates else []),
         f"karl.ivgr.consistency_weight={WEIGHT}", f"karl.ivgr.tau={TAU}", f"karl.ivgr.judge_samples={SAMPLES}",
         f"karl.ivgr.judge_budget_s={BUDGET_S}", "karl.ivgr.judge_timeout_s=2", *changes)
@@ -83,10 +86,9 @@ def _run(setup: dict, name: str, judge: RuleJudgeServer, *changes: str, on_step=
 
 @pytest.fixture(scope="module")
 def main_run(setup):
-    with RuleJudgeServer() as judge:
-        run = _run(setup, "main", judge, "trainer.test_freq=2", "karl.ivgr.val_stream=grounded")
-        requests = judge.requests
-    return run, requests, Path(setup["options"].workdir) / "run" / "checkpoints"
+    """Steps 1 and 2 with ``karl.ivgr.judge_url=local``: the trainer serves the rule judge itself."""
+    run = _run(setup, "main", LOCAL_JUDGE, "trainer.test_freq=2", "karl.ivgr.val_stream=grounded")
+    return run, Path(setup["options"].workdir) / "run" / "checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def resume_run(setup, main_run):
             judge.delay_s, judge.mode = 0.0, "error500"
 
     try:
-        run = _run(setup, "resume", judge, "trainer.resume_mode=auto", "trainer.total_training_steps=4",
+        run = _run(setup, "resume", judge.url, "trainer.resume_mode=auto", "trainer.total_training_steps=4",
                    "trainer.test_freq=2", "karl.ivgr.val_stream=textual", on_step=after, own_templates=False)
         requests = judge.requests
     finally:
@@ -116,7 +118,7 @@ def _cache(checkpoints: Path, step: int) -> TeacherCache:
 
 
 def test_the_main_run_fills_the_cache_from_correct_grounded_rollouts(main_run, setup):
-    run, _, checkpoints = main_run
+    run, checkpoints = main_run
     assert run.ok, run.log_tail(60)
     steps = _steps(run)
     assert sorted(steps) == [1, 2]
@@ -131,7 +133,7 @@ def test_the_main_run_fills_the_cache_from_correct_grounded_rollouts(main_run, s
 
 
 def test_both_streams_are_their_own_groups_with_uids_through_transfer_queue(main_run):
-    run, _, _ = main_run
+    run, _ = main_run
     for data in _steps(run).values():
         # 4 instances a step, each stream its own GRPO group: the "/<stream>" uids came back unchanged.
         assert data["ivgr/grounded/groups"] == data["ivgr/textual/groups"] == OPTIONS["batch_size"]
@@ -143,11 +145,12 @@ def test_both_streams_are_their_own_groups_with_uids_through_transfer_queue(main
 
 
 def test_the_judge_is_asked_and_its_term_is_in_the_textual_rewards(main_run):
-    run, requests, _ = main_run
+    run, _ = main_run
     steps = _steps(run)
-    judged = sum(s["ivgr/judged_rollouts"] for s in steps.values())
-    assert judged > 0 and requests == judged * SAMPLES  # every judgement answered: no failure, no retry
-    assert all(s["ivgr/judge_failures"] == 0 for s in steps.values())
+    assert "karl: iVGR judge: a rule judge served by this process at http://127.0.0.1:" in \
+        Path(run.log_path).read_text(errors="replace")
+    assert sum(s["ivgr/judged_rollouts"] for s in steps.values()) > 0
+    assert all(s["ivgr/judge_failures"] == 0 for s in steps.values())  # every judgement answered
     scored = [s for s in steps.values() if "ivgr/judge_score_mean" in s]
     assert scored and all(0.0 <= s["ivgr/judge_score_mean"] <= 1.0 for s in scored)
     for data in steps.values():
@@ -162,7 +165,7 @@ def test_the_judge_is_asked_and_its_term_is_in_the_textual_rewards(main_run):
 
 
 def test_a_resume_restores_the_cache_and_survives_a_hanging_then_failing_judge(main_run, resume_run):
-    _, _, checkpoints = main_run
+    _, checkpoints = main_run
     run, requests = resume_run
     assert run.ok, run.log_tail(60)
     steps = _steps(run)

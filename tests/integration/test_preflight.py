@@ -308,3 +308,4 @@ def test_ivgr_needs_a_judge_that_answers_and_valid_templates(tmp_path):
     [problem] = ivgr_problems(config(judge_url=judge.url), timeout_s=1.0)  # stopped: nothing listens there
     assert problem.startswith("karl.ivgr.judge_url: the judge does not answer: GET http://127.0.0.1:")
     assert ivgr_problems(config(enable=False)) == []
+    assert ivgr_problems(config(judge_url="local")) == []  # the trainer serves it: nothing to reach before Ray

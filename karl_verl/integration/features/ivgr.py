@@ -1,7 +1,9 @@
 """iVGR's trainer hooks (``karl.ivgr.enable``; arXiv 2605.31096; the pure part is :mod:`karl_verl.ivgr`).
 
 Runs in verl's TaskRunner (the trainer process, CPU); the judge's HTTP calls are made from there too,
-once per step, bounded by ``karl.ivgr.judge_budget_s`` (:class:`~karl_verl.judge.JudgeClient`).
+once per step, bounded by ``karl.ivgr.judge_budget_s`` (:class:`~karl_verl.judge.JudgeClient`). With
+``karl.ivgr.judge_url=local`` this process also serves the rule judge (:class:`~karl_verl.judge.RuleJudgeServer`,
+a thread) for the length of the run: CPU runs need no judge process of their own.
 
 * Stream expansion (:meth:`Ivgr.expand_prompts`, :func:`expand_streams`): each training prompt batch
   verl fetches from the dataloader becomes two rows per instance, its grounded row then its textual
@@ -41,6 +43,7 @@ the agent loops of karl-verl produce).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import time
@@ -54,7 +57,7 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
-from karl_verl.config import ConfigError
+from karl_verl.config import LOCAL_JUDGE, ConfigError
 from karl_verl.integration.features.base import Rollouts, TrainerFeature, logger, reward_infos
 from karl_verl.integration.tq_fields import row_field
 from karl_verl.ivgr import (
@@ -166,7 +169,7 @@ class Ivgr(TrainerFeature):
     """Paired streams, the teacher cache, the judge's consistency term and ``ivgr/*`` (see the module docstring)."""
 
     def __init__(self, trainer: Any) -> None:
-        from karl_verl.judge import JudgeClient
+        from karl_verl.judge import JudgeClient, RuleJudgeServer
 
         super().__init__(trainer)
         self.config = trainer.karl_config.ivgr
@@ -176,7 +179,18 @@ class Ivgr(TrainerFeature):
                               "sampling drops one stream's group without the other's); turn one of them off")
         self.templates = load_templates(self.config.templates_path) if self.config.templates_path else None
         self.cache = TeacherCache(self.config.tau)
-        self.judge = JudgeClient.from_config(self.config)
+        #: The rule judge this process serves for ``judge_url: local``, stopped when the process exits.
+        self.local_judge: RuleJudgeServer | None = None
+        url = None
+        if self.config.judge_url == LOCAL_JUDGE:
+            self.local_judge = RuleJudgeServer().start()
+            atexit.register(self.local_judge.stop)
+            url = self.local_judge.url
+            # A warning: a real training run should not end up scored by word overlap unnoticed.
+            logger.warning("karl: iVGR judge: a rule judge served by this process at %s (karl.ivgr.judge_url=%s): "
+                           "it checks the plumbing, not the reasoning; real training wants an LLM judge", url,
+                           LOCAL_JUDGE)
+        self.judge = JudgeClient.from_config(self.config, url=url)
         #: This step's rows as judged: key, instance, stream, karl_reward, reward, judge info (tests and debugging).
         self.step_rows: list[dict[str, Any]] = []
         self._stats = _Stats()
