@@ -23,7 +23,7 @@ Figures (the first step of each run, every worker's warm-up, left out):
   to the target: on this machine it is run-to-run noise. The rollout phase (``timing_s/gen``) is
   measured in whole 0.2 s polls of verl's replay buffer (the CPU layer's interval), so a run whose
   rollouts end just past a poll loses 0.2 s a step (10-15%); sampled answers differ from step 2 on
-  even between runs of one arm. Two runs of 3 and 2 repeats measured 0.97x and 1.17x.
+  even between runs of one arm. Three runs (3, 2 and 2 repeats) measured 0.97x, 1.17x and 1.04x.
 * iVGR on over off (twice the rollouts, longer prompts) and the judge's share of an iVGR step
   (``ivgr/judge_time_share``).
 
