@@ -9,7 +9,7 @@ with the same data, model, seed and overrides, alternated each repeat so machine
   with ``git archive`` and put first on the run's ``PYTHONPATH``, so every process of the run, Ray's
   workers included, imports it), iVGR not there at all;
 * ``off``: this checkout with ``karl.ivgr.enable=false`` (the default): the feature is never built;
-  what remains of iVGR in a step is the trainer asking its features for rows per prompt;
+  what remains of iVGR in a step is a few calls in the trainer (:func:`added_calls_seconds`);
 * ``on``: this checkout with iVGR on (both streams, the teacher cache, the judge; the PPO mini-batch
   doubled with the rows, as docs/ivgr.md advises: every arm has karl_kvg's two mini-batches a step).
 
