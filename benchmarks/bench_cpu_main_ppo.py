@@ -25,15 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _main_ppo_runs import RunFailed, exit_code
+
 from karl_verl.dryrun.pipeline import DryRunOptions, DryRunReport, prepare_inputs, train, training_overrides
 
 
 def _step_times(run) -> list[float]:
     return [float(r["data"]["timing_s/step"]) for r in run.steps[1:] if "timing_s/step" in r["data"]]
-
-
-class RunFailed(RuntimeError):
-    """A benchmark's main_ppo run failed; the message holds the end of its log."""
 
 
 def measure(argv: list[str] | None = None) -> dict[str, float]:
@@ -108,12 +106,7 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        measure(argv)
-    except RunFailed as err:
-        print(err, file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(measure, argv)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from _main_ppo_runs import RunFailed, exit_code
+
 from karl_verl.dryrun.launch import RunResult, replace_overrides, run_main_ppo
 from karl_verl.dryrun.pipeline import CPU_RECIPE, training_environment
 from karl_verl.experiment.runner import ExperimentOptions, arm_overrides, prepare_stream_world
@@ -63,10 +65,6 @@ WORLD = WorldConfig(categories=1, known_per_category=3, train_images=8, val_imag
 TEMPLATES = {"grounded": "{question}  Reason with boxes [x1,y1,x2,y2] in <think> </think>.",
              "textual": "{question}  Reason in words only in <think> </think>."}
 ARMS = ("before", "off", "on")
-
-
-class RunFailed(RuntimeError):
-    """A benchmark's main_ppo run failed; the message holds the end of its log."""
 
 
 def export_revision(revision: str, dest: Path) -> Path:
@@ -215,12 +213,7 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        measure(argv)
-    except RunFailed as err:
-        print(err, file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(measure, argv)
 
 
 if __name__ == "__main__":
