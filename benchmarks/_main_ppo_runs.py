@@ -1,10 +1,18 @@
-"""What the main_ppo benchmarks share: the error of a failed run, and the command-line ending that reports it."""
+"""What the main_ppo benchmarks share: a metric over a run's steps, the error of a failed run, and the
+command-line ending that reports it."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def step_metric(run: Any, key: str, *, skip_first: bool = True) -> list[float]:
+    """``key`` of each step a run logged (a :class:`karl_verl.dryrun.launch.RunResult`) that has it; the
+    first step, every worker's warm-up, left out unless ``skip_first`` is false."""
+    records = run.steps[1:] if skip_first else run.steps
+    return [float(r["data"][key]) for r in records if key in r["data"]]
 
 
 class RunFailed(RuntimeError):

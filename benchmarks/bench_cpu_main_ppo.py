@@ -25,13 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _main_ppo_runs import RunFailed, exit_code
+from _main_ppo_runs import RunFailed, exit_code, step_metric
 
 from karl_verl.dryrun.pipeline import DryRunOptions, DryRunReport, prepare_inputs, train, training_overrides
-
-
-def _step_times(run) -> list[float]:
-    return [float(r["data"]["timing_s/step"]) for r in run.steps[1:] if "timing_s/step" in r["data"]]
 
 
 def measure(argv: list[str] | None = None) -> dict[str, float]:
@@ -65,10 +61,11 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
                 args.steps)
             if not run.ok:
                 raise RunFailed(f"{name} run {repeat} failed (rc {run.returncode}):\n{run.log_tail()}")
-            times[name] += _step_times(run)
+            step_times = step_metric(run, "timing_s/step")
+            times[name] += step_times
             walls[name].append(run.seconds)
             peaks.append(run.peak_memory_bytes)
-            print(f"  {name} run {repeat}: {run.seconds:.0f} s, steps {[round(t, 2) for t in _step_times(run)]}")
+            print(f"  {name} run {repeat}: {run.seconds:.0f} s, steps {[round(t, 2) for t in step_times]}")
 
     start = time.monotonic()
     share_dir = workdir / "probe_share"

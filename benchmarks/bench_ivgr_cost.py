@@ -47,9 +47,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from _main_ppo_runs import RunFailed, exit_code
+from _main_ppo_runs import RunFailed, exit_code, step_metric
 
-from karl_verl.dryrun.launch import RunResult, replace_overrides, run_main_ppo
+from karl_verl.dryrun.launch import replace_overrides, run_main_ppo
 from karl_verl.dryrun.pipeline import CPU_RECIPE, training_environment
 from karl_verl.experiment.runner import ExperimentOptions, arm_overrides, prepare_stream_world
 from karl_verl.judge import RuleJudgeServer
@@ -121,10 +121,6 @@ def added_calls_seconds(repeats: int = 20_000) -> float:
     return min(timeit.repeat(one_step, number=repeats, repeat=5)) / repeats
 
 
-def _metric(run: RunResult, key: str) -> list[float]:
-    return [float(r["data"][key]) for r in run.steps[1:] if key in r["data"]]
-
-
 def measure(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark, print its table, return its figures (``ivgr_off_over_before``, ...)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -177,13 +173,13 @@ def measure(argv: list[str] | None = None) -> dict[str, float]:
                 if not run.ok or len(run.steps) != args.steps:
                     raise RunFailed(f"{arm} run {repeat} failed (rc {run.returncode}, {len(run.steps)} of "
                                     f"{args.steps} steps):\n{run.log_tail()}")
-                times = _metric(run, "timing_s/step")
+                times = step_metric(run, "timing_s/step")
                 step_times[arm] += times
                 peaks[arm] = max(peaks[arm], run.peak_memory_bytes)
                 if arm == "on":
-                    shares += _metric(run, "ivgr/judge_time_share")
-                    judge_seconds += _metric(run, "ivgr/judge_time_s")
-                    judged += _metric(run, "ivgr/judged_rollouts")
+                    shares += step_metric(run, "ivgr/judge_time_share")
+                    judge_seconds += step_metric(run, "ivgr/judge_time_s")
+                    judged += step_metric(run, "ivgr/judged_rollouts")
                 print(f"  {arm} run {repeat}: {run.seconds:.0f} s, steps {[round(t, 2) for t in times]}")
 
     before, off, on = (statistics.median(step_times[arm]) for arm in ARMS)

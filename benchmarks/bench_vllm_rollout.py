@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _main_ppo_runs import step_metric
+
 from karl_verl.dryrun.pipeline import (
     CPU_RECIPE,
     CPU_VLLM_RECIPE,
@@ -31,11 +33,6 @@ from karl_verl.dryrun.pipeline import (
 )
 
 RECIPES = {"transformers": CPU_RECIPE, "vllm": CPU_VLLM_RECIPE}
-
-
-def _metric(run, key: str, *, skip_first: bool = True) -> list[float]:
-    records = run.steps[1:] if skip_first else run.steps
-    return [float(r["data"][key]) for r in records if key in r["data"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             runs[name].append(run)
             print(f"  {name} run {repeat}: {run.seconds:.0f} s, steps "
-                  f"{[round(t, 2) for t in _metric(run, 'timing_s/step', skip_first=False)]}")
+                  f"{[round(t, 2) for t in step_metric(run, 'timing_s/step', skip_first=False)]}")
 
     def median(name: str, key: str, skip_first: bool = True) -> float:
-        return statistics.median(v for run in runs[name] for v in _metric(run, key, skip_first=skip_first))
+        return statistics.median(v for run in runs[name] for v in step_metric(run, key, skip_first=skip_first))
 
     def first(name: str, key: str) -> float:
         return statistics.median(float(run.steps[0]["data"].get(key, 0.0)) for run in runs[name])
