@@ -29,9 +29,11 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "hypothesis>=6", "ruff"],
-    # Real training on GPU nodes: vLLM rollouts (verl pins its own torch there) and flash-attn at the
-    # version verl 0.9.1's own extra (flash-attn-cu130torch211, pulled in by verl[fsdp]) pins.
-    "gpu": ["verl[vllm]>=0.9.1,<0.10", "flash-attn==2.8.3"],
+    # Real training on GPU nodes: verl's vLLM extra (vLLM 0.24.0 with its own torch 2.11.0 and transformers
+    # 5.9.0). Not flash-attn: PyPI has no wheel of it, so pip would build it from source (hours with nvcc, or
+    # a failure under build isolation). Runs pick flash_attention_2 where a flash-attn install imports and
+    # torch's sdpa otherwise (karl_verl/gpu_stack.py); the README says how to get a matching flash-attn.
+    "gpu": ["verl[vllm]>=0.9.1,<0.10"],
 }
 
 setup(

@@ -635,6 +635,31 @@ class IvgrConfig:
         return _from_mapping(cls, data, "karl.ivgr")
 
 
+#: ``karl.runtime.attention`` values (see :mod:`karl_verl.gpu_stack`).
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the run executes on its machines (``karl.runtime``), not what it learns."""
+
+    #: The actor's and reference's attention. ``auto``: ``flash_attention_2`` with verl's remove-padding where
+    #: flash-attn imports in the process that resolves the config, else ``sdpa`` with remove-padding off; the
+    #: choice is printed in the run's log. Any other value is passed to transformers as it is (and remove-padding
+    #: follows it: on for flash_attention_2 only).
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "karl.runtime", {"attention": _text})
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"karl.runtime.attention: expected one of {list(ATTENTION_CHOICES)}, got "
+                              f"{self.attention!r}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> RuntimeConfig:
+        return _from_mapping(cls, data, "karl.runtime")
+
+
 @dataclass(frozen=True)
 class KarlConfig:
     """Everything under the ``karl`` key of a verl config."""
@@ -644,6 +669,7 @@ class KarlConfig:
     inject: InjectConfig = field(default_factory=InjectConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     ivgr: IvgrConfig = field(default_factory=IvgrConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @classmethod
     def sections(cls) -> dict[str, type]:

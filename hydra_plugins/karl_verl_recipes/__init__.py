@@ -31,3 +31,7 @@ class KarlVerlSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         search_path.append(provider="karl-verl", path="pkg://karl_verl.recipes")
         store_karl_defaults()
+        # The recipes' ${karl_attention:...} keys resolve in this process too (--cfg job --resolve).
+        from karl_verl.integration.resolvers import register_resolvers
+
+        register_resolvers()

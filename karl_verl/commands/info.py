@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
               "its dependencies (pip install . in a checkout) in this environment", file=sys.stderr)
         return 1
 
+    from karl_verl.gpu_stack import GPU_EXTRA, choose_attention, stack_report
     from karl_verl.integration import registration_status
 
     print("karl-verl info")
@@ -85,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     for registry, name, registered in registration_status():
         ok &= registered
         print(f"  [{'ok' if registered else 'MISSING'}] {name!r:<12} {registry}")
+    # verl's surface: every verl name karl-verl relies on, and the supported verl range.
+    from karl_verl.integration.verl_surface import surface_report
+
+    surface_lines, surface_ok = surface_report()
+    print("\n".join(surface_lines))
+    ok &= surface_ok
     if not args.no_recipes:
         print("Hydra recipes (+recipe=NAME):")
         try:
@@ -95,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
         for recipe, visible in recipes:
             ok &= visible
             print(f"  [{'ok' if visible else 'MISSING'}] {recipe}")
+    print(f"GPU stack (against the pins of verl {_version('verl')}'s GPU extras, {GPU_EXTRA} and fsdp; informational):")
+    for check in stack_report():
+        print(f"  [{'ok' if check.matches else '--'}] {check.describe()}")
+    attention = choose_attention("auto")
+    print(f"actor attention of a karl_kvg run here (karl.runtime.attention=auto):\n  {attention.describe()}")
     from karl_verl.cpu.vllm_cpu import vllm_rollout_status
 
     usable, detail = vllm_rollout_status()  # optional: a GPU node has its own vLLM, the default CPU run none

