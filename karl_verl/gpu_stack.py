@@ -128,7 +128,7 @@ class PackageCheck:
         installed = self.installed or "not installed"
         if self.pinned is None:
             return f"{self.name:<13} {installed} (verl sets no pin)"
-        verdict = "as pinned" if self.matches else "differs from"
+        verdict = "matches" if self.matches else "differs from"
         return f"{self.name:<13} {installed:<16} {verdict} verl's GPU pin {self.pinned}"
 
 

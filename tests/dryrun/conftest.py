@@ -46,8 +46,9 @@ class DryRun:
 @pytest.fixture(scope="session")
 def dry_run(tmp_path_factory) -> DryRun:
     workdir = tmp_path_factory.mktemp("dryrun")
-    result = subprocess.run([sys.executable, "-m", "karl_verl", "dryrun", "--workdir", str(workdir), "--no-progress"],
-                            capture_output=True, text=True, timeout=1200, cwd=workdir)
+    # --device cpu: on a GPU node the default (auto) would run the GPU smoke test (tests/gpu) instead.
+    result = subprocess.run([sys.executable, "-m", "karl_verl", "dryrun", "--device", "cpu", "--workdir", str(workdir),
+                             "--no-progress"], capture_output=True, text=True, timeout=1200, cwd=workdir)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((workdir / "dryrun_report.json").read_text())
     steps = {run: read_step_metrics(workdir / "metrics" / f"{run}.jsonl") for run in ("run1", "run2")}
