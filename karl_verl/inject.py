@@ -12,12 +12,17 @@ a ``key`` (the value of the prompt's ``extra_info[karl.inject.key_field]``, comp
 a ``response`` (the text to inject, e.g. a stage-1 CoT rationale ending in the answer)::
 
     {"key": "17", "response": "<think>The Fiat 500 is ...</think><answer>(12,40),(88,97)</answer>"}
+
+A response must not hold a vision special token (:func:`vision_tokens`): the file is refused, naming
+the row, the key and the token. A teacher's response (a model's output at run time) is not refused:
+:func:`response_token_ids` tokenizes such a token as its characters instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +30,42 @@ from typing import Any
 #: Columns of a reference file.
 KEY_COLUMN = "key"
 RESPONSE_COLUMN = "response"
+
+
+#: The Qwen-VL family's vision special tokens (Qwen2-VL to Qwen3-VL). In a prompt each stands for or delimits an
+#: image or video; in a response none has one behind it, and the actor's forward fails on it (M-RoPE starts an
+#: image at every <|vision_start|>, the vision merge pairs each <|image_pad|> run with an image's features).
+#: verl 0.9.1 bans the two placeholders from sampling for that reason (verl/workers/rollout/utils.py,
+#: get_vision_placeholder_token_ids); injected text must not bring any of them in either.
+VISION_TOKENS: tuple[str, ...] = (
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+#: Words naming other families' vision special tokens (``<image>``, ``<start_of_image>``, ``<IMG_CONTEXT>``).
+_VISION_WORDS = ("vision", "image", "video", "img")
+
+
+def vision_tokens(tokenizer: Any = None, processor: Any = None) -> tuple[str, ...]:
+    """The vision special tokens injected text must never become: :data:`VISION_TOKENS`, the processor's
+    image and video tokens, and the tokenizer's special tokens named after images, videos or vision.
+
+    Of the tokenizer's added tokens only the special ones are searched: those are what a vision
+    placeholder is in every family karl-verl trains (Qwen-VL), and what :func:`response_token_ids`
+    can escape (``split_special_tokens`` leaves non-special added tokens matched).
+    """
+    found = dict.fromkeys(VISION_TOKENS)
+    for name in ("image_token", "video_token", "vision_start_token", "vision_end_token"):
+        token = getattr(processor, name, None)
+        if isinstance(token, str) and token:
+            found[token] = None
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(decoder, Mapping):
+        special = [getattr(t, "content", str(t)) for t in decoder.values() if getattr(t, "special", True)]
+    else:
+        special = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in special:
+        if any(word in token.lower() for word in _VISION_WORDS):
+            found[token] = None
+    return tuple(found)
 
 
 class ReferenceError(ValueError):
@@ -65,8 +106,12 @@ def _rows_of(path: str) -> Iterable[tuple[str, Any]]:
                 raise ReferenceError(f"{path} line {number}: not JSON ({err})") from None
 
 
-def load_references(path: str) -> dict[str, str]:
-    """The reference responses of a JSONL or parquet file, by key (see the module docstring)."""
+def load_references(path: str, forbidden: Sequence[str] = VISION_TOKENS) -> dict[str, str]:
+    """The reference responses of a JSONL or parquet file, by key (see the module docstring).
+
+    A response holding one of the ``forbidden`` strings (the vision special tokens, :func:`vision_tokens`)
+    is refused: tokenized, it would become an image token with no image behind it.
+    """
     if not os.path.isfile(path):
         raise ReferenceError(f"{path}: no such reference file (karl.inject.responses_path)")
     references: dict[str, str] = {}
@@ -82,6 +127,10 @@ def load_references(path: str) -> dict[str, str]:
             raise ReferenceError(f"{where}: {RESPONSE_COLUMN!r} must be a non-empty string, got {response!r:.100}")
         if key in references:
             raise ReferenceError(f"{where}: key {key!r} again (first at {first_seen[key]})")
+        if token := next((token for token in forbidden if token in response), None):
+            raise ReferenceError(f"{where}: key {key!r}: {RESPONSE_COLUMN!r} holds {token!r}, a vision special "
+                                 f"token; expected text without any of {', '.join(forbidden)} (remove or reword it: "
+                                 "in a response it would stand for an image that is not there)")
         references[key] = response
         first_seen[key] = where
     return references
@@ -122,14 +171,28 @@ def is_injected_session(session_id: int, sessions: int) -> bool:
     return 0 <= int(session_id) < int(sessions)
 
 
-def response_token_ids(tokenizer: Any, text: str, end_token_id: int | None) -> list[int]:
+def response_token_ids(tokenizer: Any, text: str, end_token_id: int | None,
+                       vision: Sequence[str] | None = None) -> list[int]:
     """``text`` as the policy's response tokens, ending as a generated response ends (the end-of-turn token).
 
     The rollout servers return a finished response with its stop token (vLLM's EOS is in its
     token ids); the injected one carries the tokenizer's EOS the same way, so that the policy
     also learns to stop after it.
+
+    A vision special token written in ``text`` (``vision``, default :func:`vision_tokens` of the
+    tokenizer) is tokenized as its characters, never as its id: a teacher's output is text, and an
+    image token without an image would fail the actor's forward. Other special tokens keep their ids.
     """
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    escaped = tuple(vision_tokens(tokenizer) if vision is None else vision)
+    # Longest first, so that a token that begins another cannot cut it.
+    pattern = "|".join(re.escape(token) for token in sorted(escaped, key=len, reverse=True))
+    pieces = re.split(f"({pattern})", text) if escaped else [text]
+    ids: list[int] = []
+    for piece in pieces:
+        if piece:
+            # The tokenizer's own switch for "special tokens are text", on this piece only.
+            options = {"split_special_tokens": True} if piece in escaped else {}
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False, **options))
     if end_token_id is not None and (not ids or ids[-1] != end_token_id):
         ids.append(int(end_token_id))
     return ids

@@ -84,37 +84,61 @@ class OptionScorer(Protocol):
         ...
 
 
-def load_image(image: Any, *, where: str = "image") -> Image.Image:
-    """Decode one image (PIL image, encoded bytes, ``{"bytes": ...}`` / ``{"path": ...}`` dict, or path) to RGB."""
-    from PIL import Image, UnidentifiedImageError
+def _image_source(image: Any, where: str) -> tuple[Any, str]:
+    """(a PIL image, or what ``Image.open`` reads: a BytesIO or a path; the ``where`` to name) of any image form."""
+    from PIL import Image
 
     read = getattr(image, "read", None)
     if callable(read) and not isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
         # A lazily read image (karl_verl.probe.questions.ParquetImage): its own errors name the file and row.
+        where = getattr(image, "where", where)
         try:
-            return load_image(read(), where=getattr(image, "where", where))
+            return _image_source(read(), where)
         except ValueError as err:
             raise BackendError(str(err)) from None
-    try:
-        if isinstance(image, Image.Image):
-            return image if image.mode == "RGB" else image.convert("RGB")
-        if isinstance(image, dict):
-            if image.get("bytes") is not None:
-                return load_image(image["bytes"], where=where)
-            if image.get("path"):
-                return load_image(image["path"], where=where)
-            raise BackendError(f"{where}: a dict image needs a 'bytes' or 'path' entry, got keys {sorted(image)}")
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(image))) as opened:
-                return opened.convert("RGB")
-        if isinstance(image, (str, os.PathLike)):
-            with Image.open(os.fspath(image)) as opened:
-                return opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise BackendError(f"{where}: cannot decode image ({err})") from None
+    if isinstance(image, Image.Image):
+        return image, where
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return _image_source(image["bytes"], where)
+        if image.get("path"):
+            return _image_source(image["path"], where)
+        raise BackendError(f"{where}: a dict image needs a 'bytes' or 'path' entry, got keys {sorted(image)}")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(image)), where
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image), where
     raise BackendError(
         f"{where}: expected a PIL image, bytes, a {{'bytes': ...}} dict or a path, got {type(image).__name__}"
     )
+
+
+def load_image(image: Any, *, where: str = "image") -> Image.Image:
+    """Decode one image (PIL image, encoded bytes, ``{"bytes": ...}`` / ``{"path": ...}`` dict, or path) to RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    source, where = _image_source(image, where)
+    try:
+        if isinstance(source, Image.Image):
+            return source if source.mode == "RGB" else source.convert("RGB")
+        with Image.open(source) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise BackendError(f"{where}: cannot decode image ({err})") from None
+
+
+def image_size(image: Any, *, where: str = "image") -> tuple[int, int]:
+    """(width, height) of one image in any form :func:`load_image` takes, read from its header (nothing decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    source, where = _image_source(image, where)
+    if isinstance(source, Image.Image):
+        return source.size
+    try:
+        with Image.open(source) as opened:
+            return opened.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise BackendError(f"{where}: cannot read image ({err})") from None
 
 
 def structured_messages(request: GenerationRequest, *, where: str = "request") -> list[dict[str, Any]]:

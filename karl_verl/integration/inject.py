@@ -32,7 +32,7 @@ from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
 from karl_verl.config import ConfigError, InjectConfig
-from karl_verl.inject import instance_key, load_references, plan_prompt
+from karl_verl.inject import instance_key, load_references, plan_prompt, vision_tokens
 from karl_verl.integration.inject_agent_loop import NAME as AGENT_LOOP
 from karl_verl.integration.inject_agent_loop import REFERENCE_FIELD, SESSIONS_FIELD, STATUS_KEY
 from karl_verl.integration.inject_loss import INJECTED_FIELD, karl_inject_ppo_loss
@@ -77,9 +77,13 @@ class InjectionDriver:
         self._fallbacks = 0
 
     @classmethod
-    def create(cls, inject: InjectConfig, config: Any) -> InjectionDriver:
+    def create(cls, inject: InjectConfig, config: Any, tokenizer: Any = None, processor: Any = None) -> InjectionDriver:
+        """Check the configuration and read the reference file; ``tokenizer`` and ``processor`` (the policy's)
+        name the vision tokens a reference must not hold (:func:`~karl_verl.inject.vision_tokens`)."""
         check_trainer_config(inject, config)
-        references = load_references(inject.responses_path) if inject.source == "file" else None
+        references = None
+        if inject.source == "file":
+            references = load_references(inject.responses_path, vision_tokens(tokenizer, processor))
         if references is not None:
             logger.info("karl inject: %d reference responses from %s; levels %s get %d of %d rollouts injected",
                         len(references), inject.responses_path, list(inject.levels), inject.num_injected,

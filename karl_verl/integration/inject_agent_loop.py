@@ -11,11 +11,12 @@ neither, so they are always sampled):
 An injected session runs verl's own single-turn loop (multimodal inputs, prompt tokens, the
 response merge and truncation to ``rollout.response_length``) against a stand-in for the rollout
 server that answers with the external response tokenised by the policy's tokenizer, ending with
-its EOS as a generated response does. With ``karl.inject.source=teacher`` the stand-in asks the
-teacher endpoint (OpenAI-compatible, :class:`~karl_verl.data.teacher.ChatCompletionsTeacher`) for
-the prompt's text and images, in a thread, within ``karl.inject.teacher_timeout_s``; a failed,
-late or empty reply falls back to a normal sample, recorded as ``extra_fields["karl_inject"] =
-"fallback"`` and counted by the trainer.
+its EOS as a generated response does; a vision special token written in the text (a teacher may
+write one) becomes its characters, not an image token (:func:`~karl_verl.inject.response_token_ids`).
+With ``karl.inject.source=teacher`` the stand-in asks the teacher endpoint (OpenAI-compatible,
+:class:`~karl_verl.data.teacher.ChatCompletionsTeacher`) for the prompt's text and images, in a
+thread, within ``karl.inject.teacher_timeout_s``; a failed, late or empty reply falls back to a
+normal sample, recorded as ``extra_fields["karl_inject"] = "fallback"`` and counted by the trainer.
 
 Every row this loop returns carries the tensor field ``karl_injected`` (1 injected, 0 sampled)
 into TransferQueue, and from there into the actor's update batches, where
@@ -39,7 +40,7 @@ from verl.workers.rollout.replica import TokenOutput
 from karl_verl.backends.base import BackendError, GenerationRequest, SamplingSettings
 from karl_verl.config import InjectConfig
 from karl_verl.data.teacher import ChatCompletionsTeacher
-from karl_verl.inject import is_injected_session, response_token_ids
+from karl_verl.inject import is_injected_session, response_token_ids, vision_tokens
 from karl_verl.integration.inject_loss import INJECTED_FIELD
 
 REGISTRY = "agent loop (verl.experimental.agent_loop)"
@@ -140,12 +141,13 @@ class KarlInjectAgentLoop(SingleTurnAgentLoop):
                 return reference or None
 
         eos = self.tokenizer.eos_token_id
+        vision = vision_tokens(self.tokenizer, self.processor)
         # The weights the group's sampled sessions run on: in sync training those synced at the end of
         # the previous step (the prompt's global_steps is the step it is trained in).
         step = kwargs.get("global_steps")
         version = max(int(step) - 1, 0) if step is not None else None
         server = ExternalResponseServer(self.server_manager, response_text,
-                                        lambda text: response_token_ids(self.tokenizer, text, eos), version)
+                                        lambda text: response_token_ids(self.tokenizer, text, eos, vision), version)
         # A copy with the stand-in server: the instance verl built stays as it was.
         session = copy.copy(self)
         session.server_manager = server

@@ -11,7 +11,8 @@ message, every problem of:
   directory without ``config.json``);
 * ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
   once) and, for the ``karl`` trainer, no way to a first mastery table, and knowledge-infused
-  rollouts with verl settings they cannot run with (agent loop, group size); with iVGR
+  rollouts with verl settings they cannot run with (agent loop, group size) or a reference file the
+  trainer would refuse (a bad row, a vision special token in a response); with iVGR
   (``karl.ivgr.enable``) a judge whose ``<judge_url>/models`` does not answer within a few seconds, a
   bad template file, or dynamic sampling;
 * dynamic sampling (``algorithm.filter_groups``) on a key the ``karl`` reward's breakdown lacks;
@@ -79,8 +80,8 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     _, mastery, problems = KarlConfig.check_sections(_select(config, "karl"), _select(config, "algorithm.karl"))
     if uses_karl_trainer and mastery is not None and (problem := mastery.missing_inputs()):
         problems.append(problem)
-    if uses_karl_trainer and (problem := _inject_problem(config)):
-        problems.append(problem)
+    if uses_karl_trainer:
+        problems.extend(inject_problems(config))
     if uses_karl_trainer:
         problems.extend(ivgr_problems(config))
     return problems
@@ -140,24 +141,38 @@ def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) 
     return problems
 
 
-def _inject_problem(config: DictConfig) -> str | None:
-    """With ``karl.inject.enable``: the verl settings injection cannot run with (agent loop, group size, ...),
-    which the trainer would otherwise find only after Ray and the workers are up."""
+def inject_problems(config: DictConfig) -> list[str]:
+    """With ``karl.inject.enable``: the verl settings injection cannot run with (agent loop, group size, ...)
+    and a reference file the trainer would refuse (a bad row, a vision special token in a response),
+    which it would otherwise find only after Ray and the workers are up."""
     from karl_verl.config import ConfigError, InjectConfig
 
     try:
         inject = InjectConfig.from_mapping(_select(config, "karl.inject"))
     except ConfigError:
-        return None  # reported with the other karl.* problems
+        return []  # reported with the other karl.* problems
     if not inject.enable:
-        return None
+        return []
     from karl_verl.integration.inject import check_trainer_config
 
+    problems = []
     try:
         check_trainer_config(inject, config)
     except ConfigError as err:
-        return "; ".join(err.problems)
-    return None
+        problems.append("; ".join(err.problems))
+    path = inject.responses_path
+    # A path that does not exist is reported by path_problems; the policy's tokenizer is not loaded here,
+    # so the file is checked against the Qwen-VL vision tokens (the trainer adds the tokenizer's own).
+    if inject.source == "file" and path and not _is_remote(path) and Path(path).expanduser().exists():
+        from karl_verl.inject import ReferenceError, load_references
+
+        try:
+            load_references(str(Path(path).expanduser()))
+        except ReferenceError as err:  # names the file and the row
+            problems.append(f"karl.inject.responses_path: {err}")
+        except (ValueError, OSError) as err:  # unreadable parquet, text that is not UTF-8
+            problems.append(f"karl.inject.responses_path: {path}: cannot read ({type(err).__name__}: {err})")
+    return problems
 
 
 def filter_groups_problem(config: DictConfig) -> str | None:

@@ -16,6 +16,7 @@ from karl_verl.backends.base import (
     TextGenerator,
     check_generations,
     check_option_logprobs,
+    image_size,
     load_image,
     request_images,
     structured_messages,
@@ -52,6 +53,26 @@ def test_load_image_accepts_every_stored_form(tmp_path):
 def test_load_image_errors_name_the_place(bad):
     with pytest.raises(BackendError, match="request 3, image 0"):
         load_image(bad, where="request 3, image 0")
+
+
+def test_image_size_reads_every_stored_form_without_decoding(tmp_path, monkeypatch):
+    data = _png(size=(9, 5))
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+
+    class Lazy:  # a ParquetImage: read when asked
+        where = "probe.parquet: row 4"
+
+        def read(self):
+            return data
+
+    forms = (data, bytearray(data), {"bytes": data}, {"bytes": None, "path": str(path)}, str(path), path, Lazy(),
+             Image.new("RGBA", (9, 5)))
+    # Only the header is read: decoding the pixels would fail here.
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("image decoded"))
+    assert [image_size(image) for image in forms] == [(9, 5)] * len(forms)
+    with pytest.raises(BackendError, match=r"request 3, image 0: cannot read image"):
+        image_size(b"not an image", where="request 3, image 0")
 
 
 def test_structured_messages_splits_placeholders_like_verl():

@@ -16,11 +16,15 @@ from PIL import Image
 
 from karl_verl.backends.base import BackendError, GenerationRequest, SamplingSettings
 from karl_verl.backends.vllm_backend import (
+    KVCacheShape,
     VLLMBackend,
     build_vllm_prompts,
+    format_bytes,
     generation_params,
+    max_model_len_for,
     option_logprobs_from_outputs,
     option_params,
+    prompt_token_counts,
     texts_from_outputs,
 )
 
@@ -137,3 +141,88 @@ def test_create_asks_for_log_probabilities_after_the_option_whitelist(fake_vllm,
     assert seen["logprobs_mode"] == "processed_logprobs" and seen["max_model_len"] == 2048
     VLLMBackend.create("some/model", logprobs_mode="raw_logprobs")
     assert seen["logprobs_mode"] == "raw_logprobs"  # a caller's choice stands
+
+
+# ---- sizing the engine: max_model_len and its KV cache ----
+
+
+@pytest.mark.parametrize("geometry", ["tiny", "qwen3_vl_8b"])
+def test_prompt_token_counts_are_what_the_processor_makes_of_each_prompt(geometry):
+    """Counted from image sizes (no image decoded), equal to the full processor's input_ids."""
+    import io
+
+    from karl_verl.backends.base import load_image, structured_messages
+    from karl_verl.testing.tiny_qwen3vl import build_tiny_processor, build_tiny_tokenizer
+
+    def png(size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (10, 20, 30)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    processor = build_tiny_processor(build_tiny_tokenizer(), image_geometry=geometry)
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    requests = [_request(), GenerationRequest(user("<image>A car?\nA. x\nB. y"), [png((1600, 1200))]),
+                GenerationRequest(user("<image> and <image>"), [png((300, 900)), {"bytes": png((64, 64))}]),
+                _request("no image at all", images=0)]
+    counts = prompt_token_counts(processor, requests)
+    full = []
+    for request in requests:
+        text = processor.apply_chat_template(structured_messages(request), add_generation_prompt=True, tokenize=False)
+        images = [load_image(image) for image in request.images] or None
+        full.append(int(processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1]))
+    assert counts == full
+    if geometry == "qwen3_vl_8b":  # a photo is most of the prompt, as on the 8B
+        assert counts[1] > 1800 > counts[0]
+
+
+def test_max_model_len_holds_the_longest_prompt_and_its_answer_rounded_up():
+    assert max_model_len_for([100, 2101, 7], 1) == 2304  # 2101 + 1 + 32 = 2134, up to a multiple of 256
+    assert max_model_len_for([2101], 64) == 2304 and max_model_len_for([2200], 64) == 2304
+    assert max_model_len_for([2209], 64) == 2560  # 2209 + 64 + 32 = 2305
+    assert max_model_len_for([10], 1) == 256
+    # Never beyond the model's context, as long as the prompt and its answer fit in it.
+    assert max_model_len_for([4000], 1, max_positions=4096) == 4096
+    assert max_model_len_for([4095], 1, max_positions=4096) == 4096
+    with pytest.raises(ValueError, match=r"longest prompt \(4096 tokens\) and its answer \(1\) exceed .* 4096"):
+        max_model_len_for([4096], 1, max_positions=4096)
+    with pytest.raises(ValueError, match="no prompts"):
+        max_model_len_for([], 1)
+
+
+#: Qwen3-VL-8B-Instruct's config.json, the keys that size the KV cache.
+QWEN3_VL_8B_CONFIG = {
+    "model_type": "qwen3_vl",
+    "text_config": {"num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                    "hidden_size": 4096, "dtype": "bfloat16", "max_position_embeddings": 262144},
+    "vision_config": {"depth": 27, "hidden_size": 1152, "num_heads": 16},
+}
+
+
+def test_kv_cache_of_qwen3_vl_8b():
+    shape = KVCacheShape.from_config(QWEN3_VL_8B_CONFIG)
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.dtype) == (36, 8, 128, "bfloat16")
+    assert shape.bytes_per_token == 144 * 2**10  # 2 x 36 x 8 x 128 x 2 bytes
+    # vLLM's default, the whole context: 36 GiB for one sequence, more than a 40-48 GB card has beside the weights.
+    assert shape.bytes_for(262144) == 36 * 2**30
+    assert shape.bytes_for(2304) == 324 * 2**20 and format_bytes(shape.bytes_for(2304)) == "324.0 MiB"
+    assert shape.bytes_for(2304, num_seqs=16) == 16 * 324 * 2**20 and format_bytes(16 * 324 * 2**20) == "5.06 GiB"
+
+
+def test_kv_cache_of_the_tiny_model_matches_its_config_object(tmp_path):
+    """Read from the saved config.json; the model's own config object says the same shape."""
+    import json
+
+    from transformers import AutoConfig
+
+    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+
+    directory = save_tiny_checkpoint(tmp_path / "tiny")
+    shape = KVCacheShape.from_config(json.loads((directory / "config.json").read_text()))
+    text = AutoConfig.from_pretrained(directory).text_config
+    assert (shape.layers, shape.kv_heads, shape.head_dim) == (text.num_hidden_layers, text.num_key_value_heads,
+                                                              text.head_dim) == (2, 2, 16)
+    # A float32 checkpoint runs in 16 bits under vLLM's dtype=auto on GPUs.
+    assert shape.dtype == "bfloat16" and shape.bytes_per_token == 2 * 2 * 2 * 16 * 2 == 256
+    assert shape.bytes_for(256) == 64 * 2**10 and format_bytes(shape.bytes_for(256)) == "64 KiB"
+    with pytest.raises(ValueError, match="config.json: no 'num_hidden_layers'"):
+        KVCacheShape.from_config({"text_config": {"num_attention_heads": 4}})

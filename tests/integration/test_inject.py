@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,6 +44,26 @@ def test_configurations_injection_cannot_run_with(references):
                              verl_config("algorithm.adv_estimator=grpo"))
     with pytest.raises(ConfigError, match=r"rollout_correction\.bypass_mode: .*old log-probs"):
         check_trainer_config(inject, verl_config("algorithm.rollout_correction.bypass_mode=true"))
+
+
+def test_a_reference_holding_a_vision_token_stops_the_trainer_naming_file_line_key_and_token(references):
+    from transformers import AddedToken
+
+    from karl_verl.inject import ReferenceError
+    from karl_verl.testing.tiny_qwen3vl import build_tiny_tokenizer
+
+    path = Path(references)
+    path.write_text(path.read_text() + json.dumps({"key": 3, "response": "<think><|vision_start|></think>"}) + "\n")
+    inject = InjectConfig(enable=True, responses_path=references)
+    with pytest.raises(ReferenceError, match=rf"^{path} line 4: key '3': 'response' holds '<\|vision_start\|>'"):
+        InjectionDriver.create(inject, verl_config())
+    # The policy's own vision tokens count too: a tokenizer whose image token is <image> refuses it.
+    path.write_text(json.dumps({"key": 0, "response": "look at <image> here"}) + "\n")
+    assert InjectionDriver.create(inject, verl_config()).references == {"0": "look at <image> here"}
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("<image>", special=True)], special_tokens=True)
+    with pytest.raises(ReferenceError, match=r"line 1: key '0': 'response' holds '<image>'"):
+        InjectionDriver.create(inject, verl_config(), tokenizer)
 
 
 def test_tag_puts_each_prompts_plan_on_it(references):

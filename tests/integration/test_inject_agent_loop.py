@@ -110,6 +110,10 @@ def test_a_reference_longer_than_the_response_budget_is_cut_like_a_sample(tokeni
     assert outputs[0].response_ids == tokenizer.encode(REFERENCE, add_special_tokens=False)[:8]
 
 
+#: A teacher reply that writes vision special tokens out (a model may, e.g. quoting its own prompt).
+VISION_REPLY = "<think>The car <|vision_start|><|image_pad|><|vision_end|> is red.</think><answer>(1,2),(3,4)</answer>"
+
+
 class Teacher(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat-completions endpoint; ``behaviour`` says how it answers."""
 
@@ -126,7 +130,8 @@ class Teacher(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": "no such model"}')
             return
-        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": REFERENCE}}]})
+        content = VISION_REPLY if self.behaviour == "vision" else REFERENCE
+        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -179,3 +184,18 @@ def test_a_failed_or_late_teacher_falls_back_to_a_sample(tokenizer, teacher, beh
     assert outputs[0].extra_fields[STATUS_KEY] == "fallback"
     assert tokenizer.decode(outputs[0].response_ids[:-1]) == SAMPLED
     assert time.monotonic() - started < 30
+
+
+def test_a_teachers_vision_tokens_are_injected_as_text_not_as_image_tokens(tokenizer, teacher):
+    """An image token in a response has no image behind it and fails the actor's forward: the teacher's
+    text is still injected, with those tokens spelt out in characters."""
+    Teacher.behaviour = "vision"
+    # Spelt out, each token is a dozen of the tiny tokenizer's: room for the whole reply.
+    outputs, server = run_group(tokenizer, [*teacher_overrides(teacher), "data.max_response_length=512"],
+                                reference="")
+    assert server.calls == 3 and int(outputs[0].as_dict()[INJECTED_FIELD]) == 1
+    assert outputs[0].extra_fields[STATUS_KEY] == "injected"
+    vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")}
+    assert vision_ids <= set(tokenizer.encode(VISION_REPLY, add_special_tokens=False))
+    assert not vision_ids & set(outputs[0].response_ids)
+    assert tokenizer.decode(outputs[0].response_ids[:-1]) == VISION_REPLY

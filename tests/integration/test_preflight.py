@@ -309,3 +309,23 @@ def test_ivgr_needs_a_judge_that_answers_and_valid_templates(tmp_path):
     assert problem.startswith("karl.ivgr.judge_url: the judge does not answer: GET http://127.0.0.1:")
     assert ivgr_problems(config(enable=False)) == []
     assert ivgr_problems(config(judge_url="local")) == []  # the trainer serves it: nothing to reach before Ray
+
+
+def test_a_reference_file_holding_a_vision_token_stops_the_run_before_ray(tmp_path):
+    """karl.inject.responses_path is read before Ray: a response with <|image_pad|> is named with file, line, key."""
+    import json
+
+    from karl_verl.dryrun.pipeline import compose_recipe
+
+    references = tmp_path / "references.jsonl"
+    references.write_text(json.dumps({"key": 1, "response": "fine"}) + "\n"
+                          + json.dumps({"key": 2, "response": "an <|image_pad|> here"}) + "\n")
+    overrides = ["karl.inject.enable=true", f"karl.inject.responses_path={references}",
+                 "actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent"]
+    problems = karl_config_problems(compose_recipe("karl_kvg_cpu", overrides))
+    expected = (f"karl.inject.responses_path: {references} line 2: key '2': 'response' holds '<|image_pad|>', "
+                "a vision special token")
+    [problem] = [p for p in problems if "inject" in p]
+    assert problem.startswith(expected), problems
+    references.write_text(json.dumps({"key": 2, "response": "an image here"}) + "\n")
+    assert not [p for p in karl_config_problems(compose_recipe("karl_kvg_cpu", overrides)) if "inject" in p]

@@ -35,6 +35,10 @@ def inputs(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     (tmp_path / "home").mkdir()
+    # Reference responses for knowledge injection, one writing out an image placeholder.
+    (tmp_path / "home" / "references.jsonl").write_text(
+        json.dumps({"key": 0, "response": "<think>The Fiat 500.</think>"}) + "\n"
+        + json.dumps({"key": 1, "response": "<think>It is <|image_pad|> the Fiat 500.</think>"}) + "\n")
     return tmp_path
 
 
@@ -89,6 +93,11 @@ MISTAKES = {
     "inject_agent_loop": ({"karl.inject.enable": "true", "karl.inject.responses_path": "{home}"}, {},
                           "actor_rollout_ref.rollout.agent.default_agent_loop: karl.inject.enable needs "
                           "'karl_inject_agent'"),
+    # A reference holding a vision special token would become an image token without an image in the actor.
+    "inject_vision_token": ({"karl.inject.enable": "true", "karl.inject.responses_path": "{home}/references.jsonl",
+                             "actor_rollout_ref.rollout.agent.default_agent_loop": "karl_inject_agent"}, {},
+                            "references.jsonl line 2: key '1': 'response' holds '<|image_pad|>', a vision special "
+                            "token"),
 }
 
 

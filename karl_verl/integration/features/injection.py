@@ -21,7 +21,8 @@ class Injection(TrainerFeature):
         from karl_verl.integration.inject import InjectionDriver
 
         super().__init__(trainer)
-        self.driver = InjectionDriver.create(trainer.karl_config.inject, trainer.config)
+        self.driver = InjectionDriver.create(trainer.karl_config.inject, trainer.config,
+                                             getattr(trainer, "tokenizer", None), getattr(trainer, "processor", None))
 
     @classmethod
     def enabled(cls, trainer: Any) -> bool:
