@@ -6,6 +6,10 @@ distinct shape and colour on a plain background with its box known exactly, whic
 ``karl-verl data compose`` turns into multi-entity composites and the matching probe set, as for
 real FGVC-style sources (the dry run's data, and the built-in CoT set of :mod:`karl_verl.data.cot`).
 CPU only, a fraction of a second.
+
+:func:`draw_sized_image` draws one entity on a photo-sized canvas (:data:`REALISTIC_IMAGE_SIZES`), so
+that tests see prompts of a real model's length (with the 8B geometry of
+:mod:`karl_verl.testing.tiny_qwen3vl`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 
 _COLOURS = ((200, 40, 40), (40, 160, 60), (40, 80, 200), (220, 160, 30), (140, 60, 170))
+
+#: (width, height) of photo-sized test images, as fine-grained sets have them (448 to 1600 pixel sides),
+#: and one 3000x3000 image: Qwen3-VL-8B makes 8,836 tokens of it (one per 32x32 pixels), more than
+#: karl_kvg's ``rollout.max_model_len`` of 8192, so it must be reported, not trained on.
+REALISTIC_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((448, 448), (1024, 768), (1600, 1200), (3000, 3000))
 
 
 def draw_shape(draw: Any, shape: str, colour: tuple[int, int, int], box: tuple[int, int, int, int], *,
@@ -99,3 +108,24 @@ def write_single_entity_images(
     annotations = out_dir / "annotations.jsonl"
     atomic_write_text(annotations, "".join(json.dumps(row) + "\n" for row in rows))
     return annotations
+
+
+def draw_sized_image(width: int, height: int, *, shape: str = "ellipse", colour: tuple[int, int, int] = _COLOURS[0],
+                     seed: int = 0) -> tuple[Any, tuple[int, int, int, int]]:
+    """A ``width`` x ``height`` RGB image with one ``shape`` on a plain light background; (image, its box).
+
+    The box is in pixels (x1, y1, x2, y2), last pixel inclusive, and covers 30-60% of each side at a
+    seeded place. A plain background keeps the encoded file small (a 3000x3000 PNG is a few KiB),
+    while the pixel count, which alone sets the token count, is the photo's.
+    """
+    from PIL import Image, ImageDraw
+
+    if width < 8 or height < 8:
+        raise ValueError(f"draw_sized_image: expected sides of at least 8 pixels, got {width}x{height}")
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), tuple(rng.randint(225, 255) for _ in range(3)))
+    box_w, box_h = int(width * rng.uniform(0.3, 0.6)), int(height * rng.uniform(0.3, 0.6))
+    x1, y1 = rng.randint(0, width - box_w), rng.randint(0, height - box_h)
+    box = (x1, y1, x1 + box_w - 1, y1 + box_h - 1)
+    draw_shape(ImageDraw.Draw(image), shape, colour, (x1, y1, x1 + box_w, y1 + box_h))
+    return image, box

@@ -20,6 +20,12 @@ tokenizer (it cannot build the video processor), and so verl's ``hf_processor`` 
 that loads processors itself sees a text-only model unless it uses :func:`load_tiny_processor`.
 
 :func:`is_tiny_checkpoint` tells such a directory apart from a real checkpoint.
+
+Image geometry: by default (:data:`TINY_IMAGE_GEOMETRY`) every image is shrunk to at most 64x64
+pixels (4 image tokens), so that prompts stay short. With ``image_geometry="qwen3_vl_8b"``
+(:data:`QWEN3_VL_8B_IMAGE_GEOMETRY`) the processor takes Qwen3-VL-8B's released settings instead, and
+an image becomes as many tokens as the 8B would make of it (a 1600x1200 photo: 1,900); the model
+itself stays tiny (its vision tower takes any grid).
 """
 
 from __future__ import annotations
@@ -89,9 +95,71 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Image sizes are kept tiny: 16-pixel patches merged 2x2 means one merged token per 32x32 pixels.
-_MIN_PIXELS = 32 * 32
-_MAX_PIXELS = 64 * 64
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How the image processor cuts an image into tokens: ``patch_size`` pixel patches, ``merge_size`` x
+    ``merge_size`` of them merged into one token, so one token per ``factor`` x ``factor`` pixels; an image
+    is resized (aspect kept) to sides that are multiples of ``factor`` and an area within
+    [``min_pixels``, ``max_pixels``] (Qwen's ``smart_resize``).
+
+    ``image_mean`` / ``image_std``: the normalisation (None: the image processor class's default);
+    ``video_pixels``: (min, max) pixels of a video frame (None: transformers' Qwen3-VL video defaults).
+    Neither changes a token count.
+    """
+
+    name: str
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    video_pixels: tuple[int, int] | None = None
+
+    @property
+    def factor(self) -> int:
+        """Side in pixels of the square one merged image token covers."""
+        return self.patch_size * self.merge_size
+
+
+#: The fixture's own geometry (every test's default): 16-pixel patches merged 2x2 (one token per 32x32
+#: pixels), images shrunk into 32x32..64x64 pixels, so an image is 1 to 4 tokens and prompts stay short.
+TINY_IMAGE_GEOMETRY = ImageGeometry(
+    name="tiny", patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=64 * 64,
+    video_pixels=(32 * 32, 2 * 64 * 64),
+)
+
+#: Qwen3-VL-8B-Instruct's released image processor (its preprocessor_config.json: ``"size":
+#: {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+#: "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]``): one token per
+#: 32x32 pixels, at least 64 and at most 16,384 tokens an image. transformers (5.10) ships no Qwen3-VL
+#: image processor defaults (the checkpoint's file sets them on its Qwen2VLImageProcessor, whose own
+#: class defaults are Qwen2-VL's patch 14 and 56*56..28*28*1280 pixels); its Qwen3-VL *video*
+#: processor (``video_processing_qwen3_vl.py``) has the same patch 16, merge 2, temporal patch 2 and
+#: 0.5 mean/std. qwen_vl_utils (0.0.14, ``vision_process.py``), which verl resizes images with before
+#: the processor, caps an image at ``IMAGE_MAX_TOKEN_NUM`` = 16384 tokens of (patch 16 x merge 2)^2
+#: pixels = the same 16,777,216 pixels; its floor is 4 tokens (``IMAGE_MIN_TOKEN_NUM``), below the
+#: processor's 64, so the processor's floor decides.
+QWEN3_VL_8B_IMAGE_GEOMETRY = ImageGeometry(
+    name="qwen3_vl_8b", patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=65536, max_pixels=16777216,
+    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+)
+
+#: The geometries the builders take by name.
+IMAGE_GEOMETRIES: dict[str, ImageGeometry] = {g.name: g for g in (TINY_IMAGE_GEOMETRY, QWEN3_VL_8B_IMAGE_GEOMETRY)}
+
+
+def resolve_image_geometry(image_geometry: str | ImageGeometry) -> ImageGeometry:
+    """An :class:`ImageGeometry`, or the one of :data:`IMAGE_GEOMETRIES` named ``image_geometry``."""
+    if isinstance(image_geometry, ImageGeometry):
+        return image_geometry
+    try:
+        return IMAGE_GEOMETRIES[image_geometry]
+    except KeyError:
+        raise ValueError(f"image_geometry: expected one of {sorted(IMAGE_GEOMETRIES)} or an ImageGeometry, "
+                         f"got {image_geometry!r}") from None
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -150,17 +218,33 @@ def _image_processor_class() -> type:
     return Qwen2VLImageProcessorPil
 
 
-def build_tiny_processor(tokenizer: PreTrainedTokenizerBase | None = None) -> Qwen3VLProcessor:
-    """Image processor (patch 16, merge 2, temporal patch 2, 32x32..64x64 pixels) + video processor +
-    tokenizer in a :class:`TinyQwen3VLProcessor` (CPU; see that class for why a subclass)."""
+def _vision_processors(geometry: ImageGeometry) -> tuple[Any, Any]:
+    """(image processor, video processor) cutting images and frames as ``geometry`` says."""
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+    cut = {"patch_size": geometry.patch_size, "merge_size": geometry.merge_size,
+           "temporal_patch_size": geometry.temporal_patch_size}
+    normalise = {key: list(value) for key, value in (("image_mean", geometry.image_mean),
+                                                      ("image_std", geometry.image_std)) if value is not None}
+    image_processor = _image_processor_class()(**cut, **normalise, min_pixels=geometry.min_pixels,
+                                               max_pixels=geometry.max_pixels)
+    video_size = ({} if geometry.video_pixels is None
+                  else {"size": {"shortest_edge": geometry.video_pixels[0], "longest_edge": geometry.video_pixels[1]}})
+    return image_processor, Qwen3VLVideoProcessor(**cut, **normalise, **video_size)
+
+
+def build_tiny_processor(
+    tokenizer: PreTrainedTokenizerBase | None = None, *, image_geometry: str | ImageGeometry = "tiny"
+) -> Qwen3VLProcessor:
+    """Image processor + video processor + tokenizer in a :class:`TinyQwen3VLProcessor` (CPU; see that
+    class for why a subclass).
+
+    ``image_geometry``: ``"tiny"`` (default, :data:`TINY_IMAGE_GEOMETRY`: patch 16, merge 2, temporal
+    patch 2, 32x32..64x64 pixels), ``"qwen3_vl_8b"`` (:data:`QWEN3_VL_8B_IMAGE_GEOMETRY`: the 8B's
+    released settings, so prompts have the 8B's token counts) or any :class:`ImageGeometry`.
+    """
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    geometry = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
-    image_processor = _image_processor_class()(**geometry, min_pixels=_MIN_PIXELS, max_pixels=_MAX_PIXELS)
-    video_processor = Qwen3VLVideoProcessor(
-        **geometry, size={"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS * 2}
-    )
+    image_processor, video_processor = _vision_processors(resolve_image_geometry(image_geometry))
     return TinyQwen3VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -270,19 +354,32 @@ def build_tiny_model(
     return model.eval()
 
 
-def save_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, size: TinySize | None = None) -> Path:
+def save_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, size: TinySize | None = None,
+                         image_geometry: str | ImageGeometry = "tiny") -> Path:
     """Write a tiny model + tokenizer + processor to ``directory`` (created if needed); return its path.
 
     Load back with ``Qwen3VLForConditionalGeneration.from_pretrained(directory)`` and
     :func:`load_tiny_processor` (``AutoProcessor`` fails here without torchvision). A marker file
-    (``karl_tiny_fixture.json``) records that the directory is this fixture.
+    (``karl_tiny_fixture.json``) records that the directory is this fixture, and its image geometry.
+    ``image_geometry`` (see :func:`build_tiny_processor`) is saved with the processor (transformers 5
+    writes the image processor's settings into ``processor_config.json``, key ``image_processor``; older
+    versions into ``preprocessor_config.json``), so every loader of the directory (verl's processor,
+    the rollout server, the pre-flight) cuts images with it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    geometry = resolve_image_geometry(image_geometry)
     tokenizer = build_tiny_tokenizer()
-    processor = build_tiny_processor(tokenizer)
+    processor = build_tiny_processor(tokenizer, image_geometry=geometry)
     model = build_tiny_model(seed=seed, tokenizer=tokenizer, size=size)
     model.save_pretrained(directory)
+    _save_processor(processor, directory)
+    _write_marker(directory, {"fixture": "karl_verl.testing.tiny_qwen3vl", "seed": seed,
+                              "image_geometry": geometry.name})
+    return directory
+
+
+def _save_processor(processor: Qwen3VLProcessor, directory: Path) -> None:
     processor.save_pretrained(directory)
     # Record the stock class, so that where torchvision exists AutoProcessor loads the directory as is.
     config_path = directory / "processor_config.json"
@@ -290,9 +387,26 @@ def save_tiny_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, si
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         saved["processor_class"] = "Qwen3VLProcessor"
         config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
-    (directory / TINY_MARKER_FILE).write_text(
-        json.dumps({"fixture": "karl_verl.testing.tiny_qwen3vl", "seed": seed}, indent=2) + "\n", encoding="utf-8"
-    )
+
+
+def _write_marker(directory: Path, fields: dict[str, Any]) -> None:
+    (directory / TINY_MARKER_FILE).write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
+
+
+def set_image_geometry(directory: str | os.PathLike[str], image_geometry: str | ImageGeometry) -> Path:
+    """Give a :func:`save_tiny_checkpoint` directory another image geometry, weights untouched; return its path.
+
+    Rewrites the saved processor and the marker's record, so that a trained fixture (the dry run's
+    warmed-up model) builds prompts of the 8B's length with ``"qwen3_vl_8b"`` without being trained
+    again. Work on a copy to keep the original.
+    """
+    directory = Path(directory)
+    if not is_tiny_checkpoint(directory):
+        raise FileNotFoundError(f"{directory}: not a tiny fixture checkpoint (no {TINY_MARKER_FILE})")
+    geometry = resolve_image_geometry(image_geometry)
+    _save_processor(build_tiny_processor(load_tiny_processor(directory).tokenizer, image_geometry=geometry), directory)
+    marker = json.loads((directory / TINY_MARKER_FILE).read_text(encoding="utf-8"))
+    _write_marker(directory, {**marker, "image_geometry": geometry.name})
     return directory
 
 

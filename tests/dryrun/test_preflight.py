@@ -1,6 +1,7 @@
 """Pre-flight checks (karl_verl/dryrun/preflight.py) on a valid built-in run and broken variants."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,3 +170,36 @@ def test_rows_are_streamed_up_to_max_rows_and_a_bad_file_is_one_problem(built, t
     report = run_preflight("karl_kvg", overrides(outputs, workdir, **{"data.val_files": str(tmp_path / "bad.parquet")}))
     found = [m for m in messages(report) if "bad.parquet" in m]
     assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'bad.parquet'}: not a readable parquet file")
+
+
+def test_prompt_lengths_of_8b_sized_prompts(tmp_path):
+    """A tiny checkpoint with Qwen3-VL-8B's image geometry and photo-sized rows: 448x448 to 1600x1200 fit
+    karl_kvg's data.max_prompt_length; the 3000x3000 row (8,836 image tokens, more than the rollout's
+    max_model_len) is reported with its file, row and token count."""
+    from omegaconf import OmegaConf
+    from sized_data import expected_prompt_lengths, write_sized_grounding_parquet, write_sized_probe_parquet
+
+    from karl_verl.synthetic_images import REALISTIC_IMAGE_SIZES
+    from karl_verl.testing.tiny_qwen3vl import load_tiny_processor, save_tiny_checkpoint
+
+    assert REALISTIC_IMAGE_SIZES[-1] == (3000, 3000)
+    model = save_tiny_checkpoint(tmp_path / "tiny-8b", image_geometry="qwen3_vl_8b")
+    train = write_sized_grounding_parquet(tmp_path / "train.parquet")
+    val = write_sized_grounding_parquet(tmp_path / "val.parquet", sizes=[(448, 448)])
+    probe = write_sized_probe_parquet(tmp_path / "probe.parquet", sizes=[(448, 448)] * 4)
+    report = run_preflight("karl_kvg", [
+        f"data.train_files={train}", f"data.val_files={val}", f"actor_rollout_ref.model.path={model}",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}", f"karl.mastery.probe_data={probe}"])
+    assert report.rows_checked == 5 and report.problems, report.format()
+    assert not any("cannot encode" in m for m in messages(report)), report.format()
+    [problem] = [p for p in report.problems if p.kind is not None and "max_prompt_length" in p.kind]
+    assert (problem.file, problem.row) == (str(train), 4)
+    assert problem.kind == "prompt above data.max_prompt_length=4800 after image expansion"
+    lengths = expected_prompt_lengths(load_tiny_processor(model), train)
+    assert max(lengths[:3]) <= 4800 < lengths[3]
+    expected = lengths[3]
+    assert problem.detail == f"{expected} tokens"
+    # The recipe file itself, not compose_recipe: a composition costs seconds.
+    recipe = OmegaConf.load(Path(__file__).parents[2] / "recipes" / "recipe" / "karl_kvg.yaml")
+    assert expected > recipe.actor_rollout_ref.rollout.max_model_len == 8192
+    assert f"{train} row 4: prompt above data.max_prompt_length=4800" in report.format()

@@ -1,4 +1,5 @@
-"""The tiny Qwen3-VL fixture builds, generates on an image, and survives a save/load round trip (CPU)."""
+"""The tiny Qwen3-VL fixture builds, generates on an image, and survives a save/load round trip (CPU); with
+Qwen3-VL-8B's image geometry its prompts have the 8B's token counts."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import pytest
 import torch
 from PIL import Image
+from sized_data import smart_resize_tokens
 from transformers import Qwen3VLForConditionalGeneration
 
+from karl_verl.synthetic_images import REALISTIC_IMAGE_SIZES, draw_sized_image
 from karl_verl.testing.tiny_qwen3vl import (
+    QWEN3_VL_8B_IMAGE_GEOMETRY,
     SPECIAL_TOKENS,
     TINY_MARKER_FILE,
     build_tiny_model,
@@ -18,6 +22,7 @@ from karl_verl.testing.tiny_qwen3vl import (
     is_tiny_checkpoint,
     load_tiny_processor,
     save_tiny_checkpoint,
+    set_image_geometry,
 )
 
 
@@ -147,3 +152,59 @@ def test_the_vllm_cpu_size_has_32_wide_text_heads_and_generates(tokenizer, proce
         TinySize(hidden_size=48, text_head_dim=32)
     with pytest.raises(ValueError, match="text_head_dim: expected a multiple of 16"):
         TinySize(text_head_dim=24)
+
+
+# Qwen3-VL-8B-Instruct's released preprocessor_config.json, written out again so that a wrong constant in
+# the module fails here: patch 16, merge 2 (a token per 32x32 pixels), 64 to 16,384 tokens an image.
+RELEASED_8B = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+               "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def _image_tokens(processor, image: Image.Image) -> int:
+    text = processor.apply_chat_template(_messages(), add_generation_prompt=True, tokenize=False)
+    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
+    return int((ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+
+
+def test_the_8b_geometry_gives_the_8bs_image_token_counts(tokenizer, processor):
+    processor_8b = build_tiny_processor(tokenizer, image_geometry="qwen3_vl_8b")
+    # The realistic sizes and one below the 8B's 64-token floor.
+    sizes = (*REALISTIC_IMAGE_SIZES, (100, 80))
+    counts = {}
+    for width, height in sizes:
+        image, box = draw_sized_image(width, height, colour=(200, 40, 40), seed=width)
+        assert image.size == (width, height)
+        assert image.getpixel(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)) == (200, 40, 40)  # the ellipse
+        counts[(width, height)] = _image_tokens(processor_8b, image)
+    assert counts == {size: smart_resize_tokens(*size) for size in sizes}
+    assert counts[(448, 448)] == 196 and counts[(1600, 1200)] == 1900
+    assert counts[(100, 80)] == 72  # scaled up to the floor
+    assert counts[(3000, 3000)] == 8836 > 8192  # karl_kvg's rollout.max_model_len
+    # Above the 16,384-token cap, by the count vLLM asks the image processor for (processing a 17-megapixel
+    # image would take seconds): scaled down.
+    patches = processor_8b.image_processor.get_number_of_image_patches(4100, 4200, {})
+    assert patches // 4 == smart_resize_tokens(4200, 4100) == 16254 <= 16384
+    # The default geometry is untouched: an image is at most 64x64 pixels, 4 tokens.
+    assert _image_tokens(processor, draw_sized_image(1600, 1200)[0]) == smart_resize_tokens(
+        1600, 1200, min_pixels=32 * 32, max_pixels=64 * 64) == 2
+
+
+def test_a_saved_fixture_carries_the_8b_geometry(tmp_path, tokenizer):
+    directory = save_tiny_checkpoint(tmp_path / "tiny-8b", image_geometry="qwen3_vl_8b")
+    saved = json.loads((directory / "processor_config.json").read_text())["image_processor"]
+    assert {key: saved[key] for key in RELEASED_8B} == RELEASED_8B
+    assert json.loads((directory / TINY_MARKER_FILE).read_text())["image_geometry"] == "qwen3_vl_8b"
+    assert QWEN3_VL_8B_IMAGE_GEOMETRY.factor == 32
+    image = draw_sized_image(1024, 768)[0]
+    assert _image_tokens(load_tiny_processor(directory), image) == 768
+    plain = save_tiny_checkpoint(tmp_path / "tiny")  # the default is unchanged
+    assert json.loads((plain / TINY_MARKER_FILE).read_text())["image_geometry"] == "tiny"
+    assert _image_tokens(load_tiny_processor(plain), image) == 2
+    # A fixture saved with the tiny geometry (the dry run's warmed-up model) takes the 8B's in place.
+    assert _image_tokens(load_tiny_processor(set_image_geometry(plain, "qwen3_vl_8b")), image) == 768
+    assert json.loads((plain / TINY_MARKER_FILE).read_text())["image_geometry"] == "qwen3_vl_8b"
+    with pytest.raises(ValueError, match="image_geometry: expected one of"):
+        build_tiny_processor(tokenizer, image_geometry="qwen3_vl_32b")
+    with pytest.raises(FileNotFoundError, match="not a tiny fixture"):
+        set_image_geometry(tmp_path, "qwen3_vl_8b")
