@@ -320,6 +320,13 @@ class MasteryConfig:
     max_refresh_share: float = 0.05
     #: Seconds a refresh may take before it is abandoned and the previous table kept.
     probe_timeout_s: float = 1800.0
+    #: A probe question that cannot be answered (unreadable image, prompt over max_model_len, server
+    #: error, short answer) is skipped, not counted wrong; the probe still succeeds while at least this
+    #: share of its questions is answered, else it fails (the previous table stays; at train begin the
+    #: run stops). 0.95: a few bad images in thousands of questions cost nothing, while a systematic
+    #: fault (replicas down, max_model_len too small, a broken image column) skips far more and fails
+    #: loudly instead of measuring mastery on what is left. 1.0: any skipped question fails the probe.
+    min_answered_share: float = 0.95
     #: Probe requests in flight at once on the rollout servers (in-training probe only).
     probe_max_concurrency: int = 256
     #: Threads in the trainer that decode probe images and build question prompts (in-training probe
@@ -350,6 +357,7 @@ class MasteryConfig:
             "refresh_questions_per_entity": lambda v, k: _integer(v, k, 1),
             "max_refresh_share": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
             "probe_timeout_s": lambda v, k: _number(v, k, 0.0, low_open=True),
+            "min_answered_share": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
             "probe_max_concurrency": lambda v, k: _integer(v, k, 1),
             "probe_prepare_workers": lambda v, k: _integer(v, k, 1),
             "source": lambda v, k: _choice(v, k, ("probe", "online", "blend")),

@@ -163,6 +163,10 @@ class RefreshSchedule:
 # ----------------------------------------------------------------------------- history
 
 
+#: RefreshRecord fields left out of its JSON while unset (None or empty).
+_RECORD_FIELDS_IF_SET = ("num_skipped", "skipped_by_kind", "carried_over")
+
+
 @dataclass
 class RefreshRecord:
     """One entry of the refresh history (one per refresh attempt, failed ones included).
@@ -189,13 +193,23 @@ class RefreshRecord:
     num_questions: int | None = None
     num_unparseable: int | None = None
     probe_mode: str | None = None
+    #: Questions the probe skipped (the backend could not answer them), and how many per reason kind.
+    num_skipped: int | None = None
+    skipped_by_kind: dict[str, int] = field(default_factory=dict)
+    #: Probed entities none of whose questions was answered: they kept their previous entry.
+    carried_over: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Written only when set: a state saved before these fields existed loads and saves unchanged.
+        for key in _RECORD_FIELDS_IF_SET:
+            if data[key] in (None, {}, []):
+                del data[key]
+        return data
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "<memory>") -> RefreshRecord:
@@ -293,7 +307,8 @@ def distribution_metrics(table: MasteryTable) -> dict[str, float]:
 
 
 def refresh_metrics(record: RefreshRecord, *, failures_total: int, time_share: float | None) -> dict[str, float]:
-    """Metrics logged at a refresh: outcome, probe wall time and share, moves, and the distribution.
+    """Metrics logged at a refresh: outcome, probe wall time and share, questions asked, skipped and the
+    answered share (``karl/refresh/skipped_questions``, ``karl/refresh/answered_share``), moves.
 
     ``time_share`` is the probe's wall time over (probe + the training time since the previous
     refresh), i.e. its share of an epoch if this epoch trains as long as the last one; None when
@@ -307,6 +322,11 @@ def refresh_metrics(record: RefreshRecord, *, failures_total: int, time_share: f
     }
     if record.num_questions is not None:
         out[_key("refresh", "questions")] = float(record.num_questions)
+        if record.num_skipped is not None:
+            # Failed refreshes too: a share below karl.mastery.min_answered_share is why they failed.
+            out[_key("refresh", "skipped_questions")] = float(record.num_skipped)
+            answered = record.num_questions - record.num_skipped
+            out[_key("refresh", "answered_share")] = answered / record.num_questions if record.num_questions else 0.0
     if time_share is not None:
         out[_key("refresh", "probe_time_share")] = float(time_share)
     if record.ok:

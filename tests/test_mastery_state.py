@@ -72,7 +72,9 @@ def full_state():
     table = MasteryTable.from_scores({"Su-30": 0.8, "F-16": 0.2}, num_questions={"Su-30": 50, "F-16": 50}, epoch=1)
     history = [
         RefreshRecord(step=1, epoch=0, trigger="train_begin", source="probe", wall_time_s=12.5, num_entities=2,
-                      distribution=table.distribution(), num_questions=100, num_unparseable=0, probe_mode="logprob"),
+                      distribution=table.distribution(), num_questions=100, num_unparseable=0, probe_mode="logprob",
+                      num_skipped=4, skipped_by_kind={"unreadable image": 3, "prompt too long": 1},
+                      carried_over=["MiG-29"]),
         RefreshRecord(step=5, epoch=1, trigger="epoch", source="probe", status="failed", error="ProbeTimeout: late"),
     ]
     return MasteryState(table=table, base_table=table, history=history, online=online, unknown_entities={"Tu-160"})
@@ -88,6 +90,14 @@ class TestState:
         assert again.online == state.online and again.unknown_entities == {"Tu-160"}
         assert json.loads(path.read_text())["format"] == "karl-verl/mastery-state-v1"
         assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary file left
+
+    def test_a_record_written_before_the_skipped_fields_round_trips_unchanged(self):
+        old = {"step": 5, "epoch": 1, "trigger": "epoch", "source": "probe", "status": "ok", "error": None,
+               "wall_time_s": 1.0, "num_entities": 2, "distribution": {}, "moved_up": 0, "moved_down": 0, "added": 0,
+               "removed": 0, "num_questions": 10, "num_unparseable": 0, "probe_mode": "choice"}
+        assert RefreshRecord.from_json(old).to_json() == old
+        skipped = RefreshRecord.from_json({**old, "num_skipped": 0})
+        assert skipped.to_json() == {**old, "num_skipped": 0}  # 0 skipped is a measurement: kept
 
     def test_counts_and_initialized(self):
         assert not MasteryState().initialized and full_state().initialized
@@ -150,9 +160,15 @@ def test_refresh_and_distribution_metrics():
     metrics = refresh_metrics(record, failures_total=2, time_share=0.1)
     assert metrics["karl/refresh/ok"] == 1.0 and metrics["karl/refresh/failures_total"] == 2.0
     assert metrics["karl/refresh/entities_up"] == 3.0 and metrics["karl/refresh/probe_time_share"] == 0.1
+    assert metrics["karl/refresh/skipped_questions"] == 4.0 and metrics["karl/refresh/answered_share"] == 0.96
     failed = refresh_metrics(full_state().history[1], failures_total=1, time_share=None)
     assert failed["karl/refresh/failed"] == 1.0 and "karl/refresh/entities_up" not in failed
     assert "karl/refresh/probe_time_share" not in failed
+    # no probe counts (a timeout): no skipped/answered metrics rather than made-up ones
+    assert "karl/refresh/answered_share" not in failed and "karl/refresh/skipped_questions" not in failed
+    short = RefreshRecord(step=5, epoch=1, trigger="epoch", source="probe", status="failed", error="TooFewAnswers",
+                          num_questions=20, num_skipped=5)
+    assert refresh_metrics(short, failures_total=1, time_share=None)["karl/refresh/answered_share"] == 0.75
     dist = distribution_metrics(full_state().table)
     assert dist["karl/mastery/level_1/entities"] == 1.0 and dist["karl/mastery/level_4/share"] == 0.5
 

@@ -33,6 +33,12 @@ generate mode with a warning.
 All requests of one call run concurrently (at most ``max_concurrency`` in flight) on a private
 event loop in a background thread, so that :meth:`cancel` (called by the trainer when a refresh
 times out) can stop them from another thread.
+
+One question that cannot be answered costs that question only: an unreadable image, a prompt over
+the server's ``max_model_len``, a server-side exception or a short answer is recorded in
+:attr:`RolloutProbeBackend.question_failures` (request index -> :class:`~karl_verl.probe.runner.QuestionFailure`,
+its ``kind`` from :func:`failure_kind`) with a NaN row / None in its place, and the other questions
+are answered; :func:`karl_verl.probe.runner.run_probe` skips it. Cancellation still stops everything.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -54,6 +61,7 @@ from karl_verl.backends.base import (
     load_image,
     structured_messages,
 )
+from karl_verl.probe.runner import QuestionFailure
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +75,62 @@ class ProbeCancelled(RuntimeError):
 
 class ShortAnswerError(BackendError):
     """A rollout server answered without the expected output (aborted request, empty reply, missing
-    log-probabilities); the trainer treats it as a failed refresh."""
+    log-probabilities); it costs its question (kind "short answer" in ``question_failures``)."""
+
+
+class UnreadableImageError(BackendError):
+    """A question's image cannot be read or decoded (the message names the request, file and row)."""
+
+
+class PromptEncodingError(BackendError):
+    """verl's prompt machinery could not turn a question into prompt ids (processor, chat template)."""
+
+
+# How a prompt too long is worded: verl's prompt builder ("Multimodal prompt produced N tokens,
+# exceeding rollout.prompt_length=M"), vLLM's engine ("... is longer than the maximum model length of
+# N"), verl's vLLM server ("... the model's maximum context length (N)") and karl-verl's CPU rollout
+# ("... leaves no room within max_model_len N"). Matched in the message, not the type: through Ray the
+# exception arrives wrapped (RayTaskError(ValueError)).
+_PROMPT_TOO_LONG = re.compile(r"maximum model length|maximum context length|max_model_len|rollout\.prompt_length",
+                              re.IGNORECASE)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The server's own exception inside Ray's wrapper (``RayTaskError.cause``), else ``err``."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def failure_kind(err: BaseException) -> str:
+    """The short reason an exception cost its question, for counting ("server error: <type>" otherwise)."""
+    err = _cause(err)
+    if isinstance(err, UnreadableImageError):
+        return "unreadable image"
+    if isinstance(err, ShortAnswerError):
+        return "short answer"
+    if _PROMPT_TOO_LONG.search(str(err)):
+        return "prompt too long"
+    if isinstance(err, PromptEncodingError):
+        return "encoding error"
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    return f"server error: {type(err).__name__}"
+
+
+def _failure(err: BaseException) -> QuestionFailure:
+    # The first line only (a Ray traceback would run to pages): the log shows it on one line.
+    text = str(_cause(err)).strip()
+    return QuestionFailure(failure_kind(err), text.splitlines()[0][:500] if text else type(_cause(err)).__name__)
 
 
 def _with_images(request: GenerationRequest, where: str) -> list[dict[str, Any]]:
     """RLHFDataset-style messages whose image parts carry the decoded images (what the agent loop gets)."""
     messages = structured_messages(request, where=where)
-    images = iter(load_image(image, where=f"{where}, image {i}") for i, image in enumerate(request.images))
+    try:
+        decoded = [load_image(image, where=f"{where}, image {i}") for i, image in enumerate(request.images)]
+    except BackendError as err:
+        raise UnreadableImageError(str(err)) from None
+    images = iter(decoded)
     out = []
     for message in messages:
         content = message["content"]
@@ -148,6 +205,8 @@ class RolloutProbeBackend:
         self._cancelled = threading.Event()
         self._inflight: set[concurrent.futures.Future] = set()
         self._lock = threading.Lock()
+        #: The questions the last call could not answer: request index -> why (see karl_verl.probe.runner).
+        self.question_failures: dict[int, QuestionFailure] = {}
 
     @classmethod
     def from_trainer(cls, trainer: Any, *, hf_model_type: str | None, max_concurrency: int = 256,
@@ -176,6 +235,7 @@ class RolloutProbeBackend:
             raise ProbeCancelled("the probe was cancelled")
         if self._loop is None:
             self._loop = _LoopThread(self.prepare_workers)
+        self.question_failures = {}
         future = self._loop.submit(coro_fn(*args))
         with self._lock:
             self._inflight.add(future)
@@ -213,10 +273,15 @@ class RolloutProbeBackend:
     async def _encode(self, request: GenerationRequest, where: str) -> tuple[list[int], list[Any] | None]:
         """Prompt token ids and processed images of one request, as verl's agent loop makes them."""
         builder = await self._prompt_builder()
-        messages = await asyncio.get_running_loop().run_in_executor(None, _with_images, request, where)
-        multi_modal = await builder.process_multi_modal_info(messages)
-        images = multi_modal.get("images")
-        prompt_ids = await builder.ct_build_initial_tokens(messages, images=images)
+        try:
+            messages = await asyncio.get_running_loop().run_in_executor(None, _with_images, request, where)
+            multi_modal = await builder.process_multi_modal_info(messages)
+            images = multi_modal.get("images")
+            prompt_ids = await builder.ct_build_initial_tokens(messages, images=images)
+        except UnreadableImageError:
+            raise
+        except Exception as err:
+            raise PromptEncodingError(f"{where}: cannot build the prompt ({type(err).__name__}: {err})") from err
         return [int(token) for token in prompt_ids], images
 
     async def _generate_one(self, prompt_ids: list[int], images: Any, sampling_params: dict[str, Any],
@@ -234,17 +299,38 @@ class RolloutProbeBackend:
         return output
 
     async def _gather(self, coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+        """Each question's result in order; a question that raises gets None in its place and an entry
+        in :attr:`question_failures`. Cancellation is not a question's failure: it stops all."""
         semaphore = asyncio.Semaphore(self.max_concurrency)
+        failures: dict[int, QuestionFailure] = {}
 
-        async def bounded(coro: Coroutine[Any, Any, Any]) -> Any:
+        async def bounded(index: int, coro: Coroutine[Any, Any, Any]) -> Any:
             async with semaphore:
-                return await coro
+                try:
+                    return await coro
+                except ProbeCancelled:
+                    raise
+                except Exception as err:  # asyncio.CancelledError is a BaseException: not caught here
+                    failures[index] = _failure(err)
+                    return None
 
-        tasks = [asyncio.ensure_future(bounded(coro)) for coro in coros]
+        tasks = [asyncio.ensure_future(bounded(index, coro)) for index, coro in enumerate(coros)]
         try:
-            return await asyncio.gather(*tasks)
+            results = await asyncio.gather(*tasks)
         finally:
-            for task in tasks:  # on failure or cancellation, stop the siblings too
+            for task in tasks:  # on cancellation, stop the siblings too
+                task.cancel()
+        self.question_failures = dict(sorted(failures.items()))
+        return results
+
+    @staticmethod
+    async def _all_or_none(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+        """Every part of one question, or the first part's exception with the other parts stopped."""
+        tasks = [asyncio.ensure_future(coro) for coro in coros]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
                 task.cancel()
 
     # ------------------------------------------------------------------ OptionScorer
@@ -260,16 +346,20 @@ class RolloutProbeBackend:
 
         option_ids = option_token_ids(self.tokenizer, options)
         rows = self._run(self._option_logprobs, list(requests), option_ids)
-        return np.asarray(rows, dtype=np.float64).reshape(len(requests), len(option_ids))
+        # A failed question's row is NaN (the marker run_probe checks against question_failures).
+        failed = [float("nan")] * len(option_ids)
+        return np.asarray([failed if row is None else row for row in rows],
+                          dtype=np.float64).reshape(len(requests), len(option_ids))
 
-    async def _option_logprobs(self, requests: list[GenerationRequest], option_ids: list[int]) -> list[list[float]]:
+    async def _option_logprobs(self, requests: list[GenerationRequest],
+                               option_ids: list[int]) -> list[list[float] | None]:
         return await self._gather([self._score_request(r, option_ids, f"probe request {i}")
                                    for i, r in enumerate(requests)])
 
     async def _score_request(self, request: GenerationRequest, option_ids: list[int], where: str) -> list[float]:
         prompt_ids, images = await self._encode(request, where)
-        return list(await asyncio.gather(*(self._appended_position(prompt_ids, images, option, where)
-                                           for option in option_ids)))
+        return await self._all_or_none([self._appended_position(prompt_ids, images, option, where)
+                                        for option in option_ids])
 
     async def _appended_position(self, prompt_ids: list[int], images: Any, token: int, where: str) -> float:
         """The log-probability of ``token`` right after ``prompt_ids`` (a forward pass, one token out)."""
@@ -294,8 +384,8 @@ class RolloutProbeBackend:
 
     # ------------------------------------------------------------------ OptionChooser
 
-    def choose_options(self, requests: Sequence[GenerationRequest], options: Sequence[str]) -> list[int]:
-        """The option each request picks: one greedy token constrained to the options' tokens."""
+    def choose_options(self, requests: Sequence[GenerationRequest], options: Sequence[str]) -> list[int | None]:
+        """The option each request picks: one greedy token constrained to the options' tokens (None: failed)."""
         if not self.supports_logprobs:
             raise BackendError(f"choose_options needs allowed_token_ids ({', '.join(PROMPT_LOGPROB_ROLLOUTS)} "
                                f"rollouts); the rollout is {self.rollout_name!r}")
@@ -304,7 +394,7 @@ class RolloutProbeBackend:
         option_ids = option_token_ids(self.tokenizer, options)
         return self._run(self._choose_all, list(requests), option_ids)
 
-    async def _choose_all(self, requests: list[GenerationRequest], option_ids: list[int]) -> list[int]:
+    async def _choose_all(self, requests: list[GenerationRequest], option_ids: list[int]) -> list[int | None]:
         return await self._gather([self._choose_one(r, option_ids, f"probe request {i}")
                                    for i, r in enumerate(requests)])
 
@@ -321,8 +411,8 @@ class RolloutProbeBackend:
 
     # ------------------------------------------------------------------ TextGenerator
 
-    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingSettings) -> list[list[str]]:
-        """``sampling.n`` replies per request (prompt excluded), decoded without special tokens."""
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingSettings) -> list[list[str] | None]:
+        """``sampling.n`` replies per request (prompt excluded), decoded without special tokens (None: failed)."""
         params = {
             "temperature": float(sampling.temperature),
             "top_p": float(sampling.top_p),
@@ -334,7 +424,7 @@ class RolloutProbeBackend:
         return self._run(self._generate_all, list(requests), params, int(sampling.n), sampling.seed)
 
     async def _generate_all(self, requests: list[GenerationRequest], params: dict[str, Any], n: int,
-                            seed: int | None) -> list[list[str]]:
+                            seed: int | None) -> list[list[str] | None]:
         async def one(index: int, request: GenerationRequest) -> list[str]:
             where = f"probe request {index}"
             prompt_ids, images = await self._encode(request, where)

@@ -15,7 +15,7 @@ from karl_verl.probe.questions import (
     build_questions,
     load_probe_set,
 )
-from karl_verl.probe.runner import ProbeResult, run_probe
+from karl_verl.probe.runner import ProbeResult, QuestionFailure, TooFewAnswers, run_probe
 from karl_verl.probe.scoring import parse_choice
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "ProbeItem",
     "ProbeQuestion",
     "ProbeResult",
+    "QuestionFailure",
+    "TooFewAnswers",
     "build_questions",
     "load_probe_set",
     "parse_choice",

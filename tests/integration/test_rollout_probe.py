@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -30,11 +32,15 @@ from verl.workers.rollout.replica import TokenOutput
 from karl_verl.backends.base import BackendError, GenerationRequest, SamplingSettings
 from karl_verl.integration.rollout_probe import (
     ProbeCancelled,
+    PromptEncodingError,
     RolloutProbeBackend,
     ShortAnswerError,
+    UnreadableImageError,
+    _failure,
+    failure_kind,
 )
 from karl_verl.probe.questions import LETTERS, ProbeItem, build_questions
-from karl_verl.probe.runner import run_probe
+from karl_verl.probe.runner import QuestionFailure, TooFewAnswers, run_probe
 from karl_verl.testing.tiny_qwen3vl import build_tiny_processor, build_tiny_tokenizer
 
 COLORS = {"Su-30": (250, 0, 0), "F-16": (0, 250, 0), "MiG-29": (0, 0, 250), "J-10": (250, 250, 0)}
@@ -68,11 +74,19 @@ class FakeServer:
         self.misalign = False
         self.letter_ids = {letter: tokenizer.encode(letter, add_special_tokens=False)[0] for letter in LETTERS}
         self.filler = [i for i in range(100, 200) if i not in self.letter_ids.values()][:20]
+        #: Prompts this long or longer are refused as vLLM's engine refuses them (None: no limit).
+        self.max_model_len: int | None = None
+        #: Entities whose requests end in a server-side exception (a crashed replica, say).
+        self.broken: set[str] = set()
+
+    @staticmethod
+    def entity_of(image):
+        return next(e for e, color in COLORS.items() if image.getpixel((0, 0)) == color)
 
     def answer_distribution(self, prompt_ids, image):
         text = self.tokenizer.decode(prompt_ids)
         options = dict((name, letter) for letter, name in re.findall(r"^([ABCD])\. (.+)$", text, re.M))
-        entity = next(e for e, color in COLORS.items() if image.getpixel((0, 0)) == color)
+        entity = self.entity_of(image)
         right = options[entity]
         chosen = right if entity in self.known else LETTERS[(LETTERS.index(right) + 1) % 4]
         dist = {self.letter_ids[letter]: (-0.1 if letter == chosen else -6.0) for letter in LETTERS}
@@ -84,6 +98,13 @@ class FakeServer:
                               "image_data": image_data})
         if self.hang:
             await asyncio.sleep(3600)
+        if self.max_model_len is not None and len(prompt_ids) >= self.max_model_len:
+            # vLLM's own wording (verl's server words it "... maximum context length ...")
+            raise ValueError(f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model "
+                             f"length of {self.max_model_len}. Make sure that `max_model_len` is no smaller than "
+                             "the number of text tokens plus multimodal tokens.")
+        if self.broken and self.entity_of(image_data[0]) in self.broken:
+            raise RuntimeError("replica 2: CUDA error: an illegal memory access was encountered")
         if "allowed_token_ids" in sampling_params:
             dist = self.answer_distribution(prompt_ids, image_data[0])
             allowed = sampling_params["allowed_token_ids"]
@@ -234,22 +255,125 @@ def test_generate_mode(verl_config, tokenizer, processor, questions):
 
 
 @pytest.mark.parametrize("fault", ["aborted", "empty", "misaligned", "off_option"])
-def test_short_answers_raise(verl_config, tokenizer, processor, questions, fault):
+def test_short_answers_cost_their_question(verl_config, tokenizer, processor, questions, fault):
     server = FakeServer(tokenizer, known=COLORS)
     server.stop_reason = "aborted" if fault == "aborted" else "completed"
     server.reply = "" if fault == "empty" else "B"
     server.misalign = fault in ("misaligned", "off_option")
     backend = make_backend(server, tokenizer, processor, verl_config)
+    requests = [request_of(questions[0])]
     try:
-        with pytest.raises(ShortAnswerError):
-            if fault == "misaligned":
-                backend.option_logprobs([request_of(questions[0])], list(LETTERS))
-            elif fault == "off_option":  # the constrained token is not one of the options
-                backend.choose_options([request_of(questions[0])], list(LETTERS))
-            elif fault == "aborted":
-                backend.option_logprobs([request_of(questions[0])], list(LETTERS))
-            else:
-                backend.generate([request_of(questions[0])], SamplingSettings(n=1))
+        if fault in ("misaligned", "aborted"):
+            answers = backend.option_logprobs(requests, list(LETTERS))
+            assert answers.shape == (1, 4) and np.isnan(answers).all()
+        elif fault == "off_option":  # the constrained token is not one of the options
+            assert backend.choose_options(requests, list(LETTERS)) == [None]
+        else:
+            assert backend.generate(requests, SamplingSettings(n=1)) == [None]
+    finally:
+        backend.close()
+    (failure,) = backend.question_failures.values()
+    assert failure.kind == "short answer" and failure.detail.startswith("probe request 0: ")
+
+
+def corrupt(question):
+    """The question with an image that is not one (bytes no decoder reads)."""
+    return dataclasses.replace(question, image=b"\x89PNG\r\n\x1a\n this is not an image")
+
+
+def too_long(question, words):
+    """The question with a prompt longer than the others (a long entity list, say): 4 tokens a word."""
+    return dataclasses.replace(question, prompt=question.prompt + " Think about it." * words)
+
+
+@pytest.mark.parametrize("mode", ["logprob", "choice", "generate"])
+def test_a_failing_question_is_recorded_and_the_others_are_answered(verl_config, tokenizer, processor, questions,
+                                                                    mode):
+    # Prompts are about 75 tokens. Question 3's (about 195) passes verl's prompt builder but not a server
+    # with max_model_len 150; question 6's (over 1000) is refused by the builder (rollout.prompt_length 512).
+    asked = [corrupt(questions[0]), *questions[1:3], too_long(questions[3], 30), *questions[4:6],
+             too_long(questions[6], 300), questions[7]]
+    server = FakeServer(tokenizer, known=COLORS)
+    server.max_model_len = 150
+    server.broken = {questions[5].entity}  # questions 4 and 5 (two per entity)
+    assert questions[4].entity == questions[5].entity != questions[7].entity
+    backend = make_backend(server, tokenizer, processor, verl_config, max_concurrency=3)
+    requests = [request_of(q) for q in asked]
+    try:
+        if mode == "logprob":
+            answers = backend.option_logprobs(requests, list(LETTERS))
+            answered = [int(np.argmax(row)) if not np.isnan(row).all() else None for row in answers]
+        elif mode == "choice":
+            answered = backend.choose_options(requests, list(LETTERS))
+        else:
+            texts = backend.generate(requests, SamplingSettings(temperature=0.0, n=1, max_new_tokens=4))
+            answered = [None if t is None else 1 for t in texts]
+    finally:
+        backend.close()
+    failures = backend.question_failures
+    assert {i: f.kind for i, f in failures.items()} == {
+        0: "unreadable image", 3: "prompt too long", 4: "server error: RuntimeError", 5: "server error: RuntimeError",
+        6: "prompt too long"}
+    assert "probe request 0, image 0: cannot decode image" in failures[0].detail
+    assert "longer than the maximum model length of 150" in failures[3].detail
+    assert "illegal memory access" in failures[4].detail
+    assert "probe request 6: cannot build the prompt" in failures[6].detail and "rollout.prompt_length" in \
+        failures[6].detail
+    # every other question has its answer, in its place
+    expected = [LETTERS.index(q.answer_letter) if mode != "generate" else 1 for q in asked]
+    assert answered == [None if i in failures else expected[i] for i in range(len(asked))]
+    # neither the corrupt image nor the prompt the builder refused reached a server; the 6 others did
+    assert len(server.requests) == 6 * (4 if mode == "logprob" else 1)
+
+
+def ray_wrapped(error):
+    """``error`` as it reaches the trainer from a Ray actor (verl's servers are Ray actors)."""
+    from ray.exceptions import RayTaskError
+
+    traceback = f"Traceback (most recent call last):\n  ...\n{error!r}"
+    return RayTaskError("generate", traceback, error).as_instanceof_cause()
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    # verl 0.9.1's vLLM server, vLLM's engine, karl-verl's CPU rollout, verl's prompt builder
+    (ValueError("Prompt length (5000) leaves no room to generate within the model's maximum context length (4096); "
+                "need at least 1 token of headroom."), "prompt too long"),
+    (ValueError("The decoder prompt (length 5000) is longer than the maximum model length of 4096."),
+     "prompt too long"),
+    (ValueError("prompt of 5000 tokens leaves no room within max_model_len 4096"), "prompt too long"),
+    (PromptEncodingError("probe request 3: cannot build the prompt (ValueError: Multimodal prompt produced 2774 "
+                         "tokens, exceeding rollout.prompt_length=512.)"), "prompt too long"),
+    (PromptEncodingError("probe request 3: cannot build the prompt (KeyError: 'content')"), "encoding error"),
+    (UnreadableImageError("probe request 0, image 0: cannot decode image"), "unreadable image"),
+    (ShortAnswerError("probe request 0: the rollout server aborted the request"), "short answer"),
+    (asyncio.TimeoutError(), "timeout"),
+    (ConnectionError("replica 3 went away"), "server error: ConnectionError"),
+    (ray_wrapped(ValueError("The decoder prompt (length 5000) is longer than the maximum model length of 4096.")),
+     "prompt too long"),
+    (ray_wrapped(KeyError("prompt_ids")), "server error: KeyError"),
+])
+def test_failure_kinds(error, kind):
+    assert failure_kind(error) == kind
+
+
+def test_a_ray_wrapped_failure_reads_as_the_servers_own_message():
+    message = "prompt of 5000 tokens leaves no room within max_model_len 4096"
+    assert _failure(ray_wrapped(ValueError(message))) == QuestionFailure("prompt too long", message)
+
+
+def test_run_probe_skips_the_failed_questions(verl_config, tokenizer, processor, questions):
+    asked = [corrupt(questions[0]), *questions[1:]]
+    server = FakeServer(tokenizer, known={"Su-30", "J-10"})
+    backend = make_backend(server, tokenizer, processor, verl_config)
+    try:
+        result = run_probe(asked, backend, mode="choice", progress=False, min_answered_share=0.85)
+        assert result.skipped.keys() == {asked[0].question_id} and result.num_answered == 7
+        assert result.per_entity_accuracy == {"F-16": 0.0, "J-10": 1.0, "MiG-29": 0.0, "Su-30": 1.0}
+        assert result.table.get(asked[0].entity).num_questions == 1
+        with pytest.raises(TooFewAnswers, match=r"answered 7 of 8 questions \(87.5%\), below 0.9 .*: 1 unreadable "
+                                                rf"image; skipped: {re.escape(repr(asked[0].question_id))} "
+                                                r"\(unreadable image\); first error: probe request 0, image 0"):
+            run_probe(asked, backend, mode="choice", progress=False, min_answered_share=0.9)
     finally:
         backend.close()
 
@@ -259,16 +383,19 @@ def test_cancel_stops_requests_in_flight(verl_config, tokenizer, processor, ques
     server.hang = True
     backend = make_backend(server, tokenizer, processor, verl_config)
     outcome = {}
+    asked = [corrupt(questions[0]), *questions[1:]]  # a failed question does not stop the cancel either
 
     def probe():
         try:
-            backend.option_logprobs([request_of(q) for q in questions], list(LETTERS))
+            backend.option_logprobs([request_of(q) for q in asked], list(LETTERS))
         except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=probe)
     thread.start()
-    while len(server.requests) < len(questions):  # every question is in flight
+    deadline = time.monotonic() + 60
+    while len(server.requests) < 4 * (len(asked) - 1):  # every other question is in flight
+        assert thread.is_alive() and time.monotonic() < deadline, (outcome, len(server.requests))
         thread.join(0.01)
     backend.cancel()
     thread.join(5)
@@ -316,3 +443,137 @@ def test_trainer_refresh_through_the_rollout_backend(verl_config, tokenizer, pro
     record = trainer.karl_state.history[-1]
     assert record.status == "failed" and "ProbeTimeout" in record.error
     assert trainer.karl_state.table.level_of("F-16") == 1
+
+
+def write_color_probe_set(path, *, per_entity, corrupt_row):
+    """A parquet probe set of the COLORS aircraft, ``per_entity`` images each; row ``corrupt_row`` (from 1)
+    holds bytes that are no image (as a truncated download would)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for entity, color in COLORS.items():
+        for k in range(per_entity):
+            buffer = io.BytesIO()
+            Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+            data = buffer.getvalue()
+            if len(rows) + 1 == corrupt_row:
+                data = data[:40]
+            rows.append({"entity": entity, "category": "aircraft", "image": {"bytes": data, "path": None},
+                         "image_id": f"{entity}-{k}"})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, processor, caplog):
+    """verl's fit with the karl trainer (tests/_support/trainer_harness.py) probing through
+    RolloutProbeBackend: a corrupt image in the probe set and, at some refreshes, a replica failing
+    every request of some entities. 24 questions (6 per aircraft), karl.mastery.min_answered_share 0.7:
+
+    step 1 (train begin) and 7: the corrupt image only, 23 of 24 answered: the table is measured;
+    step 3: F-16's 6 questions fail too, 17 of 24 (70.8%): the refresh succeeds, F-16 keeps its level;
+    step 5: F-16's and MiG-29's fail, 11 of 24 (45.8%): the refresh fails, the previous table stays.
+    """
+    import logging
+
+    from trainer_harness import (
+        FakeRollout,
+        FakeTQ,
+        RecordingTracking,
+        build_trainer,
+        compose_base_config,
+        make_config,
+        patched_services,
+    )
+
+    probe_path = write_color_probe_set(tmp_path / "probe.parquet", per_entity=6, corrupt_row=2)
+    config = make_config(compose_base_config(), tmp_path, mastery={
+        "probe_data": probe_path, "probe_images_per_entity": 6, "refresh_every_steps": 2, "probe_timeout_s": 120.0,
+        "min_answered_share": 0.7}, total_epochs=2)
+    config.actor_rollout_ref.rollout.name = "vllm"
+    config.data.custom_cls = {"path": os.path.abspath(__file__), "name": "NoTorchvisionDataset"}
+    broken_at = {3: {"F-16"}, 5: {"F-16", "MiG-29"}}
+
+    class Server(FakeServer):
+        async def generate(self, request_id, **kwargs):
+            self.broken = broken_at.get(trainer.global_steps, set())
+            return await super().generate(request_id, **kwargs)
+
+    server = Server(tokenizer, known={"Su-30", "F-16"})
+    tq = FakeTQ()
+    with patched_services(tq), caplog.at_level(logging.WARNING, logger="karl_verl.integration.trainer"):
+        trainer = build_trainer(config, tq, tokenizer)
+        trainer.karl_probe_backend = lambda: make_backend(server, tokenizer, processor, config)
+        rollout = FakeRollout(tq, config, tokenizer)
+        trainer.fit(rollout)
+
+    assert trainer.global_steps == 9  # verl's fit ran its 8 steps
+    history = {r.step: r for r in trainer.karl_state.history}
+    assert {step: r.status for step, r in history.items()} == {1: "ok", 3: "ok", 5: "failed", 7: "ok"}
+    assert {step: r.num_skipped for step, r in history.items()} == {1: 1, 3: 7, 5: 13, 7: 1}
+    assert history[1].skipped_by_kind == {"unreadable image": 1}
+    assert history[5].skipped_by_kind == {"server error: RuntimeError": 12, "unreadable image": 1}
+    assert history[3].carried_over == ["F-16"] and history[1].carried_over == []
+    assert "TooFewAnswers" in history[5].error and "answered 11 of 24 questions (45.8%), below 0.7" in \
+        history[5].error
+
+    # the metrics of each refresh, logged with its step through verl's Tracking
+    logged = dict(RecordingTracking.logged)
+    for step, skipped, failed in [(1, 1, 0), (3, 7, 0), (5, 13, 1), (7, 1, 0)]:
+        assert logged[step]["karl/refresh/skipped_questions"] == skipped, step
+        assert logged[step]["karl/refresh/answered_share"] == pytest.approx((24 - skipped) / 24), step
+        assert logged[step]["karl/refresh/failed"] == failed and logged[step]["karl/refresh/questions"] == 24
+    assert all("karl/refresh/skipped_questions" not in logged[step] for step in (2, 4, 6, 8))
+
+    # levels: Su-30 and F-16 known (level 1), the others not (5); F-16 kept level 1 at the refreshes that
+    # could not measure it (without the carry-over it would drop to the default level, 5)
+    sent = {(s["step"], s["entity"]): s["level"] for s in rollout.scored if s["partition"] == "train"}
+    assert {level for (step, entity), level in sent.items() if entity == "F-16"} == {1}
+    assert any(step in (3, 4, 5, 6) for step, entity in sent if entity == "F-16")
+    assert all(level == 5 for (_, entity), level in sent.items() if entity == "MiG-29")
+    assert trainer.karl_state.table.get("F-16").epoch == 1  # measured again at step 7 (epoch 1)
+
+    # one warning line per probe that skipped questions (never one per question), with the counts per reason
+    lines = [r.getMessage() for r in caplog.records if r.name == "karl_verl.integration.trainer"]
+    skipped_lines = [line for line in lines if "the mastery probe at step" in line]
+    assert len(skipped_lines) == 3 and len([line for line in lines if "skipped" in line]) == 4  # + the failure
+    assert "skipped 1 of 24 questions (95.8% answered, at least 0.7 needed" in skipped_lines[0]
+    assert "1 unreadable image; skipped: 'Su-30-1::Su-30' (unreadable image); first error: " in skipped_lines[0]
+    assert f"{probe_path}: row 2" in skipped_lines[0]
+    assert "6 server error: RuntimeError, 1 unreadable image" in skipped_lines[1]
+    assert "1 entities with no answered question kept their previous level: ['F-16']" in skipped_lines[1]
+    (failed_line,) = [line for line in lines if "training goes on with the previous table" in line]
+    assert "12 server error: RuntimeError, 1 unreadable image" in failed_line
+
+
+def test_train_begin_skips_failed_questions_or_stops_below_the_share(verl_config, tokenizer, processor, questions,
+                                                                     tmp_path):
+    """At train begin there is no previous table: an entity with no answered question is not in the
+    first table (the default level), and too few answers stop the run as a failed probe always did."""
+    from karl_verl.integration.trainer import KarlTrainer
+
+    def trainer_with(broken):
+        config = copy.deepcopy(verl_config)
+        config.algorithm.adv_estimator = "karl_grpo"
+        config.trainer.default_local_dir = str(tmp_path)
+        config.karl = {"mastery": {"probe_data": "in-memory", "probe_timeout_s": 60.0, "min_answered_share": 0.7}}
+        trainer = KarlTrainer(config)
+        trainer.karl_mastery.questions = questions  # 8: two per aircraft
+        trainer.steps_per_epoch, trainer.global_steps = 2, 1
+        server = FakeServer(tokenizer, known={"Su-30", "F-16"})
+        server.broken = set(broken)
+        trainer.karl_probe_backend = lambda: make_backend(server, tokenizer, processor, config)
+        return trainer
+
+    trainer = trainer_with({"F-16"})  # 6 of 8 answered
+    trainer.on_train_begin()
+    record = trainer.karl_state.history[-1]
+    assert record.status == "ok" and record.num_skipped == 2 and record.carried_over == []
+    assert "F-16" not in trainer.karl_state.table and trainer.karl_state.table.level_of("Su-30") == 1
+    assert trainer.karl_consume_metrics()["karl/refresh/answered_share"] == 0.75
+
+    with pytest.raises(RuntimeError, match=r"probe at train begin failed \(TooFewAnswers: the probe answered 4 of 8 "
+                                           r"questions \(50.0%\), below 0.7 .*: 4 server error: RuntimeError"):
+        trainer_with({"F-16", "MiG-29"}).on_train_begin()

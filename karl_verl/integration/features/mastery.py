@@ -4,7 +4,11 @@ swap as a whole), the online estimate's updates, and the state file in every che
 A refresh probes on the same rollout servers as training rollouts, through
 :class:`~karl_verl.integration.rollout_probe.RolloutProbeBackend` (``trainer.karl_probe_backend``).
 A refresh that raises, times out (``probe_timeout_s``) or comes back short keeps the previous table,
-and is logged as a warning and as the metric ``karl/refresh/failed``.
+and is logged as a warning and as the metric ``karl/refresh/failed``. A single question the servers
+cannot answer (unreadable image, prompt over ``max_model_len``, server error) is skipped instead:
+the refresh goes on while the answered share stays at or above ``min_answered_share``, an entity
+with no answered question keeps its previous entry, and each refresh logs ``karl/refresh/skipped_questions``,
+``karl/refresh/answered_share`` and, when any was skipped, one warning line with the counts per reason.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +35,7 @@ from karl_verl.mastery_state import (
     sample_entity,
 )
 from karl_verl.online import OnlineMastery, blend_table, online_table
+from karl_verl.probe.runner import TooFewAnswers, describe_skipped, skipped_by_kind
 
 #: The mastery state's file inside each verl ``global_step_N`` checkpoint folder.
 STATE_FILE = "karl_mastery_state.json"
@@ -80,12 +85,16 @@ def time_share(wall_time_s: float, trained_s: float | None) -> float | None:
 
 
 def check_complete(result: Any, questions: Sequence[Any]) -> None:
-    if result.num_questions != len(questions) or len(result.decisions) != len(questions):
-        raise IncompleteProbe(f"the probe answered {len(result.decisions)} of {len(questions)} questions")
-    missing = sorted({q.entity for q in questions} - set(result.table.entries))
+    """Every question answered or skipped (with a reason), and every entity with an answer in the table."""
+    skipped = getattr(result, "skipped", None) or {}
+    if result.num_questions != len(questions) or len(result.decisions) + len(skipped) != len(questions):
+        raise IncompleteProbe(f"the probe answered {len(result.decisions)} and skipped {len(skipped)} of "
+                              f"{len(questions)} questions")
+    answered = {q.entity for q in questions if q.question_id in result.decisions}
+    missing = sorted(answered - set(result.table.entries))
     if missing:
         raise IncompleteProbe(f"the probe's table lacks {len(missing)} probed entities, e.g. {missing[:3]}")
-    if result.num_unparseable >= len(questions):
+    if result.num_unparseable >= max(len(result.decisions), 1):
         raise IncompleteProbe("no probe reply named a letter (generate mode): check max tokens and the prompt")
 
 
@@ -93,6 +102,28 @@ def fill_probe(record: RefreshRecord, result: Any) -> None:
     record.num_questions = int(result.num_questions)
     record.num_unparseable = int(result.num_unparseable)
     record.probe_mode = getattr(result, "mode", None)
+    fill_skipped(record, getattr(result, "skipped", None) or {})
+
+
+def fill_skipped(record: RefreshRecord, skipped: Mapping[str, Any]) -> None:
+    record.num_skipped = len(skipped)
+    record.skipped_by_kind = skipped_by_kind(skipped)
+
+
+def keep_previous_entries(table: MasteryTable, previous: MasteryTable | None,
+                          entities: Sequence[str]) -> tuple[MasteryTable, list[str]]:
+    """``table`` plus the previous entry of each of ``entities`` (probed, no question answered).
+
+    No answer is no new evidence: such an entity keeps the level it had rather than dropping out of
+    the table (which would put it at the default level). Returns (the table, the entities carried).
+    """
+    if previous is None:
+        return table, []
+    carried = sorted(entity for entity in entities if entity not in table.entries and entity in previous.entries)
+    if not carried:
+        return table, []
+    entries = {**table.entries, **{entity: previous.entries[entity] for entity in carried}}
+    return MasteryTable(entries=entries, meta={**table.meta, "carried_over": carried}), carried
 
 
 class MasteryRefresh(TrainerFeature):
@@ -257,6 +288,7 @@ class MasteryRefresh(TrainerFeature):
             table = result.table
             record.source = "probe"
             fill_probe(record, result)
+            self.report_skipped(record, result)
             if result.num_questions:
                 self.seconds_per_question = (time.monotonic() - start) / result.num_questions
                 logger.info("karl: the probe at train begin asked %d questions in %.1f s", result.num_questions,
@@ -282,9 +314,17 @@ class MasteryRefresh(TrainerFeature):
         try:
             base = state.base_table
             if mastery.source != "online" and mastery.probe_data:
-                result = self.probe(record.epoch)
-                base = result.table
+                try:
+                    result = self.probe(record.epoch)
+                except TooFewAnswers as err:
+                    # the counts of the failed refresh, for its metrics (answered_share below the threshold)
+                    record.num_questions = err.num_questions
+                    fill_skipped(record, err.skipped)
+                    raise
+                base, record.carried_over = keep_previous_entries(
+                    result.table, state.base_table, getattr(result, "unanswered_entities", ()))
                 fill_probe(record, result)
+                self.report_skipped(record, result)
             if mastery.source == "online":
                 table = online_table(state.online, base, thresholds=mastery.thresholds,
                                      min_evidence=mastery.online_min_evidence, epoch=record.epoch)
@@ -359,8 +399,27 @@ class MasteryRefresh(TrainerFeature):
     def call_probe(self, questions: Sequence[Any], backend: Any, mode: str, epoch: int) -> Any:
         from karl_verl.probe.runner import run_probe
 
-        return run_probe(questions, backend, mode=mode, thresholds=self.trainer.karl_config.mastery.thresholds,
-                         epoch=epoch, progress=False)
+        mastery = self.trainer.karl_config.mastery
+        return run_probe(questions, backend, mode=mode, thresholds=mastery.thresholds, epoch=epoch, progress=False,
+                         min_answered_share=mastery.min_answered_share)
+
+    def report_skipped(self, record: RefreshRecord, result: Any) -> None:
+        """One warning line per probe that skipped questions: counts per reason, the first few ids."""
+        skipped = getattr(result, "skipped", None) or {}
+        if not skipped:
+            return
+        unanswered = list(getattr(result, "unanswered_entities", ()))
+        if record.carried_over:
+            fate = f"; {len(record.carried_over)} entities with no answered question kept their previous level: " \
+                   f"{record.carried_over[:5]}"
+        elif unanswered:
+            fate = f"; {len(unanswered)} entities with no answered question are not in the table: {unanswered[:5]}"
+        else:
+            fate = ""
+        logger.warning("karl: the mastery probe at step %d (%s) skipped %d of %d questions (%.1f%% answered, at least "
+                       "%g needed: karl.mastery.min_answered_share): %s%s", record.step, record.trigger, len(skipped),
+                       result.num_questions, 100 * result.answered_share,
+                       self.trainer.karl_config.mastery.min_answered_share, describe_skipped(skipped), fate)
 
     def refresh_questions(self, refresh_index: int) -> list[Any]:
         """This refresh's questions: up to ``refresh_questions_per_entity`` per entity, drawn afresh per refresh.
