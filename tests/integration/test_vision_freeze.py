@@ -155,7 +155,7 @@ def test_verls_sft_trainer_with_the_recipe_keeps_the_vision_weights_bitwise(tmp_
         f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.n_gpus_per_node=1", "trainer.device=cpu",
         "data.train_batch_size=2", "data.micro_batch_size_per_gpu=1", "data.num_workers=0", "optim.lr=1e-3",
         "engine.use_torch_compile=false", "engine.mixed_precision.param_dtype=fp32", "model.use_remove_padding=false",
-        "+model.override_config.attn_implementation=sdpa",
+        "model.override_config.attn_implementation=sdpa",
     ]
     result = subprocess.run([sys.executable, "-m", "verl.trainer.sft_trainer", *overrides], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)

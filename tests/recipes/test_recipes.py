@@ -178,7 +178,8 @@ def test_karl_trainer_without_table_or_probe_set_stops_before_ray(installed, tmp
 #: paths and names; algorithm.adv_estimator=grpo and custom_reward_function (karl_grpo with its
 #: default all-ones weights and the karl reward manager are the same computation); save_freq=514 (ours
 #: 50, with the mastery state in each checkpoint); engine_kwargs.vllm.disable_mm_preprocessor_cache
-#: (vLLM's later mm_processor_cache_gb=0, asserted below).
+#: (vLLM's later mm_processor_cache_gb=0, asserted below); use_remove_padding=True, which karl.runtime.attention=auto
+#: resolves to where flash-attn imports (test_karl_kvg_resolves_its_attention_by_whether_flash_attn_imports).
 RELEASED_STAGE2 = {
     "data.train_batch_size": 8,
     "data.max_prompt_length": 4800,
@@ -187,7 +188,6 @@ RELEASED_STAGE2 = {
     "data.filter_overlong_prompts_workers": 8,
     "data.truncation": "error",
     "actor_rollout_ref.actor.optim.lr": 5e-7,
-    "actor_rollout_ref.model.use_remove_padding": True,
     "actor_rollout_ref.model.use_fused_kernels": True,
     "actor_rollout_ref.actor.ppo_mini_batch_size": 4,
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 2,
