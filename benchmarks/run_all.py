@@ -2,14 +2,14 @@
 
     python benchmarks/run_all.py                    # about 27 minutes on a 2-core CPU machine
     python benchmarks/run_all.py --quick            # about 10 minutes: smaller probe sets, shorter main_ppo runs
-    python benchmarks/run_all.py --readme README.md # also write the table into the README's Benchmarks section
+    python benchmarks/run_all.py --readme docs/BENCHMARKS.md # also write the table into docs/BENCHMARKS.md
 
 Every figure is a ratio or a time measured side by side in this run (the machine is noisy): the
 advantage estimator against verl's GRPO, the reward manager against verl's naive one, the probe's
 logprob mode against generate mode, the probe at growing probe-set sizes, KVG-Bench scoring and run
 comparison, verl's real ``main_ppo`` on CPU with the karl trainer against verl's sync trainer, and
 its step with iVGR off against karl-verl before iVGR (and with iVGR on).
-The README's table is written from this one (``--readme``), and a test checks that the README's
+The table in docs/BENCHMARKS.md is written from this one (``--readme``), and a test checks that its
 rows are this file's :data:`ROWS`.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-#: The README's generated table sits between these two lines.
-README_START = "<!-- benchmarks table: written by `python benchmarks/run_all.py --readme README.md` -->"
+#: The generated table (docs/BENCHMARKS.md) sits between these two lines.
+README_START = "<!-- benchmarks table: written by `python benchmarks/run_all.py --readme docs/BENCHMARKS.md` -->"
 README_END = "<!-- end of benchmarks table -->"
 
 

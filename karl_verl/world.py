@@ -83,7 +83,7 @@ class WorldConfig:
     warmup_images: int = 192
     #: Warm-up recognition questions per known entity. With 12 the tiny model learned the names in one
     #: environment and stayed near chance in another (probe NLL 0.50, levels 2-4 for all 8 entities,
-    #: no gap); with 24 the probe found the gap in both world seeds tried (measured, README).
+    #: no gap); with 24 the probe found the gap in both world seeds tried (measured, docs/EXPERIMENT.md).
     warmup_probe_per_entity: int = 24
     probe_images_per_entity: int = 8
     #: Side of one cell in pixels; the canvas is ``grid * cell_size`` square.

@@ -21,7 +21,7 @@ HELP = "train KARL and GRPO on a synthetic world through verl's main_ppo on CPU 
 #: entity, so 20 steps showed a rise in some runs and none in others of the same settings; at the rollout
 #: temperature (1.2) the sampled answers were mostly malformed. 40 steps and the known entities decide:
 #: over all entities 20 steps learned in 3 of 4 runs and 40 steps in 6 of 8, the known entities in all 9
-#: runs at 40 steps (README, "The quick check").
+#: runs at 40 steps (docs/EXPERIMENT.md, "The quick check").
 QUICK = {"arms": ("karl",), "steps": 40, "test_freq": 20, "refresh_every_steps": 20, "val_samples": 8,
          "val_temperature": 1.0, "check_group": "known"}
 

@@ -33,7 +33,7 @@ from karl_verl.experiment.stats import Case, Difference, by_level, mean_by_level
 from karl_verl.world import WorldConfig
 
 #: Arm -> the ``main_ppo`` overrides that make it (on top of ``karl_kvg_cpu`` and the shared ones).
-#: ``grpo`` is the ``karl_kvg_grpo`` recipe's change, key for key (README, "Ablations").
+#: ``grpo`` is the ``karl_kvg_grpo`` recipe's change, key for key (docs/TRAINING.md, "Ablations").
 ARMS: dict[str, tuple[str, ...]] = {
     "karl": (),
     "grpo": ("karl/reward=uniform", "algorithm.adv_estimator=grpo", "trainer.v1.trainer_mode=sync",
@@ -60,7 +60,7 @@ class ExperimentOptions:
     #: 2 categories of 4 (8 entities): with 8 prompts a step each entity comes up about once a step,
     #: which 16 entities did not give the updates in 20-40 steps. Per category 1 known, 2 partly known
     #: (a few warm-up examples: greedy acc@0.5 about half), 1 never shown: RL moved never-shown
-    #: entities from 0.000 to 0.035 in 40 steps, too few successes to learn from (measured, README).
+    #: entities from 0.000 to 0.035 in 40 steps, too few successes to learn from (measured, docs/EXPERIMENT.md).
     world: WorldConfig = field(default_factory=lambda: WorldConfig(
         categories=2, known_per_category=1, partial_per_category=2, partial_exposure=0.05))
     #: 300: after 500 steps (loss 0.056) the policy's entropy was 0.07 and a group's 8 samples were
@@ -72,14 +72,14 @@ class ExperimentOptions:
     batch_size: int = 8
     rollout_n: int = 8
     #: 1.2: at 1.0 a confident policy gave groups without a spread; at 1.5 the samples were noise
-    #: (rollout acc@0.5 of known entities about 0.1); measured, README.
+    #: (rollout acc@0.5 of known entities about 0.1); measured, docs/EXPERIMENT.md.
     temperature: float = 1.2
     max_response_length: int = 40
     #: Validation answers per case. 1: greedy (temperature 0), KVG-Bench's decoding. More: sampled at
     #: ``val_temperature``, a case scoring the mean of its answers (a rate, not right-or-wrong). Greedy answers
     #: of the tiny model change per entity, all of its cases at once, so 20 steps flip whole entities or
     #: nothing (runs of the same settings gave +0.109 and +0.000); the sampled rate moves with every
-    #: update (README, "The quick check").
+    #: update (docs/EXPERIMENT.md, "The quick check").
     val_samples: int = 1
     #: Temperature of sampled validation (val_samples > 1); None: the rollout temperature.
     val_temperature: float | None = None
@@ -87,7 +87,7 @@ class ExperimentOptions:
     #: taught. In 40 steps RL sharpens what the tiny model knows (known entities, sampled acc@0.5 0.46 ->
     #: 0.61-0.69 in eight runs) while entities it barely knows go either way (in three runs one partly known
     #: entity rose 0.46-0.49 and another fell 0.36-0.46), so ``all`` rose +0.023 to +0.072 and learned in six
-    #: of eight (README, "The quick check"). Every group is reported either way.
+    #: of eight (docs/EXPERIMENT.md, "The quick check"). Every group is reported either way.
     check_group: str = "all"
     seed: int = 0
     progress: bool = True
