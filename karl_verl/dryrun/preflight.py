@@ -197,8 +197,9 @@ def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: s
 
 def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequence[tuple[str, int, list, list]],
                          max_prompt_length: int) -> None:
-    from karl_verl.backends.base import GenerationRequest, load_image, structured_messages
+    from karl_verl.backends.base import GenerationRequest, load_image
     from karl_verl.backends.hf import load_processor
+    from karl_verl.backends.vllm_backend import prompt_token_counts
 
     try:
         processor = load_processor(model_path)
@@ -224,10 +225,10 @@ def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequenc
     for path, number, messages, images in tqdm(rows, desc="prompt lengths", unit="row", leave=False):
         where = f"{path} row {number}"
         try:
+            # Decoded here so that an unreadable image is reported as this row's problem; the count itself
+            # needs only each image's size.
             decoded = [load_image(image, where=f"{where}, field 'images'") for image in images]
-            structured = structured_messages(GenerationRequest(messages=messages, images=decoded), where=where)
-            text = processor.apply_chat_template(structured, add_generation_prompt=True, tokenize=False)
-            length = processor(text=[text], images=decoded or None, return_tensors="pt")["input_ids"].shape[1]
+            (length,) = prompt_token_counts(processor, [GenerationRequest(messages=messages, images=decoded)])
         except Exception as err:  # noqa: BLE001 - a row the processor cannot read is itself a problem
             report.add_row(path, number, "the processor cannot encode this prompt", str(err))
             continue
