@@ -92,20 +92,21 @@ def verl_extra_pins(extra: str = GPU_EXTRA, distribution: str = "verl") -> dict[
     from packaging.requirements import Requirement
 
     try:
-        requirements = importlib.metadata.requires(distribution) or []
+        requirements = [Requirement(line) for line in importlib.metadata.requires(distribution) or []]
     except importlib.metadata.PackageNotFoundError:
         return {}
-    pins: dict[str, str] = {}
+
+    def in_extra(requirement: Requirement, name: str) -> bool:
+        return requirement.marker is not None and requirement.marker.evaluate({"extra": name})
+
     extras = {extra}
-    # verl[fsdp] brings flash-attn through another extra of its own (flash-attn-cuXXXtorchYYY).
-    extras.update(r.split("[", 1)[1].split("]", 1)[0] for r in requirements
-                  if "flash-attn" in r.split(";")[0] and 'extra == "fsdp"' in r)
-    for line in requirements:
-        requirement = Requirement(line)
-        if requirement.marker is None or not any(requirement.marker.evaluate({"extra": e}) for e in extras):
-            continue
+    # verl[fsdp] brings flash-attn through another extra of its own (verl[flash-attn-cuXXXtorchYYY]).
+    extras.update(name for r in requirements if r.name == distribution and in_extra(r, "fsdp")
+                  for name in r.extras if "flash-attn" in name)
+    pins: dict[str, str] = {}
+    for requirement in requirements:
         exact = [spec.version for spec in requirement.specifier if spec.operator == "=="]
-        if exact:
+        if exact and any(in_extra(requirement, name) for name in extras):
             pins[requirement.name.lower().replace("_", "-")] = exact[0]
     return pins
 
