@@ -32,6 +32,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """
     from xdist.scheduler import LoadScopeScheduling
 
+    # xdist >= 3.7 sorts scopes by size (``--loadscope-reorder``, on by default): the six vLLM tests
+    # would then start at once, beside the main_ppo chain, and both run at half speed.
+    config.option.loadscopereorder = False
+
     class MainPpoTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(MAIN_PPO_TESTS) and not nodeid.startswith(NO_MAIN_PPO_TESTS):
@@ -50,3 +54,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     last = [item for item in items if item.nodeid.startswith(VLLM_TESTS)]
     chosen = {id(item) for item in heavy + last}
     items[:] = heavy + [item for item in items if id(item) not in chosen] + last
+
+
+#: Packages whose presence changes what karl-verl does (the attention choice, the verl surface check,
+#: the vLLM status); tests write fakes of them under tmp_path.
+PROBED_PACKAGES = ("vllm", "flash_attn")
+
+
+@pytest.fixture(autouse=True)
+def _no_fake_package_outlives_its_test():
+    """A fake ``vllm`` or ``flash_attn`` a test imported from its tmp_path and left in ``sys.modules``
+    makes every later test in that worker see it installed: which tests then fail depends on xdist's
+    split (a fresh-clone CI run saw the verl surface check fail this way)."""
+    before = {name: sys.modules.get(name) for name in PROBED_PACKAGES}
+    yield
+    left = [name for name in PROBED_PACKAGES if sys.modules.get(name) is not before[name]
+            and sys.modules.get(name) is not None]
+    for name in left:
+        sys.modules.pop(name)
+    assert not left, f"the test left its own {left} in sys.modules"

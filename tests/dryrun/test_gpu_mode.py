@@ -192,7 +192,10 @@ def test_vllm_status_takes_back_what_import_vllm_sets_in_the_environment(tmp_pat
     (package / "__init__.py").write_text("import os\nos.environ['KARL_TEST_SET_BY_VLLM'] = '1'\n"
                                          "os.environ.pop('KARL_TEST_KEPT', None)\n__version__ = '0.24.0'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    # Set, then deleted: undone in reverse, the fake leaves sys.modules as it found it (an import of the
+    # fake left behind would make later tests in this process believe vLLM is installed).
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.delitem(sys.modules, "vllm")
     monkeypatch.setenv("KARL_TEST_KEPT", "yes")
     assert gpu.vllm_status() == (True, "0.24.0")
     assert "KARL_TEST_SET_BY_VLLM" not in os.environ and os.environ["KARL_TEST_KEPT"] == "yes"

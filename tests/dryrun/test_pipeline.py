@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from karl_verl.dryrun.pipeline import CPU_VLLM_RECIPE, DryRunReport, compose_recipe
 from karl_verl.integration.trainer import STATE_FILE
@@ -108,12 +109,12 @@ def test_recipe_composition_uses_karl_parts_and_the_cpu_layer():
     assert config.data.custom_cls.name == "PillowRLHFDataset"
     base = compose_recipe("karl_kvg", ["data.train_files=/x"])
     for key in ("algorithm.kl_ctrl", "actor_rollout_ref.actor.kl_loss_coef", "actor_rollout_ref.actor.kl_loss_type",
-                "actor_rollout_ref.rollout.n", "karl"):
-        from omegaconf import OmegaConf
-
+                "actor_rollout_ref.rollout.n"):
         assert OmegaConf.select(config, key) == OmegaConf.select(base, key), key
-
-
+    # The karl section is the GPU recipe's but for the attention: a CPU has no flash-attn to choose.
+    cpu_karl, gpu_karl = (OmegaConf.to_container(c.karl) for c in (config, base))
+    assert cpu_karl.pop("runtime") == {**gpu_karl.pop("runtime"), "attention": "sdpa"}
+    assert cpu_karl == gpu_karl
 
 
 def test_the_report_names_the_vllm_rollout_when_it_was_used():

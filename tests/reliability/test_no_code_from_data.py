@@ -92,8 +92,9 @@ FORBIDDEN_CALLS = {
 }
 #: ``numpy.load`` unpickles object arrays unless ``allow_pickle`` is left False.
 NUMPY_LOADS = {"np.load", "numpy.load"}
-#: Dynamic imports, allowed only where the module name comes from a constant table in the code.
-IMPORT_MODULE_ALLOWED = {"cli.py", "integration/__init__.py"}
+#: Dynamic imports whose module name is not a literal, allowed only where it comes from a constant
+#: table in the code (cli's subcommands, the registration list, the verl surface table).
+IMPORT_MODULE_ALLOWED = {"cli.py", "integration/__init__.py", "integration/verl_surface.py"}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -128,7 +129,9 @@ def test_package_source_has_no_code_running_loader():
                 for k in node.keywords
             ):
                 found.append(f"{relative}:{node.lineno}: {name}() without allow_pickle=False")
-            elif name in ("importlib.import_module", "import_module") and relative not in IMPORT_MODULE_ALLOWED:
+            elif (name in ("importlib.import_module", "import_module") and relative not in IMPORT_MODULE_ALLOWED
+                  and not (node.args and isinstance(node.args[0], ast.Constant))):
+                # A literal name ("flash_attn", "vllm") cannot come from data.
                 found.append(f"{relative}:{node.lineno}: {name}()")
     assert not found, "code-running loaders in karl_verl:\n" + "\n".join(found)
 
