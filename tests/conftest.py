@@ -15,6 +15,8 @@ MAIN_PPO_TESTS = ("tests/dryrun/", "tests/experiment/test_quick.py", "tests/inte
 #: Tests under tests/dryrun/ that start no ``main_ppo`` (Hydra compositions, a few warm-up steps): they go with
 #: the quick tests, not onto the ``main_ppo`` worker, whose chain is the suite's longest.
 NO_MAIN_PPO_TESTS = ("tests/dryrun/test_gpu_mode.py",)
+#: pytest-timeout's limit of a main_ppo test, its shared runs included (pyproject's 900 s for the others).
+MAIN_PPO_TIMEOUT_S = 1800
 #: Tests whose runs use verl's vLLM rollout (the ``.venv-vllm`` environment; one module-scoped set of runs).
 VLLM_TESTS = ("tests/cpu/test_vllm_rollout.py",)
 
@@ -52,6 +54,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     heavy = [item for item in items
              if item.nodeid.startswith(MAIN_PPO_TESTS) and not item.nodeid.startswith(NO_MAIN_PPO_TESTS)]
     last = [item for item in items if item.nodeid.startswith(VLLM_TESTS)]
+    for item in heavy:
+        # A test's limit covers the session fixtures it sets up first (a dry run, then three curriculum runs):
+        # 756 s of them under a fresh-clone CI's load, too close to pyproject's 900.
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(MAIN_PPO_TIMEOUT_S))
     chosen = {id(item) for item in heavy + last}
     items[:] = heavy + [item for item in items if id(item) not in chosen] + last
 

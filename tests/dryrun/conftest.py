@@ -7,12 +7,12 @@
 """
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_runs import run_command
 from references import write_references
 
 from karl_verl.dryrun.launch import RunResult, read_step_metrics
@@ -47,8 +47,8 @@ class DryRun:
 def dry_run(tmp_path_factory) -> DryRun:
     workdir = tmp_path_factory.mktemp("dryrun")
     # --device cpu: on a GPU node the default (auto) would run the GPU smoke test (tests/gpu) instead.
-    result = subprocess.run([sys.executable, "-m", "karl_verl", "dryrun", "--device", "cpu", "--workdir", str(workdir),
-                             "--no-progress"], capture_output=True, text=True, timeout=1200, cwd=workdir)
+    result = run_command([sys.executable, "-m", "karl_verl", "dryrun", "--device", "cpu", "--workdir", str(workdir),
+                             "--no-progress"], timeout=1200, cwd=workdir)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((workdir / "dryrun_report.json").read_text())
     steps = {run: read_step_metrics(workdir / "metrics" / f"{run}.jsonl") for run in ("run1", "run2")}

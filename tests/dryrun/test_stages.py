@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run_command
 
 
 @pytest.mark.slow
@@ -15,8 +16,8 @@ def test_dryrun_stages_1_2_trains_sft_then_rl_from_its_checkpoint(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    result = subprocess.run([sys.executable, "-m", "karl_verl", "dryrun", "--stages", "1,2", "--resume-steps", "0",
-                             "--workdir", str(tmp_path), "--no-progress"], capture_output=True, text=True,
+    result = run_command([sys.executable, "-m", "karl_verl", "dryrun", "--stages", "1,2", "--resume-steps", "0",
+                             "--workdir", str(tmp_path), "--no-progress"],
                             timeout=1200, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "dryrun_report.json").read_text())

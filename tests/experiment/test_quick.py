@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import run_command
 
 FAULTS = Path(__file__).resolve().parents[1] / "_support" / "cpu_faults"  # a sitecustomize.py
 
@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 def _experiment(workdir: Path, *args: str, env: dict[str, str] | None = None):
-    result = subprocess.run([sys.executable, "-m", "karl_verl", "experiment", *args, "--workdir", str(workdir),
-                             "--no-progress"], capture_output=True, text=True, timeout=1200, cwd=workdir,
+    result = run_command([sys.executable, "-m", "karl_verl", "experiment", *args, "--workdir", str(workdir),
+                             "--no-progress"], timeout=1200, cwd=workdir,
                             env=env or dict(os.environ))
     report_path = workdir / "experiment.json"
     assert report_path.is_file(), result.stdout[-4000:] + result.stderr[-4000:]
