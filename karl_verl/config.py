@@ -327,6 +327,12 @@ class MasteryConfig:
     #: fault (replicas down, max_model_len too small, a broken image column) skips far more and fails
     #: loudly instead of measuring mastery on what is left. 1.0: any skipped question fails the probe.
     min_answered_share: float = 0.95
+    #: Each probe image is resized (aspect kept) to at most this many pixels before its question is built,
+    #: as qwen_vl_utils resizes a training image whose row carries ``max_pixels``. None: the training
+    #: images' budget, the processor's own cap (Qwen3-VL-8B: 16,384 image tokens, so a 3000x3000 photo
+    #: is a ~8,900-token question). The pre-flight reports the longest probe question against the
+    #: rollout's max_model_len and, when one cannot fit, the budget that would.
+    probe_max_pixels: int | None = None
     #: Probe requests in flight at once on the rollout servers (in-training probe only).
     probe_max_concurrency: int = 256
     #: Threads in the trainer that decode probe images and build question prompts (in-training probe
@@ -358,6 +364,7 @@ class MasteryConfig:
             "max_refresh_share": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
             "probe_timeout_s": lambda v, k: _number(v, k, 0.0, low_open=True),
             "min_answered_share": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
+            "probe_max_pixels": lambda v, k: None if v is None else _integer(v, k, 1),
             "probe_max_concurrency": lambda v, k: _integer(v, k, 1),
             "probe_prepare_workers": lambda v, k: _integer(v, k, 1),
             "source": lambda v, k: _choice(v, k, ("probe", "online", "blend")),

@@ -123,7 +123,8 @@ class TestEveryProblemAtOnce:
     @pytest.mark.parametrize(("key", "value"), [("probe_images_per_entity", 0), ("probe_max_concurrency", -1),
                                                 ("probe_images_per_entity", "ten"), ("refresh_every_steps", -1),
                                                 ("probe_timeout_s", 0), ("thresholds", [0.7, 0.45, 0.3, 1.5]),
-                                                ("min_answered_share", 0), ("min_answered_share", 1.01)])
+                                                ("min_answered_share", 0), ("min_answered_share", 1.01),
+                                                ("probe_max_pixels", 0), ("probe_max_pixels", "1M")])
     def test_positive_counts_and_ranges(self, key, value):
         with pytest.raises(ConfigError, match=f"karl.mastery.{key}"):
             MasteryConfig(**{key: value})

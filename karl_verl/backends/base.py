@@ -39,6 +39,9 @@ class GenerationRequest:
 
     messages: list[dict[str, Any]]
     images: list[Any] = field(default_factory=list)
+    #: Each image is resized to at most this many pixels when decoded (:func:`fit_to_pixels`), before the
+    #: processor sees it; None: as stored (the processor's own cap still applies).
+    max_pixels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,18 +116,45 @@ def _image_source(image: Any, where: str) -> tuple[Any, str]:
     )
 
 
-def load_image(image: Any, *, where: str = "image") -> Image.Image:
-    """Decode one image (PIL image, encoded bytes, ``{"bytes": ...}`` / ``{"path": ...}`` dict, or path) to RGB."""
+def fit_to_pixels(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, to at most ``max_pixels`` pixels; unchanged when it fits
+    or ``max_pixels`` is None. Each side stays >= 1.
+
+    The one resize rule for a pixel budget: :func:`load_image` applies it to the decoded image and
+    prompt-length counts apply it to the image's header size, so both agree on the tokens an image costs.
+    The processor then rounds the result to its patch grid as it does for any image.
+    """
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels: expected a positive integer, got {max_pixels}")
+    scale = (max_pixels / (width * height)) ** 0.5
+    new_width, new_height = max(1, int(width * scale)), max(1, int(height * scale))
+    # int() floors, so the area is within the budget; a 1-pixel side may still push a sliver over it.
+    while new_width * new_height > max_pixels and max(new_width, new_height) > 1:
+        if new_width >= new_height:
+            new_width -= 1
+        else:
+            new_height -= 1
+    return new_width, new_height
+
+
+def load_image(image: Any, *, where: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Decode one image (PIL image, encoded bytes, ``{"bytes": ...}`` / ``{"path": ...}`` dict, or path) to RGB,
+    resized to at most ``max_pixels`` pixels (:func:`fit_to_pixels`) when given."""
     from PIL import Image, UnidentifiedImageError
 
     source, where = _image_source(image, where)
     try:
         if isinstance(source, Image.Image):
-            return source if source.mode == "RGB" else source.convert("RGB")
-        with Image.open(source) as opened:
-            return opened.convert("RGB")
+            decoded = source if source.mode == "RGB" else source.convert("RGB")
+        else:
+            with Image.open(source) as opened:
+                decoded = opened.convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise BackendError(f"{where}: cannot decode image ({err})") from None
+    size = fit_to_pixels(decoded.width, decoded.height, max_pixels)
+    return decoded if size == decoded.size else decoded.resize(size, Image.Resampling.BICUBIC)
 
 
 def image_size(image: Any, *, where: str = "image") -> tuple[int, int]:
@@ -174,8 +204,9 @@ def structured_messages(request: GenerationRequest, *, where: str = "request") -
 
 
 def request_images(request: GenerationRequest, *, where: str = "request") -> list[Image.Image]:
-    """The request's images decoded to RGB PIL images, in placeholder order."""
-    return [load_image(image, where=f"{where}, image {i}") for i, image in enumerate(request.images)]
+    """The request's images decoded to RGB PIL images, in placeholder order, within its ``max_pixels``."""
+    return [load_image(image, where=f"{where}, image {i}", max_pixels=request.max_pixels)
+            for i, image in enumerate(request.images)]
 
 
 def check_generations(outputs: Any, num_requests: int, n: int, *, backend: str = "backend") -> list[list[str]]:

@@ -42,6 +42,7 @@ from karl_verl.backends.base import (
     GenerationRequest,
     SamplingSettings,
     check_generations,
+    fit_to_pixels,
     image_size,
     request_images,
     structured_messages,
@@ -158,7 +159,8 @@ def prompt_token_counts(processor: Any, requests: Sequence[GenerationRequest]) -
             continue
         ids = tokenizer(text)["input_ids"]
         placeholders = sum(1 for token in ids if token == image_token_id)
-        sizes = [image_size(image, where=f"{where}, image {i}") for i, image in enumerate(request.images)]
+        sizes = [fit_to_pixels(*image_size(image, where=f"{where}, image {i}"), request.max_pixels)
+                 for i, image in enumerate(request.images)]
         if placeholders != len(sizes):
             raise BackendError(f"{where}: the chat template wrote {placeholders} image placeholders for "
                                f"{len(sizes)} images")

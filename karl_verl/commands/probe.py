@@ -2,7 +2,7 @@
 
     karl-verl probe --model PATH --data PROBE_SET --out mastery.json [--mode logprob|generate]
                     [--per-entity 50] [--batch-size 8] [--device cpu|cuda] [--seed 0] [--epoch N]
-                    [--backend vllm [--max-model-len N]]
+                    [--max-pixels N] [--backend vllm [--max-model-len N]]
 
 Builds the 4-choice questions of docs/METHOD.md section 2 from the probe set (parquet or JSONL;
 its columns: docs/DATA_FORMATS.md, "Probe set"), asks them (``logprob``: one forward pass per question;
@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int,
                        help="vllm backend: the engine's max_model_len, which its KV cache is sized for (default: "
                             "the longest question with its answer, rounded up; printed before vLLM starts)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.probe_max_pixels,
+                        help="resize each probe image to at most this many pixels (aspect kept) before its "
+                             "question is built, as karl.mastery.probe_max_pixels does in training (default: as "
+                             "stored, within the processor's own cap)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -105,6 +109,8 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
         raise ProbeError("--max-new-tokens must be >= 1")
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ProbeError("--max-model-len must be >= 1")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise ProbeError("--max-pixels must be >= 1")
     # Read and check the probe set before loading a model: bad data fails in a second.
     try:
         questions = build_questions(
@@ -140,6 +146,7 @@ def _probe(args: argparse.Namespace) -> tuple[ProbeResult, Path]:
         progress=progress,
         sampling=dataclasses.replace(DEFAULT_PROBE_SAMPLING, max_new_tokens=args.max_new_tokens),
         chunk_size=args.batch_size * 4 if args.backend == "hf" else 4096,
+        max_pixels=args.max_pixels,
     )
     result.table.meta.update({"model": str(args.model), "probe_set": str(args.data), "seed": args.seed,
                               "per_entity": args.per_entity})
@@ -173,7 +180,7 @@ def vllm_max_model_len(args: argparse.Namespace, questions: Sequence[ProbeQuesti
         if not hasattr(processor, "image_processor"):  # AutoProcessor gives the bare tokenizer without torchvision
             raise ProbeError(f"--model {args.model}: its processor has no image processor here (torchvision "
                              "missing?), so the questions' image tokens cannot be counted; pass --max-model-len")
-        counts = prompt_token_counts(processor, [question_request(q) for q in questions])
+        counts = prompt_token_counts(processor, [question_request(q, max_pixels=args.max_pixels) for q in questions])
         longest = max(range(len(counts)), key=counts.__getitem__)
         text = (config or {}).get("text_config") or config or {}
         positions = text.get("max_position_embeddings")

@@ -14,6 +14,9 @@ composes the recipe as ``main_ppo`` would and reports every problem at once:
 * training entities absent from the mastery table (or, with no table, from the probe set);
 * probe-set categories with fewer than 4 entities (no 4-choice question possible), or neither a
   mastery table nor a probe set for a run whose trainer needs one;
+* the longest probe question (its image within ``karl.mastery.probe_max_pixels``) against the
+  rollout's ``max_model_len``: a question that leaves no room for its answer is refused, with the
+  ``probe_max_pixels`` under which every question fits;
 * what ``main_ppo``'s stop-before-Ray callback refuses from the config alone: dynamic sampling on
   a key the reward lacks, a trainer mode that skips the karl trainer, vLLM's
   ``max_model_len`` above ``max_num_batched_tokens`` without chunked prefill.
@@ -195,11 +198,9 @@ def check_rows(report: PreflightReport, path: str, prompt_key: str, image_key: s
     return rows_for_length, entities
 
 
-def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequence[tuple[str, int, list, list]],
-                         max_prompt_length: int) -> None:
-    from karl_verl.backends.base import GenerationRequest, load_image
+def counting_processor(report: PreflightReport, model_path: str) -> Any:
+    """The model's processor for counting prompt tokens, or None (with a note saying why nothing was counted)."""
     from karl_verl.backends.hf import load_processor
-    from karl_verl.backends.vllm_backend import prompt_token_counts
 
     try:
         processor = load_processor(model_path)
@@ -218,9 +219,17 @@ def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequenc
             reason = first_error or "AutoProcessor gave no image processor (no torchvision here?)"
             report.notes.append(f"prompt lengths NOT checked: cannot load the processor of {model_path} ({reason}; "
                                 f"part by part: {err}); run the pre-flight where torchvision is installed")
-            return
+            return None
         report.notes.append(f"processor of {model_path} built part by part (no torchvision here)")
+    return processor
+
+
+def check_prompt_lengths(report: PreflightReport, processor: Any, rows: Sequence[tuple[str, int, list, list]],
+                         max_prompt_length: int) -> None:
     from tqdm import tqdm
+
+    from karl_verl.backends.base import GenerationRequest, load_image
+    from karl_verl.backends.vllm_backend import prompt_token_counts
 
     for path, number, messages, images in tqdm(rows, desc="prompt lengths", unit="row", leave=False):
         where = f"{path} row {number}"
@@ -237,6 +246,95 @@ def check_prompt_lengths(report: PreflightReport, model_path: str, rows: Sequenc
                                          "expansion", f"{length} tokens")
 
 
+def rollout_max_model_len(config: Any, model_path: str | None) -> tuple[int | None, str]:
+    """(the max_model_len verl's rollout server will have, where it comes from); None when unknown.
+
+    verl takes ``actor_rollout_ref.rollout.max_model_len`` or, unset, the model's
+    ``max_position_embeddings`` (vllm_async_server.py, ``_validate_configs``).
+    """
+    import json
+
+    key = "actor_rollout_ref.rollout.max_model_len"
+    value = _select(config, key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, key
+    try:
+        model = json.loads((Path(str(model_path)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None, f"{key} unset and the model's config.json unreadable"
+    positions = (model.get("text_config") or {}).get("max_position_embeddings") or model.get("max_position_embeddings")
+    return (int(positions), "the model's max_position_embeddings") if positions else (None, "unknown")
+
+
+def check_probe_prompt_lengths(report: PreflightReport, processor: Any, items: Sequence[Any], mastery: Any,
+                               max_model_len: int, source: str) -> None:
+    """Every probe question's prompt, its image resized to ``karl.mastery.probe_max_pixels``, against the rollout's
+    ``max_model_len``: the longest is reported; one that leaves no room for the answer is a problem that names
+    its image and the largest ``probe_max_pixels`` under which every question fits.
+
+    Counted from image headers (nothing decoded), so a probe set of 100,000 images takes about a minute.
+    """
+    from tqdm import tqdm
+
+    from karl_verl.backends.base import BackendError
+    from karl_verl.backends.vllm_backend import prompt_token_counts
+    from karl_verl.probe.questions import build_questions, load_probe_set
+    from karl_verl.probe.runner import question_request
+
+    try:
+        if str(mastery.probe_data).lower().endswith(".parquet"):
+            # As the trainer reads it: each image read when asked, and named by its file and row.
+            items = load_probe_set(mastery.probe_data, lazy=True)
+        questions = build_questions(items, per_entity=mastery.probe_images_per_entity, seed=mastery.seed,
+                                    on_small_category="global")
+    except ValueError as err:
+        report.add(mastery.probe_data, str(err))
+        return
+    image_ids = {(item.entity, id(item.image)): item.image_id for item in items}
+    # verl's server needs one token of room after the prompt; the logprob probe appends an option first.
+    room = 2 if mastery.probe_mode == "logprob" else 1
+    longest, longest_where, too_long, shortest_text = 0, "", [], None
+    for question in tqdm(questions, desc="probe prompt lengths", unit="question", leave=False):
+        image = question.image
+        where = getattr(image, "where", None) or f"image {image_ids.get((question.entity, id(image)), '?')!r}"
+        where = f"{where} (entity {question.entity!r})"
+        request = question_request(question, max_pixels=mastery.probe_max_pixels)
+        try:
+            (length,) = prompt_token_counts(processor, [request])
+        except (BackendError, ValueError) as err:
+            report.add(mastery.probe_data, f"{where}: the processor cannot encode this probe question ({err})")
+            continue
+        if length > longest:
+            longest, longest_where = length, where
+        if length + room > max_model_len:
+            too_long.append((where, length))
+        if shortest_text is None:
+            # A question's text tokens, near enough: its prompt with a 1-pixel image (the smallest grid).
+            from PIL import Image
+
+            from karl_verl.backends.base import GenerationRequest
+
+            (shortest_text,) = prompt_token_counts(
+                processor, [GenerationRequest(messages=request.messages, images=[Image.new("RGB", (1, 1))])])
+    if not questions:
+        return
+    report.notes.append(f"longest probe question: {longest} tokens ({longest_where}) against max_model_len "
+                        f"{max_model_len} ({source}); images within karl.mastery.probe_max_pixels="
+                        f"{mastery.probe_max_pixels}")
+    if too_long:
+        image_processor = processor.image_processor
+        factor = int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 1))
+        # The text of the longest question is near the shortest's; the rest of max_model_len is image tokens.
+        fitting = max(1, (max_model_len - room - (shortest_text or 0) - 8)) * factor * factor
+        shown = "; ".join(f"{where}: {length} tokens" for where, length in too_long[:5])
+        one = len(too_long) == 1
+        report.add(mastery.probe_data, f"{len(too_long)} probe question{'' if one else 's'} leave{'s' if one else ''} "
+                                       f"no room under max_model_len {max_model_len} ({source}), so "
+                                       f"{'it' if one else 'they'} would be skipped at every refresh: {shown}"
+                                       f"{' ...' if len(too_long) > 5 else ''}; set karl.mastery.probe_max_pixels "
+                                       f"to at most {fitting} (or raise {source})")
+
+
 def _absent(report: PreflightReport, where: str, missing: Sequence[str], what: str) -> None:
     if missing:
         shown = ", ".join(repr(e) for e in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -244,7 +342,8 @@ def _absent(report: PreflightReport, where: str, missing: Sequence[str], what: s
                           f"(they would get the default level): {shown}")
 
 
-def check_mastery(report: PreflightReport, config: Any, reward: Any, mastery: Any, entities: Iterable[str]) -> None:
+def check_mastery(report: PreflightReport, config: Any, reward: Any, mastery: Any, entities: Iterable[str],
+                  processor: Any = None) -> None:
     from karl_verl.mastery import MasteryError, MasteryTable
     from karl_verl.probe.questions import load_probe_set
 
@@ -275,6 +374,12 @@ def check_mastery(report: PreflightReport, config: Any, reward: Any, mastery: An
             if uses_karl_trainer and not table_path:
                 probed = set().union(*per_category.values()) if per_category else set()
                 _absent(report, mastery.probe_data, sorted(entities - probed), "the probe set")
+            if processor is not None and uses_karl_trainer:
+                max_model_len, source = rollout_max_model_len(config, _select(config, "actor_rollout_ref.model.path"))
+                if max_model_len is None:
+                    report.notes.append(f"probe prompt lengths NOT checked: max_model_len {source}")
+                else:
+                    check_probe_prompt_lengths(report, processor, items, mastery, max_model_len, source)
     if uses_karl_trainer and (problem := mastery.missing_inputs()):
         report.add("karl.mastery", problem)
 
@@ -310,17 +415,20 @@ def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None
     if not isinstance(max_prompt_length, int) or isinstance(max_prompt_length, bool) or max_prompt_length < 1:
         report.add("data.max_prompt_length", f"expected a positive integer, got {max_prompt_length!r}")
         max_prompt_length = None
+    processor = None
     if model_path and not Path(str(model_path)).exists():
         report.add("actor_rollout_ref.model.path", f"not found: {model_path}")
-    elif model_path and all_rows and max_prompt_length is not None:
-        check_prompt_lengths(report, str(model_path), all_rows, max_prompt_length)
+    elif model_path:
+        processor = counting_processor(report, str(model_path))
+        if processor is not None and all_rows and max_prompt_length is not None:
+            check_prompt_lengths(report, processor, all_rows, max_prompt_length)
     from karl_verl.config import KarlConfig
 
     reward, mastery, problems = KarlConfig.check_sections(_select(config, "karl"), _select(config, "algorithm.karl"))
     for problem in problems:
         report.add(*problem.split(": ", 1))
     if mastery is not None:
-        check_mastery(report, config, reward, mastery, entities)
+        check_mastery(report, config, reward, mastery, entities, processor)
     from karl_verl.integration.preflight import (
         filter_groups_problem,
         trainer_mode_problem,

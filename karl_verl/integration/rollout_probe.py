@@ -127,7 +127,8 @@ def _with_images(request: GenerationRequest, where: str) -> list[dict[str, Any]]
     """RLHFDataset-style messages whose image parts carry the decoded images (what the agent loop gets)."""
     messages = structured_messages(request, where=where)
     try:
-        decoded = [load_image(image, where=f"{where}, image {i}") for i, image in enumerate(request.images)]
+        decoded = [load_image(image, where=f"{where}, image {i}", max_pixels=request.max_pixels)
+                   for i, image in enumerate(request.images)]
     except BackendError as err:
         raise UnreadableImageError(str(err)) from None
     images = iter(decoded)

@@ -148,9 +148,11 @@ class ProbeResult:
         return skipped_by_kind(self.skipped)
 
 
-def question_request(question: ProbeQuestion) -> GenerationRequest:
-    """The chat request of one question: a user turn with its ``<image>`` prompt and the image."""
-    return GenerationRequest(messages=[{"role": "user", "content": question.prompt}], images=[question.image])
+def question_request(question: ProbeQuestion, *, max_pixels: int | None = None) -> GenerationRequest:
+    """The chat request of one question: a user turn with its ``<image>`` prompt and the image, resized to at
+    most ``max_pixels`` pixels when it is decoded (``karl.mastery.probe_max_pixels``)."""
+    return GenerationRequest(messages=[{"role": "user", "content": question.prompt}], images=[question.image],
+                             max_pixels=max_pixels)
 
 
 def run_probe(
@@ -164,6 +166,7 @@ def run_probe(
     sampling: SamplingSettings | None = None,
     chunk_size: int = 256,
     min_answered_share: float = 1.0,
+    max_pixels: int | None = None,
 ) -> ProbeResult:
     """Ask ``questions`` through ``backend`` and build the mastery table.
 
@@ -175,6 +178,8 @@ def run_probe(
     ``min_answered_share``: in (0, 1]; questions the backend reports failed are skipped, and fewer
     answered than this share of all raises :class:`TooFewAnswers` (the default 1.0: any failure does;
     the trainer passes ``karl.mastery.min_answered_share``).
+    ``max_pixels``: each question's image is resized to at most this many pixels before the backend
+    builds its prompt (``karl.mastery.probe_max_pixels``); None: as stored.
     """
     if mode not in PROBE_MODES:
         raise ProbeError(f"mode: expected one of {PROBE_MODES}, got {mode!r}")
@@ -209,7 +214,7 @@ def run_probe(
     with tqdm(total=len(questions), desc=f"probe ({mode})", unit="q", disable=not progress) as bar:
         for first in range(0, len(questions), max(1, chunk_size)):
             chunk = questions[first : first + max(1, chunk_size)]
-            requests = [question_request(q) for q in chunk]
+            requests = [question_request(q, max_pixels=max_pixels) for q in chunk]
             if mode == "logprob":
                 scores, failed = _checked_logprobs(backend, chunk, requests, name)
                 probabilities = letter_probabilities(scores)

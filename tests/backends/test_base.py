@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from karl_verl.backends.base import (
     TextGenerator,
     check_generations,
     check_option_logprobs,
+    fit_to_pixels,
     image_size,
     load_image,
     request_images,
@@ -47,6 +49,29 @@ def test_load_image_accepts_every_stored_form(tmp_path):
     for image in (data, bytearray(data), {"bytes": data}, {"bytes": None, "path": str(path)}, str(path), path, rgba):
         loaded = load_image(image)
         assert loaded.mode == "RGB" and loaded.size == (8, 6) and loaded.getpixel((0, 0)) == (10, 20, 30)
+
+
+@pytest.mark.parametrize(("size", "budget"), [((3000, 3000), 1_003_520), ((4000, 30), 10_000), ((1, 5000), 100),
+                                             ((640, 480), 640 * 480), ((7, 3), 1)])
+def test_fit_to_pixels_keeps_the_aspect_within_the_budget(size, budget):
+    width, height = fit_to_pixels(*size, budget)
+    assert width * height <= budget and width >= 1 and height >= 1
+    if size[0] * size[1] <= budget:
+        assert (width, height) == size
+    else:  # both sides scaled by one factor, floored to whole pixels: nothing beyond a row and a column wasted
+        scale = (budget / (size[0] * size[1])) ** 0.5
+        assert width <= max(1, math.ceil(size[0] * scale)) and height <= max(1, math.ceil(size[1] * scale))
+        assert (width + 1) * (height + 1) > budget
+    assert fit_to_pixels(*size, None) == size
+
+
+def test_load_image_resizes_to_max_pixels_and_request_images_applies_the_requests_budget():
+    data = _png(size=(300, 200))
+    assert load_image(data).size == (300, 200)
+    assert load_image(data, max_pixels=6_000).size == fit_to_pixels(300, 200, 6_000) == (94, 63)
+    assert load_image(data, max_pixels=10**6).size == (300, 200)
+    request = GenerationRequest(messages=[{"role": "user", "content": "<image> x"}], images=[data], max_pixels=6_000)
+    assert [image.size for image in request_images(request)] == [(94, 63)]
 
 
 @pytest.mark.parametrize("bad", [b"not an image", {"other": 1}, 42])

@@ -163,16 +163,22 @@ def test_prompt_token_counts_are_what_the_processor_makes_of_each_prompt(geometr
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     requests = [_request(), GenerationRequest(user("<image>A car?\nA. x\nB. y"), [png((1600, 1200))]),
                 GenerationRequest(user("<image> and <image>"), [png((300, 900)), {"bytes": png((64, 64))}]),
-                _request("no image at all", images=0)]
+                _request("no image at all", images=0),
+                # A probe question with karl.mastery.probe_max_pixels: counted at the size the image is resized to.
+                GenerationRequest(user("<image>A car?"), [png((2400, 1800))], max_pixels=1_003_520)]
     counts = prompt_token_counts(processor, requests)
     full = []
     for request in requests:
         text = processor.apply_chat_template(structured_messages(request), add_generation_prompt=True, tokenize=False)
-        images = [load_image(image) for image in request.images] or None
+        images = [load_image(image, max_pixels=request.max_pixels) for image in request.images] or None
         full.append(int(processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1]))
     assert counts == full
     if geometry == "qwen3_vl_8b":  # a photo is most of the prompt, as on the 8B
         assert counts[1] > 1800 > counts[0]
+        # 2400x1800 is 75x56 = 4,200 image tokens of 32x32 pixels as stored; within 1,003,520 pixels it is
+        # resized to 1156x867, which the processor's grid makes 36x27 = 972 tokens.
+        unbudgeted = prompt_token_counts(processor, [GenerationRequest(requests[4].messages, requests[4].images)])
+        assert unbudgeted[0] - counts[4] == 4200 - 972
 
 
 def test_max_model_len_holds_the_longest_prompt_and_its_answer_rounded_up():

@@ -203,3 +203,33 @@ def test_prompt_lengths_of_8b_sized_prompts(tmp_path):
     recipe = OmegaConf.load(Path(__file__).parents[2] / "recipes" / "recipe" / "karl_kvg.yaml")
     assert expected > recipe.actor_rollout_ref.rollout.max_model_len == 8192
     assert f"{train} row 4: prompt above data.max_prompt_length=4800" in report.format()
+
+
+def test_a_probe_question_over_max_model_len_is_refused_with_the_budget_that_fits(tmp_path):
+    """Qwen3-VL-8B's geometry: a 3000x3000 probe photo is a ~8,900-token question, over karl_kvg's max_model_len
+    8192, so every refresh would skip it; the pre-flight names its row and a karl.mastery.probe_max_pixels under
+    which it fits, and with that budget the same probe set passes, its longest question reported."""
+    from sized_data import write_sized_grounding_parquet, write_sized_probe_parquet
+
+    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "tiny-8b", image_geometry="qwen3_vl_8b")
+    data = write_sized_grounding_parquet(tmp_path / "train.parquet", sizes=[(448, 448)])
+    probe = write_sized_probe_parquet(tmp_path / "probe.parquet", sizes=[(448, 448)] * 3 + [(3000, 3000)])
+    base = [f"data.train_files={data}", f"data.val_files={data}", f"actor_rollout_ref.model.path={model}",
+            f"trainer.default_local_dir={tmp_path / 'ckpt'}", f"karl.mastery.probe_data={probe}"]
+    report = run_preflight("karl_kvg", base)
+    [problem] = [m for m in messages(report) if "probe question" in m]
+    assert problem.startswith(f"{probe}: 1 probe question leaves no room under max_model_len 8192 "
+                              "(actor_rollout_ref.rollout.max_model_len), so it would be skipped at every refresh: ")
+    assert f"{probe}: row 4, field 'image' (entity " in problem
+    budget = int(problem.rsplit("probe_max_pixels to at most ", 1)[1].split()[0])
+    assert 1600 * 1200 < budget < 3000 * 3000
+    [note] = [n for n in report.notes if n.startswith("longest probe question")]
+    assert "row 4" in note and int(note.split()[3]) > 8192
+
+    report = run_preflight("karl_kvg", [*base, f"karl.mastery.probe_max_pixels={budget}"])
+    assert not [m for m in messages(report) if "probe question" in m], report.format()
+    [note] = [n for n in report.notes if n.startswith("longest probe question")]
+    assert "row 4" in note and 8000 < int(note.split()[3]) <= 8192 - 2
+    assert f"probe_max_pixels={budget}" in note

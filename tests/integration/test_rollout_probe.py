@@ -187,6 +187,29 @@ def test_prompt_is_built_as_the_agent_loop_builds_it(verl_config, tokenizer, pro
     assert np.allclose(np.delete(scores[0], right), -6.0)
 
 
+def test_the_pixel_budget_reaches_the_servers_image_and_prompt(verl_config, tokenizer, questions):
+    """karl.mastery.probe_max_pixels: the image verl's dataset class prepares, and so its tokens, are the resized
+    one (Qwen3-VL-8B's processor: one token per 32x32 pixels, at least 65,536 pixels)."""
+    from karl_verl.probe.runner import question_request
+
+    processor = build_tiny_processor(tokenizer, image_geometry="qwen3_vl_8b")
+    question = dataclasses.replace(questions[0], image=Image.new("RGB", (512, 256), COLORS[questions[0].entity]))
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    seen = {}
+    for budget in (None, 384 * 192):
+        server = FakeServer(tokenizer, known=COLORS)
+        backend = make_backend(server, tokenizer, processor, verl_config)
+        try:
+            backend.choose_options([question_request(question, max_pixels=budget)], list(LETTERS))
+            assert not backend.question_failures
+        finally:
+            backend.close()
+        [sent] = server.requests
+        seen[budget] = (sent["image_data"][0].size, sent["prompt_ids"].count(image_pad))
+    assert seen[None] == ((512, 256), 16 * 8)
+    assert seen[384 * 192] == ((384, 192), 12 * 6)
+
+
 def test_logprob_mode_asks_each_option_once_and_choice_mode_one_constrained_token(
         verl_config, tokenizer, processor, questions):
     server = FakeServer(tokenizer, known=COLORS)
@@ -470,7 +493,8 @@ def write_color_probe_set(path, *, per_entity, corrupt_row):
 def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, processor, caplog):
     """verl's fit with the karl trainer (tests/_support/trainer_harness.py) probing through
     RolloutProbeBackend: a corrupt image in the probe set and, at some refreshes, a replica failing
-    every request of some entities. 24 questions (6 per aircraft), karl.mastery.min_answered_share 0.7:
+    every request of some entities. 24 questions (6 per aircraft), karl.mastery.min_answered_share 0.7, images
+    within karl.mastery.probe_max_pixels:
 
     step 1 (train begin) and 7: the corrupt image only, 23 of 24 answered: the table is measured;
     step 3: F-16's 6 questions fail too, 17 of 24 (70.8%): the refresh succeeds, F-16 keeps its level;
@@ -491,7 +515,7 @@ def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, proces
     probe_path = write_color_probe_set(tmp_path / "probe.parquet", per_entity=6, corrupt_row=2)
     config = make_config(compose_base_config(), tmp_path, mastery={
         "probe_data": probe_path, "probe_images_per_entity": 6, "refresh_every_steps": 2, "probe_timeout_s": 120.0,
-        "min_answered_share": 0.7}, total_epochs=2)
+        "min_answered_share": 0.7, "probe_max_pixels": 24 * 24}, total_epochs=2)
     config.actor_rollout_ref.rollout.name = "vllm"
     config.data.custom_cls = {"path": os.path.abspath(__file__), "name": "NoTorchvisionDataset"}
     broken_at = {3: {"F-16"}, 5: {"F-16", "MiG-29"}}
@@ -510,6 +534,8 @@ def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, proces
         trainer.fit(rollout)
 
     assert trainer.global_steps == 9  # verl's fit ran its 8 steps
+    # karl.mastery.probe_max_pixels reached every question: the 32x32 images went to the servers at 24x24.
+    assert {r["image_data"][0].size for r in server.requests} == {(24, 24)}
     history = {r.step: r for r in trainer.karl_state.history}
     assert {step: r.status for step, r in history.items()} == {1: "ok", 3: "ok", 5: "failed", 7: "ok"}
     assert {step: r.num_skipped for step, r in history.items()} == {1: 1, 3: 7, 5: 13, 7: 1}

@@ -168,3 +168,16 @@ def test_vllm_probe_sets_max_model_len_from_its_longest_question(tmp_path, probe
         in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "m.json"), "--max-model-len", "0"]) == 2
     assert "--max-model-len must be >= 1" in capsys.readouterr().err
+
+    # --max-pixels (karl.mastery.probe_max_pixels offline): the photo is resized before it is counted and asked.
+    budgeted = []
+    for question in build_questions(load_probe_set(data), per_entity=2, seed=0):
+        request = question_request(question, max_pixels=401_408)
+        text = processor.apply_chat_template(structured_messages(request), add_generation_prompt=True, tokenize=False)
+        images = [load_image(image, max_pixels=401_408) for image in request.images]
+        budgeted.append(int(processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1]))
+    assert max(budgeted) < 600 < max(lengths)
+    assert main([*base, "--out", str(tmp_path / "m.json"), "--max-pixels", "401408"]) == 0
+    assert fake_vllm.created[-1]["max_model_len"] == max_model_len_for(budgeted, 1) == 512
+    assert main([*base, "--out", str(tmp_path / "m.json"), "--max-pixels", "0"]) == 2
+    assert "--max-pixels must be >= 1" in capsys.readouterr().err

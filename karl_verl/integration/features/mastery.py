@@ -401,7 +401,7 @@ class MasteryRefresh(TrainerFeature):
 
         mastery = self.trainer.karl_config.mastery
         return run_probe(questions, backend, mode=mode, thresholds=mastery.thresholds, epoch=epoch, progress=False,
-                         min_answered_share=mastery.min_answered_share)
+                         min_answered_share=mastery.min_answered_share, max_pixels=mastery.probe_max_pixels)
 
     def report_skipped(self, record: RefreshRecord, result: Any) -> None:
         """One warning line per probe that skipped questions: counts per reason, the first few ids."""
