@@ -576,7 +576,7 @@ VAL_STREAMS: tuple[str, ...] = ("plain", "textual", "grounded")
 
 @dataclass(frozen=True)
 class IvgrConfig:
-    """Interleaved visual-grounded reasoning (``karl.ivgr``; iVGR, arXiv 2605.31096; see :mod:`karl_verl.ivgr`).
+    """Internalizing Visually Grounded Reasoning (``karl.ivgr``; iVGR, arXiv 2605.31096; see :mod:`karl_verl.ivgr`).
 
     Every training instance is rolled out twice: a "grounded" stream whose reasoning writes candidate
     boxes and a "textual" stream reasoning in words; each has its own GRPO group. A textual rollout's

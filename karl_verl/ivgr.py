@@ -1,4 +1,4 @@
-"""iVGR (interleaved visual-grounded reasoning, arXiv 2605.31096): the pure part.
+"""iVGR (Internalizing Visually Grounded Reasoning, arXiv 2605.31096): the pure part.
 
 Pure module: no Ray, no verl, no torch. The trainer-side wiring (the paired sampler, the judge calls
 during reward computation) lives in the integration layer; the judge's HTTP client and a local rule
