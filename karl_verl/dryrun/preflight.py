@@ -290,13 +290,11 @@ def check_probe_prompt_lengths(report: PreflightReport, processor: Any, items: S
     except ValueError as err:
         report.add(mastery.probe_data, str(err))
         return
-    image_ids = {(item.entity, id(item.image)): item.image_id for item in items}
     # verl's server needs one token of room after the prompt; the logprob probe appends an option first.
     room = 2 if mastery.probe_mode == "logprob" else 1
-    longest, longest_where, too_long, shortest_text = 0, "", [], None
+    longest, longest_where, too_long = 0, "", []
     for question in tqdm(questions, desc="probe prompt lengths", unit="question", leave=False):
-        image = question.image
-        where = getattr(image, "where", None) or f"image {image_ids.get((question.entity, id(image)), '?')!r}"
+        where = getattr(question.image, "where", None) or f"question {question.question_id!r}"
         where = f"{where} (entity {question.entity!r})"
         request = question_request(question, max_pixels=mastery.probe_max_pixels)
         try:
@@ -308,24 +306,23 @@ def check_probe_prompt_lengths(report: PreflightReport, processor: Any, items: S
             longest, longest_where = length, where
         if length + room > max_model_len:
             too_long.append((where, length))
-        if shortest_text is None:
-            # A question's text tokens, near enough: its prompt with a 1-pixel image (the smallest grid).
-            from PIL import Image
-
-            from karl_verl.backends.base import GenerationRequest
-
-            (shortest_text,) = prompt_token_counts(
-                processor, [GenerationRequest(messages=request.messages, images=[Image.new("RGB", (1, 1))])])
     if not questions:
         return
     report.notes.append(f"longest probe question: {longest} tokens ({longest_where}) against max_model_len "
                         f"{max_model_len} ({source}); images within karl.mastery.probe_max_pixels="
                         f"{mastery.probe_max_pixels}")
     if too_long:
+        from PIL import Image
+
+        from karl_verl.backends.base import GenerationRequest
+
+        # A question's text tokens, near enough: the first one's prompt with a 1-pixel image (the smallest grid).
+        (shortest_text,) = prompt_token_counts(processor, [GenerationRequest(
+            messages=question_request(questions[0]).messages, images=[Image.new("RGB", (1, 1))])])
         image_processor = processor.image_processor
         factor = int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 1))
         # The text of the longest question is near the shortest's; the rest of max_model_len is image tokens.
-        fitting = max(1, (max_model_len - room - (shortest_text or 0) - 8)) * factor * factor
+        fitting = max(1, (max_model_len - room - shortest_text - 8)) * factor * factor
         shown = "; ".join(f"{where}: {length} tokens" for where, length in too_long[:5])
         one = len(too_long) == 1
         report.add(mastery.probe_data, f"{len(too_long)} probe question{'' if one else 's'} leave{'s' if one else ''} "
