@@ -188,6 +188,7 @@ class JudgeClient:
             if remaining <= 0 or stop.is_set():
                 return None, problem
             wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * rng.uniform(0.5, 1.5)
+            cut_to_budget = remaining < self.timeout_s
             try:
                 method = "GET" if body is None else "POST"
                 request = urllib.request.Request(url, data=body, headers=headers, method=method)
@@ -205,6 +206,10 @@ class JudgeClient:
                 if retry_after and retry_after.strip().isdigit():
                     wait = min(MAX_BACKOFF_S, float(retry_after))
             except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as err:
+                if cut_to_budget and isinstance(getattr(err, "reason", err), TimeoutError):
+                    # The budget, not the judge, ended this wait: under load the socket timeout can
+                    # fire before score_many's own wait does, and must not read as an unreachable judge.
+                    return None, f"unfinished after the judge budget of {self.budget_s:g} s"
                 problem = f"cannot reach {url}: {getattr(err, 'reason', err)}"
             if attempt < self.retries:
                 stop.wait(min(wait, max(0.0, deadline - time.monotonic())))

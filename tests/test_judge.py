@@ -132,6 +132,23 @@ def test_a_hanging_judge_costs_the_budget_not_more(start_judge):
     assert {failure_kind(r.error) for r in results} == {"over budget"}
 
 
+def test_a_request_whose_timeout_the_budget_cut_fails_as_over_budget(start_judge):
+    """The hanging-judge test above saw 'no reply' under load: the socket timeout, cut to the budget's
+    remainder, fired before the pool's wait gave up, and a timed-out request read as an unreachable
+    judge. A request cut short by the budget is over budget, whichever of the two ends first."""
+    import threading
+
+    server = start_judge(delay_s=5.0)
+    client = _client(server.url, timeout_s=10.0)
+    body = json.dumps({"model": "rule-judge", "messages": [], "max_tokens": 8}).encode()
+    reply, problem = client._request(client.endpoint, body, time.monotonic() + 0.3, threading.Event())
+    assert reply is None and failure_kind(problem) == "over budget", problem
+    # A timeout of the request's own (shorter than what the budget leaves) is still no reply.
+    short = _client(server.url, timeout_s=0.3, retries=0)
+    reply, problem = short._request(short.endpoint, body, time.monotonic() + 20.0, threading.Event())
+    assert reply is None and failure_kind(problem) == "no reply", problem
+
+
 def test_no_more_requests_in_flight_than_max_concurrency(start_judge):
     server = start_judge(delay_s=0.1)
     results = _client(server.url, samples=2, max_concurrency=3).score_many([(REFERENCE, SAME, QUESTION)] * 5)
