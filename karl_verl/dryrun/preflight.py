@@ -19,9 +19,13 @@ composes the recipe as ``main_ppo`` would and reports every problem at once:
   ``probe_max_pixels`` under which every question fits;
 * what ``main_ppo``'s stop-before-Ray callback refuses from the config alone: dynamic sampling on
   a key the reward lacks, a trainer mode that skips the karl trainer, vLLM's
-  ``max_model_len`` above ``max_num_batched_tokens`` without chunked prefill.
+  ``max_model_len`` above ``max_num_batched_tokens`` without chunked prefill;
+* with ``karl.inject.source=teacher``: a teacher whose model list does not answer from this machine
+  or, when the run joins a Ray cluster (``ray_kwargs.ray_init.address`` or ``RAY_ADDRESS``), from any
+  of its nodes, each named.
 
-Runs in the driver only; nothing here starts Ray or touches a GPU.
+Runs in the driver; nothing here starts Ray or touches a GPU (the teacher's node check connects to
+the run's existing cluster from a child process).
 """
 
 from __future__ import annotations
@@ -436,6 +440,16 @@ def run_preflight(recipe: str, overrides: Sequence[str], *, max_rows: int | None
     for check in (filter_groups_problem, trainer_mode_problem, vllm_batched_tokens_problem):
         if problem := check(config):
             report.add(*problem.split(": ", 1))
+    # The teacher, asked from here and from every node of the cluster the run joins (as at launch).
+    from karl_verl.config import ConfigError, InjectConfig
+    from karl_verl.integration.preflight import teacher_problems
+
+    try:
+        inject = InjectConfig.from_mapping(_select(config, "karl.inject"))
+    except ConfigError:
+        inject = None  # reported with the karl.* problems above
+    for problem in teacher_problems(config, inject) if inject is not None else []:
+        report.add(*problem.split(": ", 1))
     return report
 
 

@@ -12,7 +12,9 @@ message, every problem of:
 * ``karl.*`` / ``algorithm.karl`` values (the checks of :mod:`karl_verl.config`, every section at
   once) and, for the ``karl`` trainer, no way to a first mastery table, and knowledge-infused
   rollouts with verl settings they cannot run with (agent loop, group size) or a reference file the
-  trainer would refuse (a bad row, a vision special token in a response); with iVGR
+  trainer would refuse (a bad row, a vision special token in a response), or a teacher
+  (``karl.inject.source=teacher``) whose model list does not answer from this machine or, when the
+  run joins a Ray cluster, from any of its nodes (each named); with iVGR
   (``karl.ivgr.enable``) a judge whose ``<judge_url>/models`` does not answer within a few seconds, a
   bad template file, or dynamic sampling;
 * dynamic sampling (``algorithm.filter_groups``) on a key the ``karl`` reward's breakdown lacks;
@@ -91,25 +93,6 @@ def karl_config_problems(config: DictConfig) -> list[str]:
 JUDGE_CHECK_TIMEOUT_S = 5.0
 
 
-def judge_unreachable(url: str, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> str | None:
-    """Why ``GET <url>/models`` (an OpenAI-compatible API base) gives no model list within ``timeout_s``, or None."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    models = f"{url.rstrip('/').removesuffix('/chat/completions')}/models"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(models, method="GET"), timeout=timeout_s) as response:
-            reply = json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return f"GET {models} answered HTTP {err.code}"
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        return f"GET {models} failed ({getattr(err, 'reason', err)})"
-    if not isinstance(reply, dict) or not isinstance(reply.get("data"), list):
-        return f"GET {models} is no OpenAI model list: {reply!r:.120}"
-    return None
-
-
 def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> list[str]:
     """With ``karl.ivgr.enable``: a judge that does not answer, a bad template file, dynamic sampling.
 
@@ -124,7 +107,9 @@ def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) 
     if not ivgr.enable:
         return []
     problems = []
-    if ivgr.judge_url not in (None, LOCAL_JUDGE) and (why := judge_unreachable(ivgr.judge_url, timeout_s)):
+    from karl_verl.integration.reach import models_unreachable
+
+    if ivgr.judge_url not in (None, LOCAL_JUDGE) and (why := models_unreachable(ivgr.judge_url, timeout_s)):
         problems.append(f"karl.ivgr.judge_url: the judge does not answer: {why} (start it first; "
                         "`python -m karl_verl.judge serve` runs a local rule judge)")
     if ivgr.templates_path is not None:
@@ -160,6 +145,7 @@ def inject_problems(config: DictConfig) -> list[str]:
         check_trainer_config(inject, config)
     except ConfigError as err:
         problems.append("; ".join(err.problems))
+    problems.extend(teacher_problems(config, inject))
     path = inject.responses_path
     # A path that does not exist is reported by path_problems; the policy's tokenizer is not loaded here,
     # so the file is checked against the Qwen-VL vision tokens (the trainer adds the tokenizer's own).
@@ -173,6 +159,35 @@ def inject_problems(config: DictConfig) -> list[str]:
         except (ValueError, OSError) as err:  # unreadable parquet, text that is not UTF-8
             problems.append(f"karl.inject.responses_path: {path}: cannot read ({type(err).__name__}: {err})")
     return problems
+
+
+def ray_address(config: DictConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The Ray cluster a run joins (``ray_kwargs.ray_init.address``, else ``RAY_ADDRESS``), or None: its own."""
+    environ = os.environ if environ is None else environ
+    address = _select(config, "ray_kwargs.ray_init.address") or environ.get("RAY_ADDRESS", "").strip()
+    return str(address) if address else None
+
+
+def teacher_problems(config: DictConfig, inject: Any, environ: Mapping[str, str] | None = None,
+                     timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> list[str]:
+    """With ``karl.inject.source=teacher``: the teacher's model list not answering here, or from any node
+    of the Ray cluster the run joins (:mod:`karl_verl.integration.reach`), each node named.
+
+    A run that starts its own Ray runs on this machine alone, so this machine's answer is every node's.
+    """
+    url = inject.teacher_url
+    if not inject.enable or inject.source != "teacher" or not url:
+        return []
+    from karl_verl.integration.reach import models_unreachable, nodes_without_reply
+
+    hint = "start it first, or make it reachable from every node (agent-loop workers call it from all of them)"
+    if why := models_unreachable(url, timeout_s):
+        return [f"karl.inject.teacher_url: the teacher does not answer from this machine: {why} ({hint})"]
+    address = ray_address(config, environ)
+    if address is None:
+        return []
+    return [f"karl.inject.teacher_url: the teacher does not answer from {node}: {why} ({hint})"
+            for node, why in nodes_without_reply(url, address, timeout_s=timeout_s).items()]
 
 
 def filter_groups_problem(config: DictConfig) -> str | None:
@@ -389,7 +404,7 @@ def gpu_problem(config: DictConfig, environ: Mapping[str, str], count_gpus: Any 
         return None
     if _select(config, "actor_rollout_ref") is None:
         return None  # not a main_ppo run: verl's SFT trainer is launched by torchrun, which places its ranks
-    if _select(config, "ray_kwargs.ray_init.address") or environ.get("RAY_ADDRESS"):
+    if ray_address(config, environ):
         return None  # an existing cluster: its GPUs are not this machine's
     nnodes, wanted = _select(config, "trainer.nnodes"), _select(config, "trainer.n_gpus_per_node")
     if nnodes != 1 or not isinstance(wanted, int) or isinstance(wanted, bool):

@@ -329,3 +329,52 @@ def test_a_reference_file_holding_a_vision_token_stops_the_run_before_ray(tmp_pa
     assert problem.startswith(expected), problems
     references.write_text(json.dumps({"key": 2, "response": "an image here"}) + "\n")
     assert not [p for p in karl_config_problems(compose_recipe("karl_kvg_cpu", overrides)) if "inject" in p]
+
+
+def _teacher_overrides(url):
+    return ["karl.inject.enable=true", "karl.inject.source=teacher", f"karl.inject.teacher_url={url}",
+            "karl.inject.teacher_model=teacher", "actor_rollout_ref.rollout.agent.default_agent_loop=karl_inject_agent"]
+
+
+def test_a_teacher_that_does_not_answer_stops_the_run_before_ray(monkeypatch):
+    """karl.inject.source=teacher: the teacher's <url>/models must answer from the launching machine; with a Ray
+    cluster to join, from each of its nodes too (the node check is stubbed here; the real one runs on two Ray
+    nodes in tests/integration/test_reach.py)."""
+    from karl_verl.dryrun.pipeline import compose_recipe
+    from karl_verl.integration import reach
+    from karl_verl.judge import RuleJudgeServer
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    asked = []
+
+    def nodes_without_reply(url, address, **kwargs):
+        asked.append((url, address))
+        return {"10.0.0.7 (node 3f2a9c0d1e4b)": f"GET {url}/models failed (timed out)"}
+
+    monkeypatch.setattr(reach, "nodes_without_reply", nodes_without_reply)
+    with RuleJudgeServer() as teacher:  # any OpenAI-compatible server with a model list
+        config = compose_recipe("karl_kvg_cpu", _teacher_overrides(teacher.url))
+        assert not [p for p in karl_config_problems(config) if "teacher" in p] and asked == []  # no cluster: no nodes
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+        [problem] = [p for p in karl_config_problems(config) if "teacher" in p]
+        assert asked == [(teacher.url, "10.0.0.1:6379")]
+        assert problem.startswith(f"karl.inject.teacher_url: the teacher does not answer from 10.0.0.7 (node "
+                                  f"3f2a9c0d1e4b): GET {teacher.url}/models failed (timed out)")
+        monkeypatch.delenv("RAY_ADDRESS")
+    [problem] = [p for p in karl_config_problems(config) if "teacher" in p]  # stopped: nothing listens there
+    assert problem.startswith("karl.inject.teacher_url: the teacher does not answer from this machine: "
+                              f"GET {teacher.url}/models failed")
+
+
+def test_the_dry_run_preflight_asks_the_teacher_too(monkeypatch, tmp_path):
+    from karl_verl.dryrun.preflight import run_preflight
+    from karl_verl.judge import RuleJudgeServer
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with RuleJudgeServer() as teacher:
+        url = teacher.url
+        report = run_preflight("karl_kvg_cpu", _teacher_overrides(url), max_rows=10)
+        assert not [p for p in report.problems if "teacher" in p.where]
+    report = run_preflight("karl_kvg_cpu", _teacher_overrides(url), max_rows=10)
+    [problem] = [p for p in report.problems if p.where == "karl.inject.teacher_url"]
+    assert problem.message.startswith(f"the teacher does not answer from this machine: GET {url}/models failed")

@@ -98,6 +98,12 @@ MISTAKES = {
                              "actor_rollout_ref.rollout.agent.default_agent_loop": "karl_inject_agent"}, {},
                             "references.jsonl line 2: key '1': 'response' holds '<|image_pad|>', a vision special "
                             "token"),
+    # verl's agent-loop workers call the teacher from every node: here nothing answers on this machine either.
+    "inject_teacher": ({"karl.inject.enable": "true", "karl.inject.source": "teacher",
+                        "karl.inject.teacher_url": "http://127.0.0.1:9/v1", "karl.inject.teacher_model": "t",
+                        "actor_rollout_ref.rollout.agent.default_agent_loop": "karl_inject_agent"}, {},
+                       "karl.inject.teacher_url: the teacher does not answer from this machine: "
+                       "GET http://127.0.0.1:9/v1/models failed"),
 }
 
 
