@@ -17,6 +17,14 @@ refresh: loading the probe set lazily and building the questions, asking them in
 wall time and the process's peak memory; then extrapolates linearly to the paper's scale (2,000
 entities x 50 images = 100,000 questions).
 
+Prompt building at the 8B's shapes: the trainer-side work of a refresh (reading and decoding each
+image, verl's resize, the chat template and the processor's pass over the image: every step but the
+server's) on 1024x768 JPEG photos with Qwen3-VL-8B's image processor (~800 prompt tokens a
+question), against a server that answers at once, so only the trainer's time counts. Three refreshes
+share :class:`~karl_verl.integration.rollout_probe.PromptCache` as in training: the first builds every
+prompt, the later ones reuse them. Reported per question, with the cache's bytes, and extrapolated
+to 100,000 questions.
+
     python benchmarks/bench_probe_scale.py                  # about 5 minutes on 2 cores
     python benchmarks/bench_probe_scale.py --sizes 200 1000 # quicker
 """
@@ -37,27 +45,33 @@ from pathlib import Path
 PAPER_QUESTIONS = 2000 * 50
 
 
-def write_probe_set(path: Path, num_questions: int, *, seed: int = 0) -> Path:
+def write_probe_set(path: Path, num_questions: int, *, seed: int = 0, size: tuple[int, int] = (256, 256),
+                    image_format: str = "PNG") -> Path:
     """A probe set of ``num_questions`` rows, 5 entities per category, 10 categories.
 
-    Each image is a 256x256 noisy PNG of about 190 KB, the order of a real probe photo, so that a
-    loader holding every image shows in memory.
+    By default each image is a 256x256 noisy PNG of about 190 KB, the order of a real probe photo's
+    bytes, so that a loader holding every image shows in memory. ``size=(1024, 768),
+    image_format="JPEG"`` gives photo-sized images (smooth shapes over mild noise).
     """
     import random
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFilter
 
     rng = random.Random(seed)
     rows = {"entity": [], "category": [], "image": [], "image_id": []}
+    width, height = size
     for i in range(num_questions):
         category = f"category{i % 10}"
         entity = f"{category} entity {(i // 10) % 5}"
-        image = Image.frombytes("RGB", (256, 256), rng.randbytes(256 * 256 * 3))
-        ImageDraw.Draw(image).ellipse((32, 32, 224, 224), fill=tuple(rng.randrange(256) for _ in range(3)))
+        image = Image.frombytes("RGB", size, rng.randbytes(width * height * 3))
+        if image_format == "JPEG":
+            image = image.filter(ImageFilter.GaussianBlur(3))
+        ImageDraw.Draw(image).ellipse((width // 8, height // 8, 7 * width // 8, 7 * height // 8),
+                                      fill=tuple(rng.randrange(256) for _ in range(3)))
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format=image_format)
         rows["entity"].append(entity)
         rows["category"].append(category)
         rows["image"].append({"bytes": buffer.getvalue(), "path": None})
@@ -180,6 +194,55 @@ def measure_refresh(model_dir: Path, probe_path: Path) -> dict:
             "peak_rss_mib": peak, "rss_growth_mib": peak - before}
 
 
+class InstantClient:
+    """A server that answers every choice-mode request at once: what is left of a refresh is the trainer's."""
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, **kwargs):
+        from verl.workers.rollout.replica import TokenOutput
+
+        return TokenOutput(token_ids=[sampling_params["allowed_token_ids"][0]], stop_reason="completed",
+                           extra_fields={})
+
+
+def measure_prompt_building(model_dir: Path, probe_path: Path, refreshes: int = 3) -> dict:
+    """Trainer-side seconds of each of ``refreshes`` refreshes sharing a PromptCache, and the cache's size."""
+    from karl_verl.cpu import activate
+
+    activate()
+    from transformers import AutoTokenizer
+
+    from karl_verl.integration.rollout_probe import PromptCache, RolloutProbeBackend
+    from karl_verl.probe.questions import LETTERS, build_questions, load_probe_set
+    from karl_verl.probe.runner import question_request
+    from karl_verl.testing.tiny_qwen3vl import load_tiny_processor
+
+    config = _config(model_dir)
+    tokenizer, processor = AutoTokenizer.from_pretrained(model_dir), load_tiny_processor(model_dir)
+    questions = build_questions(load_probe_set(probe_path, lazy=True), per_entity=10**6, seed=0)
+    questions.sort(key=lambda q: q.image.index)
+    requests = [question_request(q) for q in questions]
+    cache = PromptCache(256 * 2**20)
+    seconds, hits = [], []
+    for _ in range(refreshes):
+        backend = RolloutProbeBackend(InstantClient(), tokenizer=tokenizer, processor=processor, config=config,
+                                      hf_model_type="qwen3_vl", max_concurrency=64, prompt_cache=cache)
+        start = time.perf_counter()
+        try:
+            backend.choose_options(requests, list(LETTERS))
+        finally:
+            backend.close()
+        seconds.append(time.perf_counter() - start)
+        hits.append(cache.take_counts()[0])
+        if backend.question_failures:
+            raise SystemExit(f"prompt building failed: {next(iter(backend.question_failures.values()))}")
+    # the prompt length one question has (every image here has the same size)
+    from karl_verl.integration.rollout_probe import prompt_key
+
+    values, lengths, _ = cache._entries[prompt_key(requests[0])]
+    return {"questions": len(requests), "seconds": seconds, "hits": hits, "cache_bytes": cache.nbytes,
+            "prompt_tokens": int(lengths.sum()), "cached_runs": int(values.size)}
+
+
 def _child(argv: list[str]) -> dict:
     result = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -193,7 +256,8 @@ def measure(argv: list[str] | None = None) -> dict[str, float] | None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--sample", type=int, default=64, help="questions per request-kind measurement")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--child", choices=["kinds", "refresh"], help=argparse.SUPPRESS)
+    parser.add_argument("--photos", type=int, default=200, help="1024x768 photos for the prompt-building measure")
+    parser.add_argument("--child", choices=["kinds", "refresh", "prompts"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -204,8 +268,11 @@ def measure(argv: list[str] | None = None) -> dict[str, float] | None:
     if args.child == "refresh":
         print(json.dumps(measure_refresh(args.model, args.probe)))
         return None
+    if args.child == "prompts":
+        print(json.dumps(measure_prompt_building(args.model, args.probe)))
+        return None
 
-    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint
+    from karl_verl.testing.tiny_qwen3vl import save_tiny_checkpoint, set_image_geometry
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="karl-bench-probe-"))
     model_dir = save_tiny_checkpoint(workdir / "model", seed=0)
@@ -217,6 +284,13 @@ def measure(argv: list[str] | None = None) -> dict[str, float] | None:
                     "--sample", str(args.sample)])
     refreshes = {n: _child(["--child", "refresh", "--model", str(model_dir), "--probe", str(path)])
                  for n, path in probes.items()}
+    model_8b = workdir / "model_8b"
+    if not model_8b.is_dir():
+        set_image_geometry(save_tiny_checkpoint(model_8b, seed=0), "qwen3_vl_8b")
+    photos = workdir / f"photos_{args.photos}.parquet"
+    if not photos.is_file():
+        write_probe_set(photos, args.photos, size=(1024, 768), image_format="JPEG")
+    building = _child(["--child", "prompts", "--model", str(model_8b), "--probe", str(photos)])
 
     print(f"\nrequests per question kind (tiny Qwen3-VL, {args.sample} questions, prompt ~90 tokens)")
     print(f"{'kind':<10}{'requests/q':>12}{'bytes/q':>12}{'ms/q':>10}{'bytes vs top20':>16}")
@@ -243,12 +317,28 @@ def measure(argv: list[str] | None = None) -> dict[str, float] | None:
           f"this tiny CPU model; peak memory {largest['peak_rss_mib']:.0f} MiB at {largest['questions']:,} questions "
           f"vs {smallest['peak_rss_mib']:.0f} MiB at {smallest['questions']:,} "
           f"({largest['peak_rss_mib'] / smallest['peak_rss_mib']:.2f}x; goal <= 1.2x)")
+    first, *later = building["seconds"]
+    later_s = sum(later) / len(later)
+    per_question = building["cache_bytes"] / building["questions"]
+    print(f"\nprompt building in the trainer, {building['questions']} 1024x768 JPEG photos, Qwen3-VL-8B's image "
+          f"processor ({building['prompt_tokens']} prompt tokens a question), server answering at once")
+    print(f"{'refresh':>8}{'s':>8}{'ms/q':>8}{'cache hits':>12}")
+    for index, (seconds, hits) in enumerate(zip(building["seconds"], building["hits"], strict=True), start=1):
+        print(f"{index:>8}{seconds:>8.1f}{1000 * seconds / building['questions']:>8.1f}{hits:>12,}")
+    print(f"  later refreshes take {later_s / first:.2f}x the first's trainer time; the cache holds "
+          f"{per_question:.0f} bytes a question ({building['cached_runs']} runs for {building['prompt_tokens']} "
+          f"tokens): {per_question * PAPER_QUESTIONS / 2**20:.0f} MiB at {PAPER_QUESTIONS:,} questions")
+    print(f"  at {PAPER_QUESTIONS:,} questions: {first / building['questions'] * PAPER_QUESTIONS / 60:.0f} min of "
+          f"trainer time for the first refresh, {later_s / building['questions'] * PAPER_QUESTIONS / 60:.0f} min for "
+          f"each later one (on {os.cpu_count()} cores; the trainer uses karl.mastery.probe_prepare_workers threads)")
     print(f"(inputs in {workdir}; machine: {os.cpu_count()} cores)")
     return {"probe_questions_small": smallest["questions"], "probe_questions_large": largest["questions"],
             "probe_peak_rss_ratio": largest["peak_rss_mib"] / smallest["peak_rss_mib"],
             "probe_refresh_min_paper_scale": largest["probe_s"] * scale / 60,
             "probe_load_s_paper_scale": largest["load_s"] * scale,
-            "probe_choice_bytes_vs_top20": kinds["top20"]["bytes_per_question"] / kinds["choice"]["bytes_per_question"]}
+            "probe_choice_bytes_vs_top20": kinds["top20"]["bytes_per_question"] / kinds["choice"]["bytes_per_question"],
+            "probe_prompt_build_later_over_first": later_s / first,
+            "probe_prompt_cache_mib_paper_scale": per_question * PAPER_QUESTIONS / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:

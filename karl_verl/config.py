@@ -338,6 +338,12 @@ class MasteryConfig:
     #: Threads in the trainer that decode probe images and build question prompts (in-training probe
     #: only): images are read and decoded per request in flight, never the whole probe set at once.
     probe_prepare_workers: int = 8
+    #: MiB of the trainer's memory for built probe prompts kept from one refresh to the next (in-training
+    #: probe only): a cached question skips the chat template and the processor's pass over its image,
+    #: the costly part of building it. Prompt ids are stored run-length encoded, ~0.6 KB per question of
+    #: ~1,000 tokens, so 256 MiB holds the paper's 100,000 questions; past the budget the rest are built
+    #: at every refresh. 0: build every prompt at every refresh.
+    probe_prompt_cache_mib: int = 256
     #: "probe", "online" (Beta posterior from training rollouts) or "blend".
     source: str = "probe"
     #: Weight of the online estimate in "blend".
@@ -367,6 +373,7 @@ class MasteryConfig:
             "probe_max_pixels": lambda v, k: None if v is None else _integer(v, k, 1),
             "probe_max_concurrency": lambda v, k: _integer(v, k, 1),
             "probe_prepare_workers": lambda v, k: _integer(v, k, 1),
+            "probe_prompt_cache_mib": lambda v, k: _integer(v, k, 0),
             "source": lambda v, k: _choice(v, k, ("probe", "online", "blend")),
             "online_weight": lambda v, k: _number(v, k, 0.0, 1.0),
             "online_decay": lambda v, k: _number(v, k, 0.0, 1.0, low_open=True),
@@ -585,8 +592,9 @@ class IvgrConfig:
     """
 
     enable: bool = False
-    #: Weight of the judge's consistency score (0..1) added to a textual rollout's KARL reward.
-    consistency_weight: float = 0.5
+    #: Weight of the judge's consistency score (0..1) added to a textual rollout's KARL reward (iVGR's
+    #: released reward adds it with weight 1: overall = format + accuracy + consistency).
+    consistency_weight: float = 1.0
     #: A correct grounded rollout (IoU >= 0.5) enters the teacher cache when its IoU reward is at least this.
     tau: float = 0.3
     #: Base URL of the judge's OpenAI-compatible API (``http://host:8000/v1``); needed when enabled. ``local``:
@@ -599,8 +607,10 @@ class IvgrConfig:
     judge_samples: int = 4
     #: Sampling temperature of a judge call (the released code: 0.5).
     judge_temperature: float = 0.5
-    #: Tokens a judge reply may take (it is one score: 0.0, 0.3, 0.7 or 1.0).
-    judge_max_tokens: int = 8
+    #: Tokens a judge reply may take. Its first grade (0.0, 0.3, 0.7, 1.0) anywhere in the reply is the score,
+    #: as iVGR reads it; the released call sets no cap, and 64 leaves room for a judge that names the grade
+    #: after a few words ("Score: 0.7, it misses ...") while bounding one that writes an essay.
+    judge_max_tokens: int = 64
     #: Seconds one judge request may take.
     judge_timeout_s: float = 10.0
     #: Retries of a judge request after a connection error, a timeout or HTTP 408/429/5xx.

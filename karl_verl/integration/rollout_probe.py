@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import re
 import threading
@@ -61,6 +62,7 @@ from karl_verl.backends.base import (
     load_image,
     structured_messages,
 )
+from karl_verl.probe.questions import ParquetImage
 from karl_verl.probe.runner import QuestionFailure
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,94 @@ def _with_images(request: GenerationRequest, where: str) -> list[dict[str, Any]]
     return out
 
 
+def prompt_key(request: GenerationRequest) -> tuple[Any, ...] | None:
+    """What identifies a question's built prompt across refreshes, or None when it cannot be told cheaply.
+
+    The chat text, each image's identity (a lazily read parquet row, a file path, or a digest of the
+    encoded bytes) and the pixel budget. A decoded image (PIL, array) has no identity that survives a
+    refresh: such requests are built every time.
+    """
+    images = []
+    for image in request.images:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            images.append(("bytes", hashlib.blake2b(image, digest_size=16).digest()))
+        elif isinstance(image, str):
+            images.append(("path", image))
+        elif isinstance(image, ParquetImage):
+            images.append(("row", image.path, image.index, image.column))
+        else:
+            return None
+    text = tuple((str(m.get("role")), repr(m.get("content"))) for m in request.messages)
+    return text, tuple(images), request.max_pixels
+
+
+class PromptCache:
+    """Built probe prompts kept across refreshes, within a byte budget (lives in the trainer process).
+
+    A refresh asks the same questions as the one before (the probe set is fixed for the run), so the
+    Continuous Token build (chat template and the processor's pass over every image, the costly part
+    of a question in the trainer) runs once per question. The images themselves are not kept (at the
+    paper's 100,000 questions they would be hundreds of GB): they are read, decoded and resized as
+    verl's agent loop does at every refresh, and a cached prompt is used only when the images come out
+    the sizes they had when it was built.
+
+    Prompt ids are stored run-length encoded (``int32`` values and run lengths): a Qwen-VL prompt is
+    mostly one ``<|image_pad|>`` token repeated per image token, so a ~1,000-token question costs
+    ~100 entries. When the budget is full nothing more is added and nothing is evicted: refreshes ask
+    the whole set in the same order, where least-recently-used eviction would drop every entry before
+    its next use.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._entries: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, tuple[tuple[int, int], ...]]] = {}
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[Any, ...] | None, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
+        """The prompt ids built for ``key`` when its images had ``sizes``; None (a miss) otherwise."""
+        entry = self._entries.get(key) if key is not None else None
+        with self._lock:
+            if entry is None or entry[2] != sizes:
+                self.misses += 1
+                return None
+            self.hits += 1
+        return np.repeat(entry[0], entry[1]).tolist()
+
+    def put(self, key: tuple[Any, ...] | None, prompt_ids: Sequence[int], sizes: tuple[tuple[int, int], ...]) -> None:
+        if key is None or not self.max_bytes:
+            return
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        if ids.size == 0 or ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max:
+            return
+        starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 1))
+        values = ids[starts].astype(np.int32)
+        lengths = np.diff(np.append(starts, ids.size)).astype(np.int32)
+        # Arrays plus the key and the dict slot, roughly: what decides whether the budget holds one more.
+        cost = values.nbytes + lengths.nbytes + 2 * 112 + 200
+        with self._lock:
+            if key in self._entries or self.nbytes + cost > self.max_bytes:
+                return
+            self._entries[key] = (values, lengths, sizes)
+            self.nbytes += cost
+
+    def take_counts(self) -> tuple[int, int]:
+        """(hits, misses) since the last call, and reset them (one refresh's figures)."""
+        with self._lock:
+            counts = (self.hits, self.misses)
+            self.hits = self.misses = 0
+        return counts
+
+
+def _image_sizes(images: Any) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(int(v) for v in getattr(image, "size", (-1, -1))) for image in images or ())
+
+
 class _LoopThread:
     """An asyncio event loop running in a daemon thread; coroutines are submitted from any thread."""
 
@@ -179,6 +269,7 @@ class RolloutProbeBackend:
         config: the whole verl config (data and rollout settings shape the prompts as in training).
         hf_model_type: the model's ``config.model_type`` (selects verl's Continuous Token builder).
         max_concurrency: requests in flight at once.
+        prompt_cache: built prompts kept across refreshes (the trainer keeps one for the run); None: none.
     """
 
     def __init__(
@@ -191,8 +282,10 @@ class RolloutProbeBackend:
         hf_model_type: str | None = None,
         max_concurrency: int = 256,
         prepare_workers: int = 8,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.client = client
+        self.prompt_cache = prompt_cache
         self.tokenizer = tokenizer
         self.processor = processor
         self.config = config
@@ -211,7 +304,7 @@ class RolloutProbeBackend:
 
     @classmethod
     def from_trainer(cls, trainer: Any, *, hf_model_type: str | None, max_concurrency: int = 256,
-                     prepare_workers: int = 8) -> RolloutProbeBackend:
+                     prepare_workers: int = 8, prompt_cache: PromptCache | None = None) -> RolloutProbeBackend:
         """The backend of a running verl trainer (driver process): its client, tokenizer and config."""
         return cls(
             trainer.get_llm_client(),
@@ -221,6 +314,7 @@ class RolloutProbeBackend:
             hf_model_type=hf_model_type,
             max_concurrency=max_concurrency,
             prepare_workers=prepare_workers,
+            prompt_cache=prompt_cache,
         )
 
     @property
@@ -278,7 +372,14 @@ class RolloutProbeBackend:
             messages = await asyncio.get_running_loop().run_in_executor(None, _with_images, request, where)
             multi_modal = await builder.process_multi_modal_info(messages)
             images = multi_modal.get("images")
+            cache, key, sizes = self.prompt_cache, None, ()
+            if cache is not None:
+                key, sizes = prompt_key(request), _image_sizes(images)
+                if (cached := cache.get(key, sizes)) is not None:
+                    return cached, images
             prompt_ids = await builder.ct_build_initial_tokens(messages, images=images)
+            if cache is not None:
+                cache.put(key, [int(token) for token in prompt_ids], sizes)
         except UnreadableImageError:
             raise
         except Exception as err:

@@ -35,6 +35,7 @@ import functools
 import json
 import os
 import random
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,7 +161,12 @@ class ParquetImage:
     def read(self) -> bytes | str:
         """The row's encoded image bytes, or an absolute image path."""
         group, within = _row_group_of(self.path, self.index)
-        value = _parquet_row_group(self.path, os.stat(self.path).st_mtime_ns, group, self.column)[within]
+        # One reader at a time: the probe's prepare threads reach a new row group together, and each
+        # would otherwise decode its own copy of it (8 threads x a 48 MB group were most of a refresh's
+        # peak memory, and made it grow with the probe set).
+        with _ROW_GROUP_READ:
+            rows = _parquet_row_group(self.path, os.stat(self.path).st_mtime_ns, group, self.column)
+        value = rows[within].as_py()
         try:
             return _image_field(value, self.where.rsplit(", field", 1)[0], Path(self.path).parent)
         except ProbeError:
@@ -193,13 +199,17 @@ def _row_group_of(path: str, index: int) -> tuple[int, int]:
     return group, index - starts[group]
 
 
+_ROW_GROUP_READ = threading.Lock()
+
 # Two row groups at most are held decoded (per process): questions are asked in file order, so each
 # group is read once per refresh.
 @functools.lru_cache(maxsize=2)
-def _parquet_row_group(path: str, mtime_ns: int, group: int, column: str) -> list[Any]:
+def _parquet_row_group(path: str, mtime_ns: int, group: int, column: str) -> Any:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column).to_pylist()
+    # Kept as Arrow's column, each value turned into Python only when its question is asked: one copy
+    # of the group's images in memory, not Arrow's and a list of bytes.
+    return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column)
 
 
 def load_probe_set(path: str | os.PathLike[str], *, lazy: bool = False) -> list[ProbeItem]:

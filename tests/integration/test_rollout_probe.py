@@ -32,12 +32,14 @@ from verl.workers.rollout.replica import TokenOutput
 from karl_verl.backends.base import BackendError, GenerationRequest, SamplingSettings
 from karl_verl.integration.rollout_probe import (
     ProbeCancelled,
+    PromptCache,
     PromptEncodingError,
     RolloutProbeBackend,
     ShortAnswerError,
     UnreadableImageError,
     _failure,
     failure_kind,
+    prompt_key,
 )
 from karl_verl.probe.questions import LETTERS, ProbeItem, build_questions
 from karl_verl.probe.runner import QuestionFailure, TooFewAnswers, run_probe
@@ -490,6 +492,80 @@ def write_color_probe_set(path, *, per_entity, corrupt_row):
     return str(path)
 
 
+def test_the_prompt_cache_round_trips_and_keeps_its_budget():
+    image_pad = [151655] * 900
+    prompt = [151644, 872, 198, 151652, *image_pad, 151653, 3838, 374, 279, 198, 151645, 198, 77091, 198]
+    cache = PromptCache(max_bytes=4096)
+    key = (("user", "q1"), (("row", "/p.parquet", 0, "image"),), None)
+    cache.put(key, prompt, ((640, 480),))
+    assert cache.get(key, ((640, 480),)) == prompt
+    # run-length encoded: 14 runs of int32 values and lengths, not 914 ids
+    assert len(cache) == 1 and cache.nbytes < 1024
+    # the same question whose image came out another size is a miss (rebuilt), and so is an unknown key
+    assert cache.get(key, ((320, 240),)) is None and cache.get(None, ()) is None
+    assert cache.take_counts() == (1, 2) and cache.take_counts() == (0, 0)
+    # past the budget nothing more is added (and nothing evicted)
+    for i in range(20):
+        cache.put((("user", f"q{i + 2}"), (), None), prompt, ((640, 480),))
+    assert cache.nbytes <= 4096 and 1 < len(cache) < 21 and cache.get(key, ((640, 480),)) == prompt
+    assert PromptCache(max_bytes=0).put(key, prompt, ()) is None and len(PromptCache(0)) == 0
+
+
+def test_prompt_keys_tell_questions_apart_across_refreshes():
+    from karl_verl.probe.questions import ParquetImage
+
+    def request(image, text="What is it?", max_pixels=None):
+        return GenerationRequest(messages=[{"role": "user", "content": text}], images=[image], max_pixels=max_pixels)
+
+    row = ParquetImage("/data/probe.parquet", 3)
+    assert prompt_key(request(row)) == prompt_key(request(ParquetImage("/data/probe.parquet", 3)))
+    assert prompt_key(request(row)) != prompt_key(request(ParquetImage("/data/probe.parquet", 4)))
+    assert prompt_key(request(row)) != prompt_key(request(row, max_pixels=65536))
+    assert prompt_key(request(row)) != prompt_key(request(row, text="Which is it?"))
+    assert prompt_key(request(b"png-1")) == prompt_key(request(b"png-1")) != prompt_key(request(b"png-2"))
+    assert prompt_key(request("/img/a.jpg")) != prompt_key(request("/img/b.jpg"))
+    # a decoded image has no identity that lasts from one refresh to the next: never cached
+    assert prompt_key(request(Image.new("RGB", (4, 4)))) is None
+
+
+def test_a_refresh_reuses_the_prompts_an_earlier_one_built(verl_config, tokenizer, processor, tmp_path):
+    """Three refreshes of a lazily read probe set, each with a fresh backend (as the trainer makes them)
+    sharing one cache: the first builds every prompt, the later ones take them from the cache, and
+    the servers get the same prompt ids and images every time. A cache entry is what the server
+    gets (a planted entry reaches it), so the reuse is real, not a rebuild that happens to agree."""
+    from karl_verl.probe.questions import load_probe_set
+    from karl_verl.probe.runner import question_request
+
+    probe_path = write_color_probe_set(tmp_path / "probe.parquet", per_entity=3, corrupt_row=0)
+    questions = build_questions(load_probe_set(probe_path, lazy=True), per_entity=3, seed=0)
+    requests = [question_request(q) for q in questions]
+    cache = PromptCache(max_bytes=2**20)
+    sent = []
+    for _ in range(3):
+        server = FakeServer(tokenizer, known={"Su-30", "MiG-29"})
+        backend = make_backend(server, tokenizer, processor, verl_config, prompt_cache=cache)
+        try:
+            choices = backend.choose_options(requests, list(LETTERS))
+        finally:
+            backend.close()
+        # requests reach the server concurrently, in any order
+        received = sorted((tuple(r["prompt_ids"]), r["image_data"][0].tobytes()) for r in server.requests)
+        sent.append((received, choices, cache.take_counts()))
+    assert sent[0][2] == (0, 12) and sent[1][2] == sent[2][2] == (12, 0)
+    assert len(cache) == 12 and sent[0][:2] == sent[1][:2] == sent[2][:2] and len(set(sent[0][0])) == 12
+
+    planted = [1, 2, 3]
+    cache._entries[prompt_key(requests[0])] = (np.asarray(planted, np.int32), np.ones(3, np.int32),
+                                               cache._entries[prompt_key(requests[0])][2])
+    server = FakeServer(tokenizer, known=COLORS)
+    backend = make_backend(server, tokenizer, processor, verl_config, prompt_cache=cache)
+    try:
+        backend.choose_options(requests[:1], list(LETTERS))
+    finally:
+        backend.close()
+    assert server.requests[0]["prompt_ids"] == planted
+
+
 def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, processor, caplog):
     """verl's fit with the karl trainer (tests/_support/trainer_harness.py) probing through
     RolloutProbeBackend: a corrupt image in the probe set and, at some refreshes, a replica failing
@@ -529,7 +605,8 @@ def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, proces
     tq = FakeTQ()
     with patched_services(tq), caplog.at_level(logging.WARNING, logger="karl_verl.integration.trainer"):
         trainer = build_trainer(config, tq, tokenizer)
-        trainer.karl_probe_backend = lambda: make_backend(server, tokenizer, processor, config)
+        trainer.karl_probe_backend = lambda: make_backend(server, tokenizer, processor, config,
+                                                          prompt_cache=trainer.karl_mastery.probe_prompt_cache())
         rollout = FakeRollout(tq, config, tokenizer)
         trainer.fit(rollout)
 
@@ -552,6 +629,10 @@ def test_fit_goes_on_through_failing_probe_questions(tmp_path, tokenizer, proces
         assert logged[step]["karl/refresh/answered_share"] == pytest.approx((24 - skipped) / 24), step
         assert logged[step]["karl/refresh/failed"] == failed and logged[step]["karl/refresh/questions"] == 24
     assert all("karl/refresh/skipped_questions" not in logged[step] for step in (2, 4, 6, 8))
+    # the first probe built the 23 readable questions' prompts; every later refresh took them all from the cache
+    assert logged[1]["karl/refresh/prompt_cache_hit_share"] == 0.0
+    assert all(logged[step]["karl/refresh/prompt_cache_hit_share"] == 1.0 for step in (3, 5, 7))
+    assert all(logged[step]["karl/refresh/prompt_cache_questions"] == 23 for step in (1, 3, 5, 7))
 
     # levels: Su-30 and F-16 known (level 1), the others not (5); F-16 kept level 1 at the refreshes that
     # could not measure it (without the carry-over it would drop to the default level, 5)

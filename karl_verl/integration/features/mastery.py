@@ -138,6 +138,8 @@ class MasteryRefresh(TrainerFeature):
         self.questions: list[Any] | None = None
         self._last_refresh_end: float | None = None
         self._model_type: str | None = None
+        #: Built probe prompts kept across refreshes (created at the first probe).
+        self.prompt_cache: Any = None
         #: The first probe's seconds per question and the first step's start (the refresh budget).
         self.seconds_per_question: float | None = None
         self._step_started: float | None = None
@@ -390,11 +392,21 @@ class MasteryRefresh(TrainerFeature):
         from karl_verl.integration.rollout_probe import RolloutProbeBackend, model_type_of
 
         trainer = self.trainer
+        mastery = trainer.karl_config.mastery
         if self._model_type is None:
             self._model_type = model_type_of(trainer.config) or ""
         return RolloutProbeBackend.from_trainer(trainer, hf_model_type=self._model_type or None,
-                                                max_concurrency=trainer.karl_config.mastery.probe_max_concurrency,
-                                                prepare_workers=trainer.karl_config.mastery.probe_prepare_workers)
+                                                max_concurrency=mastery.probe_max_concurrency,
+                                                prepare_workers=mastery.probe_prepare_workers,
+                                                prompt_cache=self.probe_prompt_cache())
+
+    def probe_prompt_cache(self) -> Any:
+        """The run's built probe prompts (``karl.mastery.probe_prompt_cache_mib``), shared by every refresh."""
+        if self.prompt_cache is None:
+            from karl_verl.integration.rollout_probe import PromptCache
+
+            self.prompt_cache = PromptCache(int(self.trainer.karl_config.mastery.probe_prompt_cache_mib) * 2**20)
+        return self.prompt_cache
 
     def call_probe(self, questions: Sequence[Any], backend: Any, mode: str, epoch: int) -> Any:
         from karl_verl.probe.runner import run_probe
@@ -461,5 +473,16 @@ class MasteryRefresh(TrainerFeature):
             close = getattr(backend, "close", None)
             if close is not None:
                 close()
+            self.report_prompt_cache(getattr(backend, "prompt_cache", None))
         check_complete(result, questions)
         return result
+
+    def report_prompt_cache(self, cache: Any) -> None:
+        """This refresh's share of prompts taken from the cache, and the cache's size (metrics)."""
+        if cache is None:
+            return
+        hits, misses = cache.take_counts()
+        if hits + misses:
+            self.pending_metrics["karl/refresh/prompt_cache_hit_share"] = hits / (hits + misses)
+        self.pending_metrics["karl/refresh/prompt_cache_mib"] = cache.nbytes / 2**20
+        self.pending_metrics["karl/refresh/prompt_cache_questions"] = float(len(cache))
