@@ -18,8 +18,8 @@ instance, the best correct grounded rollout seen so far (the judge's reference).
 
 The judge is told the reference reasoning is correct and scores the candidate with the rubric
 (:data:`RUBRIC_SCORES`): 0.0 any contradiction, 0.3 both extra and missing details, 0.7 one of
-them, 1.0 fully consistent. :func:`rubric_score` reads its reply as iVGR does (the first grade
-anywhere in it); a reply with no grade is a failed judgement (left out of the mean, never guessed).
+them, 1.0 fully consistent. :func:`rubric_score` reads its reply; anything else is a failed
+judgement (scored as missing, never guessed).
 """
 
 from __future__ import annotations
@@ -88,8 +88,7 @@ JUDGE_SYSTEM_PROMPT = (
 
 _THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN = "<think>", "</think>", "<answer>"
 # An optional "score" label, then one number; surrounding quotes, markdown emphasis and a final period are dropped.
-# iVGR's own pattern (released reward, ``_parse_consistency_score``): the first grade anywhere.
-_FIRST_GRADE = re.compile(r"(0\.0|0\.3|0\.7|1\.0|0|1)")
+_SCORE_REPLY = re.compile(r"(?:score\s*[:=]?\s*)?(\d+(?:\.\d+)?)")
 
 
 def render_prompt(stream: str, question: str, templates: Mapping[str, str] | None = None) -> str:
@@ -179,21 +178,6 @@ def extract_reasoning(response: str) -> str:
     return ""
 
 
-def has_reasoning(response: str) -> bool:
-    """Whether a response closes a reasoning block: ``<think>...</think>``, or a ``</think>`` whose
-    ``<think>`` the chat template opened in the prompt. iVGR scores a textual rollout without one 0 for
-    consistency, with no judge call (its released reward: ``extract_think_content`` is None).
-
-    >>> [has_reasoning(r) for r in ("<think>a</think><answer>b</answer>", "a</think>b", "a<answer>b</answer>",
-    ...                              "<think>cut off")]
-    [True, True, False, False]
-    """
-    if not isinstance(response, str):
-        return False
-    start = response.find(_THINK_OPEN)
-    return response.find(_THINK_CLOSE, start + len(_THINK_OPEN) if start >= 0 else 0) >= 0
-
-
 def stream_uid(instance_uid: str, stream: str) -> str:
     """The GRPO group id of ``stream``'s rollouts of an instance: the two streams are normalised apart.
 
@@ -226,29 +210,23 @@ def pair_streams(rows: Sequence[Mapping[str, Any]], key_field: str = "index") ->
 
 
 def rubric_score(text: str) -> float | None:
-    """The judge's score in ``text`` as iVGR's released reward reads it (``_parse_consistency_score``), or None.
+    """The judge's score in ``text``, or None when the reply is not exactly one rubric score.
 
-    Rule, from the released code: the reply, stripped, is searched for its first ``0.0``, ``0.3``,
-    ``0.7``, ``1.0``, ``0`` or ``1`` (in that order of preference at each position), wherever it is:
-    ``"0.7 because it misses details"`` is 0.7, ``"0.75"`` is 0.7, ``"0.5"`` is 0.0 (its leading
-    ``0``), ``"10"`` is 1.0. A reply without any of them is read as one number clamped to [0, 1]
-    (``"2"`` is 1.0, ``"-3"`` is 0.0); otherwise it is no score (None: a failed sample, left out of
-    the mean). One difference: ``"nan"`` is None here, where the released code's clamp lets NaN
-    through into its mean.
+    Rule: after dropping surrounding whitespace, quotes, markdown ``*``/`````, a final period and an
+    optional ``Score:`` label (any case), the reply must be one number equal to 0, 0.3, 0.7 or 1
+    (``"1"``, ``"1.0"``, ``"0.70"``); anything else (another number, words, two numbers) is None.
 
-    >>> [rubric_score(t) for t in ("0.7", "Score: 1", "0.7 because ...", "0.75", "0.5", "2", "great", "")]
-    [0.7, 1.0, 0.7, 0.7, 0.0, 1.0, None, None]
+    >>> [rubric_score(t) for t in ("0.7", " 0.3\\n", "Score: 1", "0.5", "0.7 or 0.3", "")]
+    [0.7, 0.3, 1.0, None, None, None]
     """
     if not isinstance(text, str):
         return None
-    reply = text.strip()
-    if match := _FIRST_GRADE.search(reply):
-        return float(match.group(1))
-    try:
-        value = float(reply)
-    except ValueError:
+    cleaned = text.strip().strip("\"'`*").strip().lower().removesuffix(".").strip()
+    match = _SCORE_REPLY.fullmatch(cleaned)
+    if match is None:
         return None
-    return min(max(value, 0.0), 1.0) if not math.isnan(value) else None
+    value = float(match.group(1))
+    return next((score for score in RUBRIC_SCORES if math.isclose(value, score, abs_tol=1e-9)), None)
 
 
 def judge_messages(reference_reasoning: str, candidate_reasoning: str, question: str) -> list[dict[str, str]]:
@@ -406,24 +384,19 @@ def _entry_of(raw: Any, where: str) -> CacheEntry:
 
 
 def consistency_reward(karl_reward: float, judge_scores: Sequence[float | None] | None,
-                       weight: float, *, reasoning: bool = True) -> tuple[float, dict[str, Any]]:
+                       weight: float) -> tuple[float, dict[str, Any]]:
     """A textual rollout's reward: ``karl_reward + weight x mean(valid judge scores)``, and why.
 
     ``judge_scores`` holds one entry per judge call (None: a failed call); None itself means the
-    instance had no cached reference, so no judge was asked. ``reasoning`` False (no reasoning block,
-    :func:`has_reasoning`): the term is 0 and no judge was asked, as in iVGR. Without a valid score the
-    term is absent (the reward is ``karl_reward``), never guessed. The info dict: ``judge_score`` (the
-    mean, or None), ``judge_failures`` (failed calls), ``no_reference`` and ``no_reasoning``.
+    instance had no cached reference, so no judge was asked. Without a valid score the term is
+    absent (the reward is ``karl_reward``), never guessed. The info dict: ``judge_score`` (the mean,
+    or None), ``judge_failures`` (failed calls) and ``no_reference``.
     """
     if judge_scores is None:
-        return float(karl_reward), {"judge_score": None, "judge_failures": 0, "no_reference": True,
-                                    "no_reasoning": not reasoning}
-    if not reasoning:
-        return float(karl_reward), {"judge_score": None, "judge_failures": 0, "no_reference": False,
-                                    "no_reasoning": True}
+        return float(karl_reward), {"judge_score": None, "judge_failures": 0, "no_reference": True}
     valid = [float(s) for s in judge_scores if s is not None and math.isfinite(s)]
     info = {"judge_score": sum(valid) / len(valid) if valid else None,
-            "judge_failures": len(judge_scores) - len(valid), "no_reference": False, "no_reasoning": False}
+            "judge_failures": len(judge_scores) - len(valid), "no_reference": False}
     bonus = weight * info["judge_score"] if valid else 0.0
     return float(karl_reward) + bonus, info
 
@@ -438,7 +411,6 @@ def consistency_metrics(infos: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         "ivgr/no_reference_rate": (len(infos) - len(judged)) / len(infos) if infos else 0.0,
         "ivgr/judge_failures": float(sum(i.get("judge_failures", 0) for i in infos)),
         "ivgr/judged_rate": len(scores) / len(infos) if infos else 0.0,
-        "ivgr/no_reasoning_rate": sum(bool(i.get("no_reasoning")) for i in infos) / len(infos) if infos else 0.0,
     }
     if scores:  # no mean of nothing: a step without a valid score logs no judge_score_mean
         metrics["ivgr/judge_score_mean"] = sum(scores) / len(scores)

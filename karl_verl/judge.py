@@ -72,7 +72,7 @@ class JudgeClient:
     """
 
     def __init__(self, url: str, model: str | None, *, samples: int = 4, temperature: float = 0.5,
-                 max_tokens: int = 64, timeout_s: float = 10.0, retries: int = 1, max_concurrency: int = 8,
+                 max_tokens: int = 8, timeout_s: float = 10.0, retries: int = 1, max_concurrency: int = 8,
                  budget_s: float = 60.0, api_key: str | None = None) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"judge URL must start with http:// or https://, got {url!r}")

@@ -83,25 +83,12 @@ def test_extract_reasoning(response, reasoning):
     assert extract_reasoning(response) == reasoning
 
 
-# What iVGR's released reward (adagrounding_dual_group_training.py, _parse_consistency_score) makes of each
-# reply: re.search(r'(0\.0|0\.3|0\.7|1\.0|0|1)', reply.strip()) takes the first grade anywhere, trying the
-# alternatives in that order at each position; with no match, float(reply) clamped to [0, 1]; else no score.
 @pytest.mark.parametrize(("reply", "score"), [
-    ("1.0", 1.0), ("1", 1.0), ("0.7", 0.7), (" 0.3\n", 0.3), ("0", 0.0), ("0.0", 0.0),
-    ("0.70", 0.7),  # "0.7" then a stray 0
+    ("1.0", 1.0), ("1", 1.0), ("0.7", 0.7), (" 0.3\n", 0.3), ("0", 0.0), ("0.0", 0.0), ("0.70", 0.7),
     ("Score: 0.7", 0.7), ("score:1.0", 1.0), ("SCORE = 0.3", 0.3), ("**0.7**", 0.7), ('"1.0"', 1.0), ("0.7.", 0.7),
-    ("0.7 because it misses details", 0.7), ("The score is 0.7", 0.7),  # the grade anywhere in the reply
-    ("0.75", 0.7),  # "0.7" matches first
-    ("0.5", 0.0),  # no 0.0/0.3/0.7/1.0 at position 0, but "0" is: iVGR reads 0.5 as 0
-    ("0.7 or 0.3", 0.7), ("0.7 0.3", 0.7),  # the first one
-    ("10", 1.0), ("Score 10/10", 1.0),  # "1" of 10
-    ("2", 1.0),  # no 0 or 1 in it: float("2") clamped to 1
-    ("-3", 0.0),  # no match: float("-3") clamped to 0
-    ("-0.3", 0.3),  # the sign is not part of the pattern: "0.3" matches at position 1
-    ("inf", 1.0),  # float("inf") clamped
-    ("nan", None),  # the released code's clamp would let NaN into its mean; no score here
-    ("", None), ("   ", None), ("great", None), ("1e0", 1.0),  # "1" of 1e0
-    (None, None),
+    ("0.5", None), ("0.75", None), ("2", None), ("-0.3", None), ("", None), ("   ", None), ("great", None),
+    ("0.7 or 0.3", None), ("0.7 0.3", None), ("The score is 0.7", None), ("0.7 because it misses details", None),
+    ("1e0", None), (None, None),
 ])
 def test_rubric_score_table(reply, score):
     assert rubric_score(reply) == score
@@ -193,21 +180,12 @@ def test_a_missing_cache_file_names_the_file(tmp_path):
 # --- consistency reward ----------------------------------------------------------------------------------------------
 
 def test_no_reference_leaves_the_reward_alone():
-    assert consistency_reward(0.8, None, 0.5) == (0.8, {"judge_score": None, "judge_failures": 0, "no_reference": True,
-                                                        "no_reasoning": False})
+    assert consistency_reward(0.8, None, 0.5) == (0.8, {"judge_score": None, "judge_failures": 0, "no_reference": True})
 
 
 def test_all_judge_failures_leave_the_reward_alone():
     reward, info = consistency_reward(0.8, [None, None, None, None], 0.5)
-    assert reward == 0.8 and info == {"judge_score": None, "judge_failures": 4, "no_reference": False,
-                                      "no_reasoning": False}
-
-
-def test_no_reasoning_block_is_consistency_zero_without_a_judge_score():
-    """iVGR's released reward: extract_think_content is None -> compute_dual_group_consistency returns 0.0."""
-    reward, info = consistency_reward(0.8, [], 1.0, reasoning=False)
-    assert reward == 0.8 and info == {"judge_score": None, "judge_failures": 0, "no_reference": False,
-                                      "no_reasoning": True}
+    assert reward == 0.8 and info == {"judge_score": None, "judge_failures": 4, "no_reference": False}
 
 
 def test_mixed_judge_scores_average_the_valid_ones():
@@ -269,9 +247,8 @@ def test_a_bad_template_file_names_the_file_and_the_key(tmp_path, name, content,
 
 def test_ivgr_config_defaults_and_mapping():
     config = IvgrConfig()
-    # iVGR's released reward: consistency added with weight 1; 4 judge samples at temperature 0.5
-    assert not config.enable and config.consistency_weight == 1.0 and config.tau == 0.3
-    assert (config.judge_samples, config.judge_temperature, config.judge_max_tokens) == (4, 0.5, 64)
+    assert not config.enable and config.consistency_weight == 0.5 and config.tau == 0.3
+    assert (config.judge_samples, config.judge_temperature, config.judge_max_tokens) == (4, 0.5, 8)
     on = IvgrConfig.from_mapping({"enable": True, "judge_url": "http://127.0.0.1:8000/v1", "judge_samples": 2.0})
     assert on.enable and on.judge_samples == 2 and isinstance(on.judge_samples, int)
     assert IvgrConfig.from_mapping({"enable": True, "judge_url": "local"}).judge_url == "local"

@@ -71,7 +71,6 @@ from karl_verl.ivgr import (
     TeacherCache,
     consistency_reward,
     extract_reasoning,
-    has_reasoning,
     load_templates,
     message_text,
     pair_streams,
@@ -254,9 +253,7 @@ class Ivgr(TrainerFeature):
                                 step=self.trainer.global_steps):
                 self._counts["cache_updates"] += 1
         textual = [i for i, stream in enumerate(streams) if stream == TEXTUAL]
-        # iVGR: a textual rollout without a reasoning block gets consistency 0 and costs no judge call.
-        reasoned = {i for i in textual if has_reasoning(texts[i])}
-        judged = [i for i in textual if i in reasoned and self.cache.reference(instances[i]) is not None]
+        judged = [i for i in textual if self.cache.reference(instances[i]) is not None]
         items = [(self.cache.reference(instances[i]), extract_reasoning(texts[i]),
                   str(extra_infos[i].get(QUESTION_FIELD, ""))) for i in judged]
         started = time.monotonic()
@@ -266,10 +263,8 @@ class Ivgr(TrainerFeature):
         for i in textual:
             karl_reward = float(scores[i].sum())
             result = results.get(i)
-            has_reference = self.cache.reference(instances[i]) is not None
-            reward, info = consistency_reward(karl_reward, result.scores if result is not None else
-                                              ([] if has_reference else None), self.config.consistency_weight,
-                                              reasoning=i in reasoned)
+            reward, info = consistency_reward(karl_reward, None if result is None else result.scores,
+                                              self.config.consistency_weight)
             if result is not None and result.error is not None:
                 # Once per kind: a judge that first times out and later answers errors shows both.
                 kind = failure_kind(result.error)
@@ -287,8 +282,7 @@ class Ivgr(TrainerFeature):
             self.step_rows.append({"key": keys[i], "instance": instances[i], "stream": TEXTUAL,
                                    "karl_reward": karl_reward, "reward": reward, **info})
         self._counts["instances"] += len({instances[i] for i in range(size) if streams[i] in STREAMS})
-        self._counts["covered"] += len({instances[i] for i in textual
-                                        if self.cache.reference(instances[i]) is not None})
+        self._counts["covered"] += len({instances[i] for i in judged})
         if changed:
             nested = torch.nested.as_nested_tensor([scores[i] for i in changed], layout=torch.jagged)
             tq.kv_batch_put(keys=[keys[i] for i in changed], partition_id=batch.partition_id,
@@ -313,7 +307,6 @@ class Ivgr(TrainerFeature):
         self._counts["no_reference"] += bool(info["no_reference"])
         self._counts["judge_failures"] += info["judge_failures"]
         self._counts["judged_rows"] += info["judge_score"] is not None
-        self._counts["no_reasoning"] += bool(info.get("no_reasoning"))
         self._stats.add("ivgr/judge_score_mean", info["judge_score"])
 
     def observe_rollouts(self, rollouts: Rollouts) -> None:
@@ -336,7 +329,6 @@ class Ivgr(TrainerFeature):
             "ivgr/cache_coverage": counts["covered"] / counts["instances"] if counts["instances"] else 0.0,
             "ivgr/textual_rollouts": counts["textual_rows"],
             "ivgr/no_reference": counts["no_reference"],
-            "ivgr/no_reasoning": counts["no_reasoning"],
             "ivgr/judged_rollouts": counts["judged_rows"],
             "ivgr/judge_failures": counts["judge_failures"],
             "ivgr/judge_time_s": counts["judge_time_s"],
