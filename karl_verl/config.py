@@ -592,9 +592,8 @@ class IvgrConfig:
     """
 
     enable: bool = False
-    #: Weight of the judge's consistency score (0..1) added to a textual rollout's KARL reward (iVGR's
-    #: released reward adds it with weight 1: overall = format + accuracy + consistency).
-    consistency_weight: float = 1.0
+    #: Weight of the judge's consistency score (0..1) added to a textual rollout's KARL reward.
+    consistency_weight: float = 0.5
     #: A correct grounded rollout (IoU >= 0.5) enters the teacher cache when its IoU reward is at least this.
     tau: float = 0.3
     #: Base URL of the judge's OpenAI-compatible API (``http://host:8000/v1``); needed when enabled. ``local``:
@@ -607,10 +606,8 @@ class IvgrConfig:
     judge_samples: int = 4
     #: Sampling temperature of a judge call (the released code: 0.5).
     judge_temperature: float = 0.5
-    #: Tokens a judge reply may take. Its first grade (0.0, 0.3, 0.7, 1.0) anywhere in the reply is the score,
-    #: as iVGR reads it; the released call sets no cap, and 64 leaves room for a judge that names the grade
-    #: after a few words ("Score: 0.7, it misses ...") while bounding one that writes an essay.
-    judge_max_tokens: int = 64
+    #: Tokens a judge reply may take (it is one score: 0.0, 0.3, 0.7 or 1.0).
+    judge_max_tokens: int = 8
     #: Seconds one judge request may take.
     judge_timeout_s: float = 10.0
     #: Retries of a judge request after a connection error, a timeout or HTTP 408/429/5xx.
