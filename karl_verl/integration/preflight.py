@@ -42,6 +42,8 @@ from urllib.parse import urlparse
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from karl_verl.integration.reach import MODELS_CHECK_TIMEOUT_S
+
 #: File inputs a run reads in the driver or its workers: key -> what it is.
 FILE_KEYS: dict[str, str] = {
     "data.train_files": "training data",
@@ -89,11 +91,9 @@ def karl_config_problems(config: DictConfig) -> list[str]:
     return problems
 
 
-#: Seconds the pre-flight waits for the iVGR judge's model list.
-JUDGE_CHECK_TIMEOUT_S = 5.0
 
 
-def ivgr_problems(config: DictConfig, timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> list[str]:
+def ivgr_problems(config: DictConfig, timeout_s: float = MODELS_CHECK_TIMEOUT_S) -> list[str]:
     """With ``karl.ivgr.enable``: a judge that does not answer, a bad template file, dynamic sampling.
 
     An unset ``judge_url`` is reported with the other ``karl.*`` problems (:class:`~karl_verl.config.IvgrConfig`).
@@ -169,7 +169,7 @@ def ray_address(config: DictConfig, environ: Mapping[str, str] | None = None) ->
 
 
 def teacher_problems(config: DictConfig, inject: Any, environ: Mapping[str, str] | None = None,
-                     timeout_s: float = JUDGE_CHECK_TIMEOUT_S) -> list[str]:
+                     timeout_s: float = MODELS_CHECK_TIMEOUT_S) -> list[str]:
     """With ``karl.inject.source=teacher``: the teacher's model list not answering here, or from any node
     of the Ray cluster the run joins (:mod:`karl_verl.integration.reach`), each node named.
 

@@ -21,11 +21,11 @@ import subprocess
 import sys
 from typing import Any
 
-#: Seconds each node's request may take (the same as the driver's own check).
-NODE_CHECK_TIMEOUT_S = 5.0
+#: Seconds a model-list request may take, from this machine or from a node (judge and teacher checks).
+MODELS_CHECK_TIMEOUT_S = 5.0
 
 
-def models_unreachable(url: str, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> str | None:
+def models_unreachable(url: str, timeout_s: float = MODELS_CHECK_TIMEOUT_S) -> str | None:
     """Why ``GET <url>/models`` (an OpenAI-compatible API base) gives no model list within ``timeout_s``, or None."""
     import urllib.error
     import urllib.request
@@ -43,7 +43,7 @@ def models_unreachable(url: str, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> str
     return None
 
 
-def nodes_without_reply(url: str, address: str, *, timeout_s: float = NODE_CHECK_TIMEOUT_S,
+def nodes_without_reply(url: str, address: str, *, timeout_s: float = MODELS_CHECK_TIMEOUT_S,
                         env: dict[str, str] | None = None) -> dict[str, str]:
     """Node -> why, for each alive node of the Ray cluster at ``address`` from which ``url`` does not answer.
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Ask an OpenAI-compatible endpoint's model list from every Ray node")
     parser.add_argument("--address", required=True, help="the Ray cluster (host:port, or auto)")
     parser.add_argument("--url", required=True, help="the API base, e.g. http://teacher:8000/v1")
-    parser.add_argument("--timeout", type=float, default=NODE_CHECK_TIMEOUT_S)
+    parser.add_argument("--timeout", type=float, default=MODELS_CHECK_TIMEOUT_S)
     args = parser.parse_args(argv)
     print(json.dumps(_check_nodes(args.url, args.address, args.timeout)), flush=True)
     return 0

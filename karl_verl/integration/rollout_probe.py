@@ -377,14 +377,14 @@ class RolloutProbeBackend:
                 key, sizes = prompt_key(request), _image_sizes(images)
                 if (cached := cache.get(key, sizes)) is not None:
                     return cached, images
-            prompt_ids = await builder.ct_build_initial_tokens(messages, images=images)
+            prompt_ids = [int(token) for token in await builder.ct_build_initial_tokens(messages, images=images)]
             if cache is not None:
-                cache.put(key, [int(token) for token in prompt_ids], sizes)
+                cache.put(key, prompt_ids, sizes)
         except UnreadableImageError:
             raise
         except Exception as err:
             raise PromptEncodingError(f"{where}: cannot build the prompt ({type(err).__name__}: {err})") from err
-        return [int(token) for token in prompt_ids], images
+        return prompt_ids, images
 
     async def _generate_one(self, prompt_ids: list[int], images: Any, sampling_params: dict[str, Any],
                             where: str) -> Any:
